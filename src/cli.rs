@@ -1,0 +1,186 @@
+//! Command-line types. No side effects here: parsing only; `commands` acts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_SOCKET: &str = "/run/cutover/cutover.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cutover";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cutover",
+    version,
+    about = "Zero-downtime releases of containers and processes on a Linux host",
+    long_about = "Zero-downtime releases on a Linux host.\n\n\
+NAT mode (Docker): the new release starts without a published port, is health-checked, and one \
+atomic nftables transaction points the host port at it. Existing connections stay on the old \
+release, which is drained, stopped and kept for an instant rollback.\n\n\
+Handoff mode (processes sharing a network namespace): listening sockets are passed to the next \
+generation over a unix socket, so the kernel never refuses a connection.",
+    after_help = "Examples:\n  \
+cutover daemon &                       # start the daemon (or use the systemd unit)\n  \
+cutover apply manifests/web.yaml       # register a service and deploy its image\n  \
+cutover deploy web --image web:2.0     # release a new image with zero downtime\n  \
+cutover rollback web                   # back to the previous release\n  \
+cutover status --json                  # state for scripts\n  \
+cutover plan manifests/web.yaml        # print the nftables rules, change nothing"
+)]
+pub struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = "CUTOVER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Log filter (tracing syntax), e.g. `info` or `cutover=debug`.
+    #[arg(long, global = true, env = "CUTOVER_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: owns state and the kernel rules, serves the control socket.
+    Daemon(DaemonArgs),
+    /// Register or update services from manifests; deploys each manifest's image if it is
+    /// not the one running.
+    Apply(ApplyArgs),
+    /// Release a new image of a service.
+    Deploy(DeployArgs),
+    /// Go back to the previous (or a given) release.
+    Rollback(RollbackArgs),
+    /// Show services and their active releases.
+    Status(StatusArgs),
+    /// Show the releases of a service.
+    History(HistoryArgs),
+    /// Remove a service: its rules and all its containers.
+    Remove(RemoveArgs),
+    /// Print the nftables rules that `apply` would install; changes nothing.
+    Plan(PlanArgs),
+    /// Supervise a server that takes its listening sockets by socket activation, and
+    /// replace it on `cutover reload` or SIGHUP without refusing a connection.
+    Run(RunArgs),
+    /// Ask a `cutover run` supervisor to start a new generation; waits for the outcome.
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Directory of the daemon's state (release history).
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Name of cutover's nftables table (`inet` family).
+    #[arg(long, default_value = crate::plan::DEFAULT_TABLE)]
+    pub table: String,
+    /// Packet mark bit set on traffic cutover redirects (accepted in DOCKER-USER).
+    #[arg(long, default_value = "0x20000000", value_parser = parse_mark)]
+    pub mark: u32,
+    /// Label value that tells this daemon's containers apart (default: the table name).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Docker engine socket.
+    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Manifest files (YAML).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    pub name: String,
+    /// Image of the new release.
+    #[arg(long)]
+    pub image: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    pub name: String,
+    /// Release number to go back to (default: the previous one).
+    #[arg(long)]
+    pub to: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    pub name: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    pub files: Vec<PathBuf>,
+    /// Table name to render (as the daemon's --table).
+    #[arg(long, default_value = crate::plan::DEFAULT_TABLE)]
+    pub table: String,
+    #[arg(long, default_value = "0x20000000", value_parser = parse_mark)]
+    pub mark: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of the supervised service (used by `cutover reload NAME`).
+    #[arg(long)]
+    pub name: String,
+    /// Listening socket to bind and pass on, e.g. tcp://0.0.0.0:8080; repeatable.
+    #[arg(long = "listen", required = true)]
+    pub listen: Vec<String>,
+    /// How long a new generation has to report READY=1.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ready_timeout: std::time::Duration,
+    /// How long the old generation may take to finish after the stop signal.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Signal that asks the old generation to stop.
+    #[arg(long, default_value = "SIGTERM")]
+    pub stop_signal: String,
+    /// For servers that cannot send READY=1: consider them ready after this delay.
+    #[arg(long, value_parser = parse_duration)]
+    pub ready_delay: Option<std::time::Duration>,
+    /// Directory of supervisor control sockets.
+    #[arg(long, default_value = "/run/cutover/run")]
+    pub run_dir: PathBuf,
+    /// The server command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    pub name: String,
+    #[arg(long, default_value = "/run/cutover/run")]
+    pub run_dir: PathBuf,
+}
+
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::manifest::parse_duration(s)
+}
+
+pub fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("`{s}` is not a mark: {e}"))?;
+    if v == 0 {
+        return Err("the mark must not be 0".into());
+    }
+    Ok(v)
+}

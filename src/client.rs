@@ -1,0 +1,1 @@
+pub fn colour_enabled() -> bool { false }

@@ -1,0 +1,2 @@
+use std::path::Path;
+pub async fn run(_socket: &Path, _args: crate::cli::ApplyArgs) -> anyhow::Result<()> { todo!() }

@@ -1,0 +1,71 @@
+//! One file per subcommand. Orchestration only: each reads its arguments, talks to the
+//! daemon (or runs the supervisor), prints, and returns a [`Failure`] whose exit code
+//! `main` turns into the process status.
+
+use std::fmt;
+
+pub mod apply;
+pub mod daemon;
+pub mod deploy;
+pub mod history;
+pub mod plan;
+pub mod reload;
+pub mod remove;
+pub mod rollback;
+pub mod run;
+pub mod status;
+
+use crate::cli::{Cli, Command};
+
+/// Process exit codes, documented in README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The operation was refused or failed safely (the old release still serves).
+    Refused = 1,
+    /// Invalid input (manifest, arguments).
+    Invalid = 2,
+    /// The daemon is not reachable.
+    Unreachable = 3,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
+        Failure { exit, message: message.into() }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// The exit code for an error returned by a command.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.downcast_ref::<Failure>().map(|f| f.exit as u8).unwrap_or(Exit::Refused as u8)
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket;
+    match cli.command {
+        Command::Daemon(args) => daemon::run(socket, args).await,
+        Command::Apply(args) => apply::run(&socket, args).await,
+        Command::Deploy(args) => deploy::run(&socket, args).await,
+        Command::Rollback(args) => rollback::run(&socket, args).await,
+        Command::Status(args) => status::run(&socket, args).await,
+        Command::History(args) => history::run(&socket, args).await,
+        Command::Remove(args) => remove::run(&socket, args).await,
+        Command::Plan(args) => plan::run(args),
+        Command::Run(args) => run::run(args).await,
+        Command::Reload(args) => reload::run(args).await,
+    }
+}

@@ -1,0 +1,1 @@
+pub fn run(_args: crate::cli::PlanArgs) -> anyhow::Result<()> { todo!() }

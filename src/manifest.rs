@@ -1,0 +1,581 @@
+//! Service manifests: the YAML an operator writes, parsed and validated.
+//!
+//! Owns the manifest schema, its defaults and every check on it. A manifest that
+//! passes [`Manifest::parse`] is safe to hand to the daemon; one that fails names the
+//! file, the line and the field. This module performs no I/O besides reading the file
+//! in [`Manifest::load`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A manifest that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{}: cannot read the manifest: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}{}: {field}{message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        file: PathBuf,
+        line: Option<usize>,
+        /// The field path (`ports[0].host`), or empty when the whole document is at fault.
+        field: String,
+        message: String,
+    },
+}
+
+impl ManifestError {
+    fn invalid(file: &Path, line: Option<usize>, field: &str, message: impl fmt::Display) -> Self {
+        let field = if field.is_empty() { String::new() } else { format!("{field}: ") };
+        ManifestError::Invalid { file: file.to_path_buf(), line, field, message: message.to_string() }
+    }
+}
+
+/// One service, as the operator describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub health: HealthSpec,
+    #[serde(default = "defaults::drain_timeout", with = "duration_text")]
+    pub drain_timeout: Duration,
+    #[serde(default = "defaults::stop_signal")]
+    pub stop_signal: String,
+    #[serde(default = "defaults::stop_timeout", with = "duration_text")]
+    pub stop_timeout: Duration,
+    #[serde(default = "defaults::keep")]
+    pub keep: u32,
+    #[serde(default, deserialize_with = "env_map")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default = "defaults::network")]
+    pub network: String,
+    /// How long the old release's idle UDP flows are kept after a switch before their
+    /// conntrack entries are deleted so the clients move to the new release.
+    #[serde(default = "defaults::udp_idle", with = "duration_text")]
+    pub udp_idle: Duration,
+    /// fd-handoff mode instead of NAT: both generations share one network namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number (IPPROTO_TCP / IPPROTO_UDP).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Host port clients use.
+    pub host: u16,
+    /// Port inside the container.
+    pub container: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Only this host address answers on the port (default: every local address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Http,
+    #[default]
+    Tcp,
+    Docker,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    #[serde(rename = "type", default)]
+    pub kind: HealthKind,
+    #[serde(default = "defaults::health_path")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "defaults::interval", with = "duration_text")]
+    pub interval: Duration,
+    #[serde(default = "defaults::timeout", with = "duration_text")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::deadline", with = "duration_text")]
+    pub deadline: Duration,
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        HealthSpec {
+            kind: HealthKind::default(),
+            path: defaults::health_path(),
+            port: None,
+            interval: defaults::interval(),
+            timeout: defaults::timeout(),
+            deadline: defaults::deadline(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoffSpec {
+    /// `host`, or `container:<name>` to join another container's network namespace.
+    pub namespace: String,
+    pub listeners: Vec<ListenerSpec>,
+    /// uids besides the started process that may fetch the listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_uids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    pub name: String,
+    /// `tcp://ADDR:PORT`
+    pub listen: String,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn stop_signal() -> String {
+        "SIGTERM".into()
+    }
+    pub fn stop_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn keep() -> u32 {
+        3
+    }
+    pub fn network() -> String {
+        "bridge".into()
+    }
+    pub fn udp_idle() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_path() -> String {
+        "/".into()
+    }
+    pub fn interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn deadline() -> Duration {
+        Duration::from_secs(60)
+    }
+}
+
+/// The most releases a manifest may keep for rollback.
+pub const MAX_KEEP: u32 = 50;
+
+impl Manifest {
+    /// Read and validate the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        Manifest::parse(path, &text)
+    }
+
+    /// Parse and validate `text`; `file` is only used in error messages.
+    pub fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = serde_norway::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            let message = e.to_string();
+            // serde_norway appends " at line L column C"; the line is already in the prefix.
+            let message = match message.rfind(" at line ") {
+                Some(at) => message[..at].to_string(),
+                None => message,
+            };
+            ManifestError::invalid(file, line, "", message)
+        })?;
+        manifest.validate(file, text)?;
+        Ok(manifest)
+    }
+
+    /// The checks serde cannot express. Each error points at the field's line.
+    fn validate(&self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        let err = |key: &str, nth: usize, field: &str, msg: String| {
+            ManifestError::invalid(file, find_key_line(text, key, nth), field, msg)
+        };
+        if !valid_name(&self.name) {
+            return Err(err("name", 0, "name", format!(
+                "`{}` is not a valid service name: use 1 to 32 characters of a-z, 0-9 and '-', starting with a letter or digit",
+                self.name
+            )));
+        }
+        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
+            return Err(err("image", 0, "image", format!("`{}` is not an image reference", self.image)));
+        }
+        if self.ports.is_empty() && self.handoff.is_none() {
+            return Err(err("ports", 0, "ports", "at least one port is needed (or a `handoff` section)".into()));
+        }
+        if !self.ports.is_empty() && self.handoff.is_some() {
+            return Err(err("handoff", 0, "handoff", "a service uses either `ports` (NAT mode) or `handoff`, not both".into()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.host == 0 {
+                return Err(err("host", i, &format!("ports[{i}].host"), "port 0 is not a port; use 1-65535".into()));
+            }
+            if p.container == 0 {
+                return Err(err("container", i, &format!("ports[{i}].container"), "port 0 is not a port; use 1-65535".into()));
+            }
+            if !seen.insert((p.protocol, p.host, p.host_ip)) {
+                return Err(err("host", i, &format!("ports[{i}].host"), format!("{}/{} is listed twice", p.host, p.protocol)));
+            }
+        }
+        if let Some(port) = self.health.port {
+            if port == 0 {
+                return Err(err("port", 0, "health.port", "port 0 is not a port; use 1-65535".into()));
+            }
+        }
+        if self.health.kind == HealthKind::Http && !self.health.path.starts_with('/') {
+            return Err(err("path", 0, "health.path", format!("`{}` must start with '/'", self.health.path)));
+        }
+        if matches!(self.health.kind, HealthKind::Http | HealthKind::Tcp)
+            && self.health.port.is_none()
+            && self.ports.iter().all(|p| p.protocol != Protocol::Tcp)
+            && self.handoff.is_none()
+        {
+            return Err(err("type", 0, "health.type", "an http or tcp check needs a tcp port: set health.port".into()));
+        }
+        for (key, field, d) in [
+            ("interval", "health.interval", self.health.interval),
+            ("timeout", "health.timeout", self.health.timeout),
+            ("deadline", "health.deadline", self.health.deadline),
+        ] {
+            if d.is_zero() {
+                return Err(err(key, 0, field, "must be longer than 0s".into()));
+            }
+        }
+        if self.stop_signal.parse::<nix::sys::signal::Signal>().is_err() {
+            return Err(err("stop_signal", 0, "stop_signal", format!(
+                "`{}` is not a signal name; use e.g. SIGTERM, SIGINT, SIGQUIT",
+                self.stop_signal
+            )));
+        }
+        if self.keep > MAX_KEEP {
+            return Err(err("keep", 0, "keep", format!("{} is too many; keep at most {MAX_KEEP}", self.keep)));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(err(key, 0, "env", format!("`{key}` is not an environment variable name")));
+            }
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.is_empty() {
+                return Err(err("command", 0, "command", "an empty list; leave `command` out to use the image's".into()));
+            }
+        }
+        if self.network.trim().is_empty() {
+            return Err(err("network", 0, "network", "must name a Docker network".into()));
+        }
+        if let Some(h) = &self.handoff {
+            if h.namespace != "host" && !h.namespace.strip_prefix("container:").is_some_and(|c| !c.is_empty()) {
+                return Err(err("namespace", 0, "handoff.namespace", format!(
+                    "`{}`: use `host` or `container:<name>`",
+                    h.namespace
+                )));
+            }
+            if h.listeners.is_empty() {
+                return Err(err("listeners", 0, "handoff.listeners", "name at least one listener".into()));
+            }
+            for (i, l) in h.listeners.iter().enumerate() {
+                if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                    return Err(err("name", i + 1, &format!("handoff.listeners[{i}].name"), format!("`{}` is not a listener name", l.name)));
+                }
+                if parse_listen(&l.listen).is_none() {
+                    return Err(err("listen", i, &format!("handoff.listeners[{i}].listen"), format!(
+                        "`{}`: use tcp://ADDR:PORT",
+                        l.listen
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The port the health check connects to inside the container.
+    pub fn health_port(&self) -> Option<u16> {
+        self.health
+            .port
+            .or_else(|| self.ports.iter().find(|p| p.protocol == Protocol::Tcp).map(|p| p.container))
+    }
+}
+
+/// Parse `tcp://ADDR:PORT` into a socket address.
+pub fn parse_listen(s: &str) -> Option<std::net::SocketAddr> {
+    s.strip_prefix("tcp://")?.parse().ok()
+}
+
+/// Service names: `[a-z0-9-]{1,32}`, not starting with '-'.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The 1-based line of the `nth` occurrence of `key:` in `text`, if any.
+fn find_key_line(text: &str, key: &str, nth: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| {
+            let t = line.trim_start().trim_start_matches("- ").trim_start();
+            t.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+                || line.contains(&format!("{{ {key}:"))
+                || line.contains(&format!(", {key}:"))
+        })
+        .nth(nth)
+        .map(|(i, _)| i + 1)
+}
+
+/// Durations as operators write them: `500ms`, `2s`, `1m30s`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("an empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("`{s}` is not a duration; write e.g. 500ms, 2s, 1m30s"));
+        }
+        let (num, tail) = rest.split_at(digits);
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+        let secs = match unit {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return Err(format!("`{s}`: unknown unit `{unit}`; use ms, s, m or h")),
+        };
+        total += Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+/// Format a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
+mod duration_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `env` values may be written as numbers or booleans; the container sees text.
+fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::Text(s) => s,
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("`{s}`: use tcp or udp")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"name: web                 # [a-z0-9-]{1,32}, unique on the host
+image: example/web:1.0    # image of the first release
+ports:
+  - host: 8080            # host port clients use (tcp)
+    container: 80         # port inside the container
+health:
+  type: http              # http | tcp | docker (the image's HEALTHCHECK) | none
+  path: /healthz          # http only; any 2xx is healthy
+  port: 80                # optional; default: the first container port
+  interval: 1s
+  timeout: 2s
+  deadline: 60s           # not healthy by then: the release is refused
+drain_timeout: 30s
+stop_signal: SIGTERM
+stop_timeout: 10s
+keep: 3                   # stopped old releases kept for rollback
+env: { KEY: value }       # optional, passed to the container
+command: ["/app", "-v"]   # optional
+network: bridge           # optional Docker network
+"#;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse(Path::new("web.yaml"), text)
+    }
+
+    fn message(text: &str) -> String {
+        match parse(text) {
+            Ok(m) => panic!("accepted: {m:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn accepts_the_documented_shape() {
+        let m = parse(FULL).unwrap();
+        assert_eq!(m.name, "web");
+        assert_eq!(m.ports, vec![PortSpec { host: 8080, container: 80, protocol: Protocol::Tcp, host_ip: None }]);
+        assert_eq!(m.health.kind, HealthKind::Http);
+        assert_eq!(m.health.path, "/healthz");
+        assert_eq!(m.health.deadline, Duration::from_secs(60));
+        assert_eq!(m.env.get("KEY").map(String::as_str), Some("value"));
+        assert_eq!(m.command.as_deref(), Some(&["/app".to_string(), "-v".to_string()][..]));
+        assert_eq!(m.keep, 3);
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let m = parse("name: a\nimage: x\nports: [{host: 1, container: 2}]\n").unwrap();
+        assert_eq!(m.health.kind, HealthKind::Tcp);
+        assert_eq!(m.drain_timeout, Duration::from_secs(30));
+        assert_eq!(m.stop_signal, "SIGTERM");
+        assert_eq!(m.network, "bridge");
+        assert_eq!(m.health_port(), Some(2));
+    }
+
+    #[test]
+    fn port_out_of_range_names_file_line_and_field() {
+        let msg = message(&FULL.replace("host: 8080", "host: 70000"));
+        assert!(msg.starts_with("web.yaml:4:"), "{msg}");
+        assert!(msg.contains("ports[0].host"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let msg = message(&format!("{FULL}colour: blue\n"));
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+        assert!(msg.starts_with("web.yaml:20:"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_refused_with_a_line() {
+        let msg = message("name: web\nports: [\n  - :\n");
+        assert!(msg.starts_with("web.yaml:"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_field() {
+        let msg = message(&FULL.replace("name: web ", "name: Web "));
+        assert!(msg.starts_with("web.yaml:1: name:"), "{msg}");
+        let msg = message(&FULL.replace("stop_signal: SIGTERM", "stop_signal: SIGNOPE"));
+        assert!(msg.starts_with("web.yaml:14: stop_signal:"), "{msg}");
+        let msg = message(&FULL.replace("interval: 1s", "interval: 1 fortnight"));
+        assert!(msg.contains("health.interval") || msg.contains("unit"), "{msg}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("2 weeks").is_err());
+        assert!(parse_duration("s").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-1"));
+        assert!(!valid_name("-web"));
+        assert!(!valid_name(&"a".repeat(33)));
+        assert!(!valid_name("Web"));
+    }
+}

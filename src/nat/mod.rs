@@ -1,0 +1,59 @@
+//! nftables effects: applies a [`plan::Ruleset`](crate::plan::Ruleset) and map element
+//! changes to the kernel over netlink (nftnl + mnl), one batch per operation.
+//!
+//! Owns cutover's own table and its DOCKER-USER accept rule; it must never touch any
+//! other table's rules. What the rules are is decided in `plan`; this module only
+//! translates and sends.
+
+use crate::plan::{ElementOp, Ruleset};
+
+/// Errors of the nftables and iptables effects.
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    #[error("cannot open a netfilter netlink socket (are you root with CAP_NET_ADMIN?): {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("nftables refused the {what} transaction for table `{table}`: {source}")]
+    Batch {
+        what: &'static str,
+        table: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read table `{table}` from nftables: {source}")]
+    Read {
+        table: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Iptables { command: String, stderr: String },
+    #[error("cannot run iptables (install the iptables package): {0}")]
+    IptablesMissing(#[source] std::io::Error),
+    #[error("cannot set {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The data plane cutover programs. One real implementation ([`NftFirewall`]); the
+/// release state machine's tests use a fake.
+pub trait Firewall: Send + Sync + 'static {
+    /// Make the table exactly `ruleset`, in one transaction (creating it if it is
+    /// missing, replacing whatever it held). Established connections keep their NAT
+    /// bindings through conntrack, so this never interrupts traffic.
+    fn sync(&self, ruleset: &Ruleset) -> Result<(), NatError>;
+    /// Apply `ops` to the DNAT map of `table` in one transaction: the cutover itself.
+    fn apply_ops(&self, table: &str, map: &str, ops: &[ElementOp]) -> Result<(), NatError>;
+    /// Delete the table; not an error if it does not exist.
+    fn delete_table(&self, table: &str) -> Result<(), NatError>;
+    /// Does the table exist?
+    fn table_exists(&self, table: &str) -> Result<bool, NatError>;
+    /// Let forwarded traffic that carries `mark` past Docker's FORWARD DROP: an ACCEPT in
+    /// DOCKER-USER tagged with a comment naming `table`. Idempotent; a no-op (Ok) when
+    /// the host has no DOCKER-USER chain.
+    fn ensure_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError>;
+    /// Remove what [`Firewall::ensure_forward_accept`] added; idempotent.
+    fn remove_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError>;
+}
