@@ -1,1 +1,3 @@
-//! (being written)
+//! Docker engine effects (bollard).
+
+pub mod image;
