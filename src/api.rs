@@ -1,1 +1,143 @@
-//! (being written)
+//! The control API between the CLI and the daemon: one JSON request per connection on
+//! the unix socket, answered by zero or more progress lines and one final line.
+//!
+//! Newline-delimited JSON keeps it debuggable with `socat` and implementable from any
+//! language. A request line longer than [`MAX_REQUEST`] is refused unread.
+
+use serde::{Deserialize, Serialize};
+
+/// The largest request line the daemon reads (manifests included).
+pub const MAX_REQUEST: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestText {
+    /// The file name, for messages.
+    pub file: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Ping {},
+    Apply { manifests: Vec<ManifestText> },
+    Deploy { service: String, image: String },
+    Rollback { service: String, #[serde(default)] to: Option<u32> },
+    Status { #[serde(default)] service: Option<String> },
+    History { service: String },
+    Remove { service: String },
+}
+
+impl Request {
+    /// The service the request changes, if it changes one.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Request::Deploy { service, .. }
+            | Request::Rollback { service, .. }
+            | Request::Remove { service } => Some(service),
+            _ => None,
+        }
+    }
+}
+
+/// A step the daemon reports while it works.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressLine {
+    pub service: String,
+    pub release: u32,
+    pub step: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+}
+
+/// Error codes; the CLI maps them to exit codes.
+pub mod code {
+    /// Refused or failed safely: exit 1.
+    pub const REFUSED: &str = "refused";
+    /// Another operation on the service runs: exit 1.
+    pub const BUSY: &str = "busy";
+    /// Invalid input: exit 2.
+    pub const INVALID: &str = "invalid";
+    /// Not allowed to talk to the daemon: exit 1.
+    pub const DENIED: &str = "denied";
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Progress(ProgressLine),
+    Done { data: serde_json::Value },
+    Error { code: String, message: String },
+}
+
+impl From<crate::deploy::Progress> for ProgressLine {
+    fn from(p: crate::deploy::Progress) -> Self {
+        ProgressLine {
+            service: p.service,
+            release: p.release,
+            step: p.step.to_string(),
+            message: p.message,
+            elapsed_ms: p.elapsed_ms,
+            limit_ms: p.limit_ms,
+            connections: p.connections,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_refuse_unknown_fields() {
+        let r = Request::Rollback { service: "web".into(), to: Some(2) };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"op":"rollback","service":"web","to":2}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"ping","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"launch"}"#).is_err());
+    }
+}
+
+/// `status`: one entry per service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// `nat` or `handoff`.
+    pub mode: String,
+    pub active: Option<u32>,
+    pub image: Option<String>,
+    pub container: Option<String>,
+    pub addr: Option<String>,
+    /// `8080/tcp -> 80`
+    pub ports: Vec<String>,
+    /// Stopped releases kept for rollback, newest first.
+    pub kept: Vec<u32>,
+    /// An operation in progress (`deploy 2: switched`).
+    pub operation: Option<String>,
+}
+
+/// `history`: the releases of a service and what happened to them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    pub service: String,
+    pub active: Option<u32>,
+    pub releases: Vec<ReleaseView>,
+    pub events: Vec<crate::state::HistoryEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseView {
+    pub number: u32,
+    pub image: String,
+    pub container: String,
+    pub status: crate::state::ReleaseStatus,
+    pub created_at: u64,
+    pub activated_at: Option<u64>,
+    pub stopped_at: Option<u64>,
+}

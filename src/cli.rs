@@ -77,6 +77,9 @@ pub struct DaemonArgs {
     /// Label value that tells this daemon's containers apart (default: the table name).
     #[arg(long)]
     pub instance: Option<String>,
+    /// Group (gid) allowed to use the control socket besides root.
+    #[arg(long)]
+    pub allow_group: Option<u32>,
     /// Docker engine socket.
     #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
@@ -87,6 +90,9 @@ pub struct ApplyArgs {
     /// Manifest files (YAML).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +101,9 @@ pub struct DeployArgs {
     /// Image of the new release.
     #[arg(long)]
     pub image: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +112,9 @@ pub struct RollbackArgs {
     /// Release number to go back to (default: the previous one).
     #[arg(long)]
     pub to: Option<u32>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -122,10 +134,14 @@ pub struct HistoryArgs {
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
     pub name: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
+    #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Table name to render (as the daemon's --table).
     #[arg(long, default_value = crate::plan::DEFAULT_TABLE)]

@@ -1,1 +1,1058 @@
-//! (being written)
+//! The release state machine: deploy, rollback, apply, remove and the restart-time
+//! reconcile, over the [`Engine`], [`Firewall`] and [`Checks`] traits.
+//!
+//! Owns the order of the steps and what is recorded before each (see `state::Phase`):
+//! start the new release unpublished, gate on health, switch the host ports in one
+//! transaction, drain and stop the old release, prune, record. Any failure before the
+//! switch undoes the new release and leaves the old one and every rule untouched. Does
+//! not know how rules or containers are made: that is `nat` and `docker`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::{mpsc, Mutex};
+
+use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
+use crate::manifest::{HealthKind, HealthSpec, Manifest, Protocol};
+use crate::nat::{Firewall, NatError};
+use crate::plan::{self, Bridge, Desired, Ruleset, Target};
+use crate::state::{
+    now, HistoryEntry, Operation, OperationKind, Phase, Release, ReleaseStatus, ServiceState, State, StateError,
+    StateStore,
+};
+
+/// Why a release operation did not happen. The old release still serves in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("service `{0}` is busy with another operation; wait for it to finish and try again")]
+    Busy(String),
+    #[error("no service `{0}` is registered (see `cutover status`)")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("release {release} of `{service}` is refused: {reason}{}", logs_suffix(.logs))]
+    Unhealthy { service: String, release: u32, reason: String, logs: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Nat(#[from] NatError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+fn logs_suffix(logs: &str) -> String {
+    if logs.trim().is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of its log ---\n{}", logs.trim_end())
+    }
+}
+
+impl ReleaseError {
+    /// The API error code (mapped to exit codes by the client).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReleaseError::Busy(_) => "busy",
+            ReleaseError::NotFound(_) | ReleaseError::Invalid(_) => "invalid",
+            _ => "refused",
+        }
+    }
+}
+
+/// Health probing and connection counting, as the state machine needs them.
+pub trait Checks: Send + Sync + 'static {
+    /// One health probe of `container` (http/tcp kinds).
+    fn probe(&self, health: HealthSpec, addr: std::net::SocketAddr) -> BoxFuture<'_, Result<(), String>>;
+    /// Open TCP connections inside the network namespace of `pid`.
+    fn open_connections(&self, pid: u32) -> BoxFuture<'_, Result<usize, String>>;
+    /// Ports host processes listen on (TCP) or have bound (UDP).
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String>;
+    /// Delete the conntrack entries of UDP flows to `port` that were NAT'd to `addr`.
+    fn forget_udp_flows(&self, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
+}
+
+/// What the state machine reports while it works (sent to the CLI as progress).
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub service: String,
+    pub release: u32,
+    pub step: &'static str,
+    pub message: String,
+    /// (done, total) for bars: health wait in ms of the deadline, drain connections left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+}
+
+/// The outcome as the CLI reads it back.
+pub type OutcomeView = Outcome;
+
+pub type ProgressTx = mpsc::UnboundedSender<Progress>;
+
+/// What a completed operation reports.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Outcome {
+    pub service: String,
+    pub from: Option<u32>,
+    pub to: u32,
+    pub outcome: String,
+    pub health_ms: Option<u64>,
+    pub switch_us: Option<u64>,
+    pub drain_ms: Option<u64>,
+}
+
+/// Settings of the daemon that shape every release.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub table: String,
+    pub mark: u32,
+    pub instance: String,
+    /// Poll interval of the drain watcher.
+    pub drain_poll: Duration,
+}
+
+/// The data plane as last applied: lets a switch be a map-element change.
+#[derive(Debug, Default)]
+struct Dataplane {
+    applied: Option<Ruleset>,
+    bridges: BTreeMap<String, Option<Bridge>>,
+}
+
+/// The release engine of one daemon.
+pub struct Releaser {
+    engine: Arc<dyn Engine>,
+    firewall: Arc<dyn Firewall>,
+    checks: Arc<dyn Checks>,
+    settings: Settings,
+    store: StateStore,
+    state: Mutex<State>,
+    dataplane: Mutex<Dataplane>,
+    busy: StdMutex<HashSet<String>>,
+}
+
+/// Marks a service busy for the lifetime of the guard.
+pub struct BusyGuard<'a> {
+    busy: &'a StdMutex<HashSet<String>>,
+    service: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(&self.service);
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Releaser {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        firewall: Arc<dyn Firewall>,
+        checks: Arc<dyn Checks>,
+        settings: Settings,
+        store: StateStore,
+    ) -> Result<Releaser, ReleaseError> {
+        let state = store.load()?;
+        Ok(Releaser {
+            engine,
+            firewall,
+            checks,
+            settings,
+            store,
+            state: Mutex::new(state),
+            dataplane: Mutex::new(Dataplane::default()),
+            busy: StdMutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// A copy of the current state.
+    pub async fn snapshot(&self) -> State {
+        self.state.lock().await.clone()
+    }
+
+    /// Refuse a second operation on `service` while one runs.
+    pub fn claim(&self, service: &str) -> Result<BusyGuard<'_>, ReleaseError> {
+        let mut busy = self.busy.lock().map_err(|_| ReleaseError::Busy(service.to_string()))?;
+        if !busy.insert(service.to_string()) {
+            return Err(ReleaseError::Busy(service.to_string()));
+        }
+        Ok(BusyGuard { busy: &self.busy, service: service.to_string() })
+    }
+
+    /// Change the state and persist it before anything relies on the change.
+    async fn commit<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, ReleaseError> {
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        let out = f(&mut next);
+        self.store.save(&next)?;
+        *state = next;
+        Ok(out)
+    }
+
+    async fn bridge_of(&self, network: &str) -> Result<Option<Bridge>, ReleaseError> {
+        {
+            let dp = self.dataplane.lock().await;
+            if let Some(b) = dp.bridges.get(network) {
+                return Ok(b.clone());
+            }
+        }
+        let b = self.engine.bridge(network.to_string()).await?;
+        self.dataplane.lock().await.bridges.insert(network.to_string(), b.clone());
+        Ok(b)
+    }
+
+    /// Desired data plane for `state`, with `service` pointed at `release` if given.
+    async fn desired(&self, state: &State, overriding: Option<(&str, u32)>) -> Result<Desired, ReleaseError> {
+        let mut targets = Vec::new();
+        let mut bridges = Vec::new();
+        for (name, svc) in &state.services {
+            if svc.manifest.handoff.is_some() {
+                continue;
+            }
+            let active = match overriding {
+                Some((s, r)) if s == name => Some(r),
+                _ => svc.active,
+            };
+            let Some(release) = active.and_then(|n| svc.release(n)) else { continue };
+            let Some(addr) = release.addr else { continue };
+            if let Some(b) = self.bridge_of(&release.manifest.network).await? {
+                bridges.push(b);
+            }
+            targets.extend(targets_of(name, release.number, &svc.manifest, addr));
+        }
+        Ok(Desired { table: self.settings.table.clone(), mark: self.settings.mark, targets, bridges })
+    }
+
+    /// Make the kernel match `desired`: a map-element transaction when only elements
+    /// change, a whole-table transaction otherwise. Returns the time the kernel took.
+    async fn program(&self, desired: &Desired) -> Result<Duration, ReleaseError> {
+        let next = plan::ruleset(desired);
+        let mut dp = self.dataplane.lock().await;
+        let started = Instant::now();
+        let structural_change = match &dp.applied {
+            Some(cur) => cur.chains != next.chains || cur.table != next.table,
+            None => true,
+        };
+        if structural_change || !self.firewall.table_exists(&next.table)? {
+            self.firewall.sync(&next)?;
+        } else if let Some(cur) = &dp.applied {
+            let ops = plan::element_ops(&cur.elements, &next.elements);
+            if !ops.is_empty() {
+                self.firewall.apply_ops(&next.table, &next.map, &ops)?;
+            }
+        }
+        let took = started.elapsed();
+        dp.applied = Some(next);
+        Ok(took)
+    }
+
+    /// After a restart: rebuild the rules from state (one atomic transaction, so
+    /// traffic never notices), finish or undo an interrupted operation, and re-assert
+    /// the host settings.
+    pub async fn reconcile(&self) -> Result<Vec<String>, ReleaseError> {
+        let mut notes = Vec::new();
+        let state = self.snapshot().await;
+        for (name, svc) in &state.services {
+            // Re-read addresses: they change when the engine restarts containers.
+            for number in svc.active.into_iter().chain(svc.operation.as_ref().map(|o| o.to)) {
+                let Some(rel) = svc.release(number) else { continue };
+                match self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await? {
+                    Some(info) => {
+                        if !info.running && Some(number) == svc.active {
+                            self.engine.start(rel.container_id.clone()).await?;
+                            notes.push(format!("{name}: started release {number}'s container again"));
+                        }
+                        let info = self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await?;
+                        let addr = info.and_then(|i| i.addr);
+                        if addr.is_some() && addr != rel.addr {
+                            let n = name.clone();
+                            self.commit(move |s| {
+                                if let Some(r) = s.services.get_mut(&n).and_then(|svc| svc.release_mut(number)) {
+                                    r.addr = addr;
+                                }
+                            })
+                            .await?;
+                        }
+                    }
+                    None => notes.push(format!("{name}: the container of release {number} is gone")),
+                }
+            }
+        }
+        // Interrupted operations.
+        let state = self.snapshot().await;
+        for (name, svc) in &state.services {
+            let Some(op) = svc.operation.clone() else { continue };
+            let note = self.recover(name, svc, &op).await?;
+            notes.push(note);
+        }
+        let state = self.snapshot().await;
+        self.dataplane.lock().await.applied = None;
+        let desired = self.desired(&state, None).await?;
+        self.program(&desired).await?;
+        self.assert_host(&state, &desired).await?;
+        Ok(notes)
+    }
+
+    /// Finish (after the switch) or undo (before it) an interrupted operation.
+    async fn recover(&self, name: &str, svc: &ServiceState, op: &Operation) -> Result<String, ReleaseError> {
+        let to = svc.release(op.to).cloned();
+        let from = op.from.and_then(|n| svc.release(n)).cloned();
+        if op.phase < Phase::Switched {
+            // Undo: the old release keeps serving.
+            if let Some(to) = &to {
+                match op.kind {
+                    OperationKind::Deploy => self.engine.remove(to.container_id.clone()).await?,
+                    OperationKind::Rollback => self.engine.stop(to.container_id.clone(), to.manifest.stop_timeout).await?,
+                }
+            }
+            let name2 = name.to_string();
+            let op2 = op.clone();
+            self.commit(move |s| {
+                if let Some(svc) = s.services.get_mut(&name2) {
+                    if let Some(r) = svc.release_mut(op2.to) {
+                        r.status = match op2.kind {
+                            OperationKind::Deploy => ReleaseStatus::Failed,
+                            OperationKind::Rollback => ReleaseStatus::Stopped,
+                        };
+                    }
+                    svc.operation = None;
+                    svc.record(HistoryEntry {
+                        at: now(),
+                        kind: op2.kind,
+                        from: op2.from,
+                        to: op2.to,
+                        outcome: "undone".into(),
+                        message: "the daemon stopped before the switch; undone at restart".into(),
+                        health_ms: None,
+                        switch_us: None,
+                        drain_ms: None,
+                    });
+                }
+            })
+            .await?;
+            Ok(format!("{name}: undid the interrupted {:?} to release {} (it had not been switched)", op.kind, op.to))
+        } else {
+            if let Some(from) = &from {
+                self.engine.stop(from.container_id.clone(), from.manifest.stop_timeout).await?;
+            }
+            let name2 = name.to_string();
+            let op2 = op.clone();
+            self.commit(move |s| {
+                if let Some(svc) = s.services.get_mut(&name2) {
+                    svc.active = Some(op2.to);
+                    if let Some(r) = svc.release_mut(op2.to) {
+                        r.status = ReleaseStatus::Active;
+                    }
+                    if let Some(r) = op2.from.and_then(|f| svc.release_mut(f)) {
+                        r.status = ReleaseStatus::Stopped;
+                        r.stopped_at = Some(now());
+                    }
+                    svc.operation = None;
+                    svc.record(HistoryEntry {
+                        at: now(),
+                        kind: op2.kind,
+                        from: op2.from,
+                        to: op2.to,
+                        outcome: "finished_after_restart".into(),
+                        message: "the daemon stopped after the switch; finished at restart".into(),
+                        health_ms: None,
+                        switch_us: None,
+                        drain_ms: None,
+                    });
+                }
+            })
+            .await?;
+            Ok(format!("{name}: finished the interrupted {:?} to release {}", op.kind, op.to))
+        }
+    }
+
+    /// route_localnet on the bridges in use, and the DOCKER-USER accept while any
+    /// service exists.
+    async fn assert_host(&self, state: &State, desired: &Desired) -> Result<(), ReleaseError> {
+        let any_nat = state.services.values().any(|s| s.manifest.handoff.is_none());
+        if any_nat {
+            self.firewall.ensure_forward_accept(&self.settings.table, self.settings.mark)?;
+        } else {
+            self.firewall.remove_forward_accept(&self.settings.table, self.settings.mark)?;
+        }
+        let mut changed = BTreeMap::new();
+        for b in &desired.bridges {
+            if state.route_localnet_before.contains_key(&b.ifname) {
+                continue;
+            }
+            let before = crate::host::set_route_localnet(&b.ifname, true)
+                .map_err(|e| ReleaseError::Refused(format!("cannot enable route_localnet on {}: {e}", b.ifname)))?;
+            changed.insert(b.ifname.clone(), before);
+        }
+        if !changed.is_empty() {
+            self.commit(move |s| s.route_localnet_before.extend(changed)).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuse host ports other services, other containers or host processes use.
+    async fn check_ports(&self, manifest: &Manifest) -> Result<(), ReleaseError> {
+        let state = self.snapshot().await;
+        for p in &manifest.ports {
+            for (other, svc) in &state.services {
+                if other != &manifest.name
+                    && svc.manifest.ports.iter().any(|q| q.host == p.host && q.protocol == p.protocol)
+                {
+                    return Err(ReleaseError::Conflict(format!(
+                        "host port {}/{} is already used by service `{other}`",
+                        p.host, p.protocol
+                    )));
+                }
+            }
+        }
+        let published = self.engine.published().await?;
+        for p in &manifest.ports {
+            if let Some(c) = published.iter().find(|x| x.port == p.host && x.protocol == p.protocol) {
+                return Err(ReleaseError::Conflict(format!(
+                    "host port {}/{} is published by container `{}`; pick another port or unpublish it",
+                    p.host, p.protocol, c.container
+                )));
+            }
+        }
+        let listening = self.checks.host_ports().map_err(ReleaseError::Refused)?;
+        for p in &manifest.ports {
+            if listening.contains(&(p.protocol, p.host)) {
+                return Err(ReleaseError::Conflict(format!(
+                    "host port {}/{} is in use by a process on this host (see `ss -lntup`); pick another port",
+                    p.host, p.protocol
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `apply`: register or update a service; deploy when what the container runs changed.
+    pub async fn apply(&self, manifest: Manifest, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let _busy = self.claim(&manifest.name)?;
+        if manifest.handoff.is_some() {
+            return Err(ReleaseError::Invalid(format!(
+                "service `{}` uses handoff mode, which this daemon does not run yet; use `ports` (NAT mode)",
+                manifest.name
+            )));
+        }
+        self.check_ports(&manifest).await?;
+        let name = manifest.name.clone();
+        let existing = self.snapshot().await.services.get(&name).cloned();
+        match existing {
+            None => {
+                let m = manifest.clone();
+                self.commit(move |s| {
+                    s.services.insert(m.name.clone(), ServiceState::new(m));
+                })
+                .await?;
+                let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                if result.is_err() {
+                    // A service whose first release failed was never there.
+                    let n = name.clone();
+                    self.commit(move |s| {
+                        s.services.remove(&n);
+                    })
+                    .await?;
+                }
+                result
+            }
+            Some(svc) => {
+                let active = svc.active_release().cloned();
+                let needs_release = match &active {
+                    None => true,
+                    Some(r) => container_differs(&r.manifest, &manifest),
+                };
+                let m = manifest.clone();
+                let n = name.clone();
+                let old_manifest = svc.manifest.clone();
+                self.commit(move |s| {
+                    if let Some(svc) = s.services.get_mut(&n) {
+                        svc.manifest = m;
+                    }
+                })
+                .await?;
+                if needs_release {
+                    let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                    if result.is_err() {
+                        let n = name.clone();
+                        self.commit(move |s| {
+                            if let Some(svc) = s.services.get_mut(&n) {
+                                svc.manifest = old_manifest;
+                            }
+                        })
+                        .await?;
+                    }
+                    result
+                } else {
+                    let state = self.snapshot().await;
+                    let desired = self.desired(&state, None).await?;
+                    let took = self.program(&desired).await?;
+                    let to = active.map(|r| r.number).unwrap_or(0);
+                    Ok(Outcome {
+                        service: name,
+                        from: Some(to),
+                        to,
+                        outcome: "updated".into(),
+                        health_ms: None,
+                        switch_us: Some(u64::try_from(took.as_micros()).unwrap_or(u64::MAX)),
+                        drain_ms: None,
+                    })
+                }
+            }
+        }
+    }
+
+    /// `deploy NAME --image REF`.
+    pub async fn deploy(&self, service: &str, image: &str, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let _busy = self.claim(service)?;
+        if !self.snapshot().await.services.contains_key(service) {
+            return Err(ReleaseError::NotFound(service.to_string()));
+        }
+        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
+            return Err(ReleaseError::Invalid(format!("`{image}` is not an image reference")));
+        }
+        let name = service.to_string();
+        let img = image.to_string();
+        let old = self
+            .commit(move |s| {
+                s.services.get_mut(&name).map(|svc| std::mem::replace(&mut svc.manifest.image, img))
+            })
+            .await?;
+        let result = self.release_new(service, image.to_string(), progress).await;
+        if result.is_err() {
+            let name = service.to_string();
+            self.commit(move |s| {
+                if let (Some(svc), Some(old)) = (s.services.get_mut(&name), old) {
+                    svc.manifest.image = old;
+                }
+            })
+            .await?;
+        }
+        result
+    }
+
+    /// Start a new release of `service` running `image` and cut over to it.
+    async fn release_new(&self, service: &str, image: String, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
+        let number = svc.next_release;
+        let from = svc.active;
+        let mut manifest = svc.manifest.clone();
+        manifest.image = image.clone();
+        let container = format!("cutover-{service}-{number}");
+        let spec = ContainerSpec {
+            name: container.clone(),
+            image: image.clone(),
+            env: manifest.env.clone(),
+            command: manifest.command.clone(),
+            network: manifest.network.clone(),
+            labels: BTreeMap::from([
+                (LABEL_SERVICE.to_string(), service.to_string()),
+                (LABEL_RELEASE.to_string(), number.to_string()),
+                (LABEL_INSTANCE.to_string(), self.settings.instance.clone()),
+            ]),
+            stop_signal: manifest.stop_signal.clone(),
+            stop_timeout: manifest.stop_timeout,
+            mounts: Vec::new(),
+        };
+        // Record the intent first: a crash from here on is undone at restart.
+        let s = service.to_string();
+        let (m, c, img) = (manifest.clone(), container.clone(), image.clone());
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.next_release = number + 1;
+                svc.releases.push(Release {
+                    number,
+                    image: img,
+                    container: c,
+                    container_id: String::new(),
+                    status: ReleaseStatus::Starting,
+                    addr: None,
+                    created_at: now(),
+                    activated_at: None,
+                    stopped_at: None,
+                    manifest: m,
+                });
+                svc.operation = Some(Operation { kind: OperationKind::Deploy, from, to: number, phase: Phase::Starting, started_at: now() });
+            }
+        })
+        .await?;
+        self.emit(progress, service, number, "start", format!("starting release {number} ({image}) as {container}"));
+        let info = match self.engine.run(spec).await {
+            Ok(info) => info,
+            Err(e) => {
+                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await?;
+                return Err(e.into());
+            }
+        };
+        let s = service.to_string();
+        let (id, addr) = (info.id.clone(), info.addr);
+        self.commit(move |st| {
+            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                r.container_id = id;
+                r.addr = addr;
+            }
+        })
+        .await?;
+        self.cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await
+    }
+
+    /// `rollback NAME [--to N]`.
+    pub async fn rollback(&self, service: &str, to: Option<u32>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let _busy = self.claim(service)?;
+        let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
+        let target = match to {
+            Some(n) => svc.release(n).cloned().ok_or_else(|| {
+                ReleaseError::Invalid(format!("`{service}` has no release {n} (see `cutover history {service}`)"))
+            })?,
+            None => svc.previous_kept().cloned().ok_or_else(|| {
+                ReleaseError::Refused(format!("`{service}` has no earlier release kept to roll back to"))
+            })?,
+        };
+        if Some(target.number) == svc.active {
+            return Err(ReleaseError::Refused(format!("release {} of `{service}` is already active", target.number)));
+        }
+        if target.status != ReleaseStatus::Stopped {
+            return Err(ReleaseError::Refused(format!(
+                "release {} of `{service}` is {:?}, not kept; only stopped, kept releases can be rolled back to",
+                target.number, target.status
+            )));
+        }
+        let from = svc.active;
+        let number = target.number;
+        let s = service.to_string();
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.operation = Some(Operation { kind: OperationKind::Rollback, from, to: number, phase: Phase::Starting, started_at: now() });
+                if let Some(r) = svc.release_mut(number) {
+                    r.status = ReleaseStatus::Starting;
+                }
+            }
+        })
+        .await?;
+        self.emit(progress, service, number, "start", format!("starting kept release {number} ({})", target.container));
+        let started = async {
+            self.engine.start(target.container_id.clone()).await?;
+            self.engine
+                .inspect(target.container_id.clone(), target.manifest.network.clone())
+                .await?
+                .ok_or_else(|| ReleaseError::Refused(format!("the container of release {number} is gone")))
+        }
+        .await;
+        let info = match started {
+            Ok(i) => i,
+            Err(e) => {
+                self.abandon(service, number, OperationKind::Rollback, from, "failed", &e.to_string()).await?;
+                return Err(e);
+            }
+        };
+        let s = service.to_string();
+        let addr = info.addr;
+        self.commit(move |st| {
+            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                r.addr = addr;
+            }
+        })
+        .await?;
+        let manifest = target.manifest.clone();
+        self.cut_over(service, OperationKind::Rollback, from, number, &manifest, info, progress).await
+    }
+
+    /// Health gate, switch, drain, stop, prune, record.
+    #[allow(clippy::too_many_arguments)]
+    async fn cut_over(
+        &self,
+        service: &str,
+        kind: OperationKind,
+        from: Option<u32>,
+        to: u32,
+        manifest: &Manifest,
+        info: ContainerInfo,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
+        let health_started = Instant::now();
+        if let Err(reason) = self.wait_healthy(service, to, manifest, &info, progress).await {
+            let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
+            self.abandon(service, to, kind, from, "refused", &reason).await?;
+            return Err(ReleaseError::Unhealthy { service: service.into(), release: to, reason, logs });
+        }
+        let health_ms = ms(health_started.elapsed());
+        self.set_phase(service, Phase::Healthy).await?;
+        self.emit(progress, service, to, "healthy", format!("release {to} is healthy after {health_ms} ms"));
+
+        // The switch: one transaction.
+        let state = self.snapshot().await;
+        let desired = self.desired(&state, Some((service, to))).await?;
+        let switched = match self.program(&desired).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.abandon(service, to, kind, from, "failed", &e.to_string()).await?;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.assert_host(&self.snapshot().await, &desired).await {
+            tracing::warn!(service, error = %e, "host settings");
+        }
+        let switch_us = u64::try_from(switched.as_micros()).unwrap_or(u64::MAX);
+        let s = service.to_string();
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.active = Some(to);
+                if let Some(r) = svc.release_mut(to) {
+                    r.status = ReleaseStatus::Active;
+                    r.activated_at = Some(now());
+                }
+                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
+                    r.status = ReleaseStatus::Draining;
+                }
+                if let Some(op) = svc.operation.as_mut() {
+                    op.phase = Phase::Switched;
+                }
+            }
+        })
+        .await?;
+        self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
+
+        // Drain and stop the old release.
+        let mut drain_ms = None;
+        if let Some(old) = from.and_then(|f| state.services.get(service).and_then(|svc| svc.release(f)).cloned()) {
+            self.set_phase(service, Phase::Draining).await?;
+            let started = Instant::now();
+            self.drain(service, to, &old, progress).await;
+            drain_ms = Some(ms(started.elapsed()));
+            if manifest.ports.iter().any(|p| p.protocol == Protocol::Udp) {
+                if let Some(addr) = old.addr {
+                    for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                        if let Err(e) = self.checks.forget_udp_flows(p.host, addr) {
+                            tracing::warn!(service, error = %e, "could not delete old UDP flows");
+                        }
+                    }
+                }
+            }
+            self.emit(progress, service, old.number, "stop", format!("stopping release {} ({})", old.number, old.manifest.stop_signal));
+            if let Err(e) = self.engine.stop(old.container_id.clone(), old.manifest.stop_timeout).await {
+                tracing::warn!(service, error = %e, "stopping the old release failed");
+            }
+            self.set_phase(service, Phase::Stopped).await?;
+        }
+
+        // Prune and record.
+        let s = service.to_string();
+        let pruned = self
+            .commit(move |st| {
+                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
+                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
+                    r.status = ReleaseStatus::Stopped;
+                    r.stopped_at = Some(now());
+                }
+                let beyond = svc.beyond_keep();
+                let mut ids = Vec::new();
+                for n in &beyond {
+                    if let Some(r) = svc.release_mut(*n) {
+                        r.status = ReleaseStatus::Removed;
+                        ids.push(r.container_id.clone());
+                    }
+                }
+                svc.operation = None;
+                svc.record(HistoryEntry {
+                    at: now(),
+                    kind,
+                    from,
+                    to,
+                    outcome: "switched".into(),
+                    message: String::new(),
+                    health_ms: Some(health_ms),
+                    switch_us: Some(switch_us),
+                    drain_ms,
+                });
+                ids
+            })
+            .await?;
+        for id in pruned {
+            if let Err(e) = self.engine.remove(id).await {
+                tracing::warn!(service, error = %e, "pruning an old release failed");
+            }
+        }
+        self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
+        Ok(Outcome {
+            service: service.to_string(),
+            from,
+            to,
+            outcome: "switched".into(),
+            health_ms: Some(health_ms),
+            switch_us: Some(switch_us),
+            drain_ms,
+        })
+    }
+
+    async fn wait_healthy(
+        &self,
+        service: &str,
+        release: u32,
+        manifest: &Manifest,
+        info: &ContainerInfo,
+        progress: &ProgressTx,
+    ) -> Result<(), String> {
+        let health = &manifest.health;
+        let started = Instant::now();
+        let deadline = started + health.deadline;
+        loop {
+            let current = self
+                .engine
+                .inspect(info.id.clone(), manifest.network.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "its container disappeared".to_string())?;
+            if !current.running {
+                return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
+            }
+            let verdict = match health.kind {
+                HealthKind::None => Ok(()),
+                HealthKind::Docker => match current.health.as_deref() {
+                    Some("healthy") => Ok(()),
+                    Some(s) => Err(format!("Docker reports it {s}")),
+                    None => return Err("health type `docker` but the image has no HEALTHCHECK".into()),
+                },
+                HealthKind::Http | HealthKind::Tcp => {
+                    let addr = current.addr.ok_or_else(|| "it has no IPv4 address on its network".to_string())?;
+                    let port = manifest.health_port().ok_or_else(|| "no port to check; set health.port".to_string())?;
+                    self.checks.probe(health.clone(), (addr, port).into()).await
+                }
+            };
+            let last = match verdict {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let now_ = Instant::now();
+            if now_ >= deadline {
+                return Err(format!("not healthy within {}: {last}", crate::manifest::format_duration(health.deadline)));
+            }
+            let _ = progress.send(Progress {
+                service: service.to_string(),
+                release,
+                step: "health",
+                message: format!("waiting for health: {last}"),
+                elapsed_ms: Some(ms(now_ - started)),
+                limit_ms: Some(ms(health.deadline)),
+                connections: None,
+            });
+            tokio::time::sleep(health.interval.min(deadline - now_)).await;
+        }
+    }
+
+    async fn drain(&self, service: &str, to: u32, old: &Release, progress: &ProgressTx) {
+        let timeout = old.manifest.drain_timeout.max(Duration::ZERO);
+        let started = Instant::now();
+        let pid = match self.engine.inspect(old.container_id.clone(), old.manifest.network.clone()).await {
+            Ok(Some(info)) => info.pid,
+            _ => None,
+        };
+        let Some(pid) = pid else { return };
+        loop {
+            let open = match self.checks.open_connections(pid).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");
+                    usize::MAX
+                }
+            };
+            let elapsed = started.elapsed();
+            let _ = progress.send(Progress {
+                service: service.to_string(),
+                release: to,
+                step: "drain",
+                message: if open == usize::MAX {
+                    format!("draining release {}", old.number)
+                } else {
+                    format!("draining release {}: {open} connections left", old.number)
+                },
+                elapsed_ms: Some(ms(elapsed)),
+                limit_ms: Some(ms(timeout)),
+                connections: (open != usize::MAX).then_some(open),
+            });
+            if open == 0 || elapsed >= timeout {
+                return;
+            }
+            tokio::time::sleep(self.settings.drain_poll.min(timeout - elapsed)).await;
+        }
+    }
+
+    async fn set_phase(&self, service: &str, phase: Phase) -> Result<(), ReleaseError> {
+        let s = service.to_string();
+        self.commit(move |st| {
+            if let Some(op) = st.services.get_mut(&s).and_then(|svc| svc.operation.as_mut()) {
+                op.phase = phase;
+            }
+        })
+        .await
+    }
+
+    /// Undo a release that never got switched to: remove (deploy) or stop (rollback) its
+    /// container, record why. Rules were not touched.
+    async fn abandon(
+        &self,
+        service: &str,
+        to: u32,
+        kind: OperationKind,
+        from: Option<u32>,
+        outcome: &str,
+        reason: &str,
+    ) -> Result<(), ReleaseError> {
+        let svc = self.snapshot().await.services.get(service).cloned();
+        if let Some(rel) = svc.as_ref().and_then(|s| s.release(to)) {
+            let id = if rel.container_id.is_empty() { rel.container.clone() } else { rel.container_id.clone() };
+            let undone = match kind {
+                OperationKind::Deploy => self.engine.remove(id).await,
+                OperationKind::Rollback => self.engine.stop(id, rel.manifest.stop_timeout).await,
+            };
+            if let Err(e) = undone {
+                tracing::warn!(service, error = %e, "undoing the refused release");
+            }
+        }
+        let s = service.to_string();
+        let (outcome, reason) = (outcome.to_string(), reason.to_string());
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                if let Some(r) = svc.release_mut(to) {
+                    r.status = match kind {
+                        OperationKind::Deploy => ReleaseStatus::Failed,
+                        OperationKind::Rollback => ReleaseStatus::Stopped,
+                    };
+                }
+                svc.operation = None;
+                svc.record(HistoryEntry {
+                    at: now(),
+                    kind,
+                    from,
+                    to,
+                    outcome,
+                    message: reason,
+                    health_ms: None,
+                    switch_us: None,
+                    drain_ms: None,
+                });
+            }
+        })
+        .await
+    }
+
+    /// `remove NAME`: its host ports stop being forwarded, its containers are removed.
+    pub async fn remove(&self, service: &str) -> Result<Outcome, ReleaseError> {
+        let _busy = self.claim(service)?;
+        let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
+        let mut state = self.snapshot().await;
+        state.services.remove(service);
+        let desired = self.desired(&state, None).await?;
+        self.program(&desired).await?;
+        let mut errors = Vec::new();
+        for r in &svc.releases {
+            if matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed) || r.container_id.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.engine.remove(r.container_id.clone()).await {
+                errors.push(e.to_string());
+            }
+        }
+        let s = service.to_string();
+        let restore = self
+            .commit(move |st| {
+                st.services.remove(&s);
+                if st.services.is_empty() {
+                    std::mem::take(&mut st.route_localnet_before)
+                } else {
+                    BTreeMap::new()
+                }
+            })
+            .await?;
+        let state = self.snapshot().await;
+        if state.services.is_empty() {
+            if let Err(e) = self.firewall.remove_forward_accept(&self.settings.table, self.settings.mark) {
+                errors.push(e.to_string());
+            }
+            if let Err(e) = self.firewall.delete_table(&self.settings.table) {
+                errors.push(e.to_string());
+            }
+            self.dataplane.lock().await.applied = None;
+            for (ifname, before) in restore {
+                if let Err(e) = crate::host::set_route_localnet(&ifname, before) {
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ReleaseError::Refused(format!(
+                "`{service}` is no longer served, but cleaning up failed: {}",
+                errors.join("; ")
+            )));
+        }
+        Ok(Outcome {
+            service: service.to_string(),
+            from: svc.active,
+            to: 0,
+            outcome: "removed".into(),
+            health_ms: None,
+            switch_us: None,
+            drain_ms: None,
+        })
+    }
+
+    fn emit(&self, progress: &ProgressTx, service: &str, release: u32, step: &'static str, message: String) {
+        tracing::info!(service, release, step, "{message}");
+        let _ = progress.send(Progress {
+            service: service.to_string(),
+            release,
+            step,
+            message,
+            elapsed_ms: None,
+            limit_ms: None,
+            connections: None,
+        });
+    }
+}
+
+/// The host-port targets of one release.
+pub fn targets_of(service: &str, release: u32, manifest: &Manifest, addr: std::net::Ipv4Addr) -> Vec<Target> {
+    manifest
+        .ports
+        .iter()
+        .map(|p| Target {
+            service: service.to_string(),
+            release,
+            protocol: p.protocol,
+            host_port: p.host,
+            addr,
+            port: p.container,
+        })
+        .collect()
+}
+
+/// Does `new` need a new container, compared with what `old` runs?
+pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
+    let ports = |m: &Manifest| m.ports.iter().map(|p| (p.protocol, p.container)).collect::<Vec<_>>();
+    old.image != new.image
+        || old.env != new.env
+        || old.command != new.command
+        || old.network != new.network
+        || old.stop_signal != new.stop_signal
+        || ports(old) != ports(new)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,323 @@
-//! (being written)
+//! The daemon's persistent state: services, their releases and history, and the step an
+//! unfinished release operation had reached.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory) under an
+//! exclusive lock on the state directory, so a crash leaves either the old or the new
+//! file, and two daemons can never share one state directory. Pure data apart from
+//! [`StateStore`]; decisions about releases live in `deploy`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+
+pub const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+/// Bumped when the file's shape changes incompatibly.
+pub const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create the state directory {}: {source}", path.display())]
+    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    #[error("another cutover daemon holds {} (stop it, or give this one another --state-dir)", path.display())]
+    Locked { path: PathBuf },
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock { path: PathBuf, #[source] source: nix::Error },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("{} is corrupt ({source}); restore it from a backup or move it away to start empty", path.display())]
+    Corrupt { path: PathBuf, #[source] source: serde_json::Error },
+    #[error("{} has state version {found}, this cutover understands {STATE_VERSION}", path.display())]
+    Version { path: PathBuf, found: u32 },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, #[source] source: std::io::Error },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceState>,
+    /// route_localnet values cutover changed, by interface, to restore when the last
+    /// service is removed.
+    #[serde(default)]
+    pub route_localnet_before: BTreeMap<String, bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// Container created, not yet serving.
+    Starting,
+    /// The host ports point at it.
+    Active,
+    /// Replaced, still finishing the connections it had.
+    Draining,
+    /// Stopped and kept for rollback.
+    Stopped,
+    /// Never became healthy, or was undone; its container is gone.
+    Failed,
+    /// Pruned beyond `keep`; its container is gone.
+    Removed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub number: u32,
+    pub image: String,
+    pub container: String,
+    pub container_id: String,
+    pub status: ReleaseStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<Ipv4Addr>,
+    pub created_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<u64>,
+    /// The manifest the release was created from (env, command and ports of that time).
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    Deploy,
+    Rollback,
+}
+
+/// Steps of a release operation, in order. Recorded before each step's effect is
+/// relied on, so a restarted daemon knows whether to undo or to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Healthy,
+    Switched,
+    Draining,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    pub kind: OperationKind,
+    pub from: Option<u32>,
+    pub to: u32,
+    pub phase: Phase,
+    pub started_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: u64,
+    pub kind: OperationKind,
+    pub from: Option<u32>,
+    pub to: u32,
+    /// `switched`, `refused`, `failed`, `undone`, `finished_after_restart`
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub manifest: Manifest,
+    #[serde(default)]
+    pub releases: Vec<Release>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<u32>,
+    pub next_release: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// The most history entries kept per service.
+pub const HISTORY_LIMIT: usize = 200;
+
+impl ServiceState {
+    pub fn new(manifest: Manifest) -> Self {
+        ServiceState { manifest, releases: Vec::new(), active: None, next_release: 1, operation: None, history: Vec::new() }
+    }
+
+    pub fn release(&self, number: u32) -> Option<&Release> {
+        self.releases.iter().find(|r| r.number == number)
+    }
+
+    pub fn release_mut(&mut self, number: u32) -> Option<&mut Release> {
+        self.releases.iter_mut().find(|r| r.number == number)
+    }
+
+    pub fn active_release(&self) -> Option<&Release> {
+        self.active.and_then(|n| self.release(n))
+    }
+
+    /// The newest stopped release older than the active one: where `rollback` goes.
+    pub fn previous_kept(&self) -> Option<&Release> {
+        let active = self.active.unwrap_or(u32::MAX);
+        self.releases
+            .iter()
+            .filter(|r| r.status == ReleaseStatus::Stopped && r.number < active)
+            .max_by_key(|r| r.number)
+    }
+
+    pub fn record(&mut self, entry: HistoryEntry) {
+        self.history.push(entry);
+        if self.history.len() > HISTORY_LIMIT {
+            let excess = self.history.len() - HISTORY_LIMIT;
+            self.history.drain(..excess);
+        }
+    }
+
+    /// Stopped releases beyond `keep`, oldest first: the ones to prune.
+    pub fn beyond_keep(&self) -> Vec<u32> {
+        let mut stopped: Vec<u32> =
+            self.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).map(|r| r.number).collect();
+        stopped.sort_unstable_by(|a, b| b.cmp(a));
+        stopped.into_iter().skip(self.manifest.keep as usize).collect()
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The state file and the lock that makes this daemon its only writer.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl StateStore {
+    /// Create the directory if needed and take its lock (non-blocking).
+    pub fn open(dir: &Path) -> Result<StateStore, StateError> {
+        fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StateError::Write { path: lock_path.clone(), source })?;
+        let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StateError::Locked { path: dir.to_path_buf() }),
+            Err((_, source)) => return Err(StateError::Lock { path: lock_path, source }),
+        };
+        Ok(StateStore { dir: dir.to_path_buf(), _lock: lock })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// The saved state, or an empty one if none was ever saved.
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(State { version: STATE_VERSION, ..State::default() })
+            }
+            Err(source) => return Err(StateError::Read { path, source }),
+        };
+        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Version { path, found: state.version });
+        }
+        Ok(state)
+    }
+
+    /// Replace the state file atomically.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let werr = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| StateError::Write { path: p, source }
+        };
+        let body = serde_json::to_vec_pretty(state).map_err(|e| StateError::Write { path: path.clone(), source: e.into() })?;
+        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
+        f.write_all(&body).map_err(werr(&tmp))?;
+        f.sync_all().map_err(werr(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(werr(&path))?;
+        // The rename is durable only once the directory entry is.
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest::parse(Path::new("t.yaml"), "name: web\nimage: x:1\nports: [{host: 8080, container: 80}]\nkeep: 1\n").unwrap()
+    }
+
+    fn release(n: u32, status: ReleaseStatus) -> Release {
+        Release {
+            number: n,
+            image: "x".into(),
+            container: format!("c{n}"),
+            container_id: format!("id{n}"),
+            status,
+            addr: None,
+            created_at: 0,
+            activated_at: None,
+            stopped_at: None,
+            manifest: manifest(),
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip_and_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        assert!(matches!(StateStore::open(dir.path()), Err(StateError::Locked { .. })));
+        let mut state = store.load().unwrap();
+        assert!(state.services.is_empty());
+        state.services.insert("web".into(), ServiceState::new(manifest()));
+        store.save(&state).unwrap();
+        assert_eq!(store.load().unwrap(), state);
+        assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_state_is_reported_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        fs::write(store.path(), "{ not json").unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn rollback_target_and_pruning() {
+        let mut s = ServiceState::new(manifest());
+        s.releases = vec![
+            release(1, ReleaseStatus::Stopped),
+            release(2, ReleaseStatus::Stopped),
+            release(3, ReleaseStatus::Active),
+        ];
+        s.active = Some(3);
+        assert_eq!(s.previous_kept().map(|r| r.number), Some(2));
+        assert_eq!(s.beyond_keep(), vec![1]);
+    }
+}

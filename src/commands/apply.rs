@@ -1,2 +1,22 @@
+//! `cutover apply FILE...`: validate locally (exit 2 before anything is sent), then ask
+//! the daemon to register or update each service.
+
 use std::path::Path;
-pub async fn run(_socket: &Path, _args: crate::cli::ApplyArgs) -> anyhow::Result<()> { todo!() }
+
+use crate::api::{ManifestText, Request};
+use crate::cli::ApplyArgs;
+use crate::commands::{print_outcomes, Exit, Failure};
+use crate::manifest::Manifest;
+
+pub async fn run(socket: &Path, args: ApplyArgs) -> anyhow::Result<()> {
+    let mut manifests = Vec::new();
+    for file in &args.files {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failure::new(Exit::Invalid, format!("{}: cannot read the manifest: {e}", file.display())))?;
+        Manifest::parse(file, &text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        manifests.push(ManifestText { file: file.display().to_string(), text });
+    }
+    let data = crate::client::call(socket, &Request::Apply { manifests }).await?;
+    print_outcomes(&data, args.json);
+    Ok(())
+}

@@ -1,1 +1,100 @@
-pub async fn run(_socket: std::path::PathBuf, _args: crate::cli::DaemonArgs) -> anyhow::Result<()> { todo!() }
+//! `cutover daemon`: open state, connect to the engine, rebuild the rules from state,
+//! then serve the control socket until SIGTERM/SIGINT. Stopping the daemon leaves the
+//! rules in place: the data plane is the kernel's.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::DaemonArgs;
+use crate::commands::{Exit, Failure};
+use crate::daemon::{checks::RealChecks, Access};
+use crate::deploy::{Releaser, Settings};
+use crate::docker::DockerEngine;
+use crate::nat::NftFirewall;
+use crate::state::StateStore;
+
+/// nftables and label-safe names.
+fn valid_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
+    if !valid_identifier(&args.table) {
+        return Err(Failure::new(Exit::Invalid, format!("--table `{}`: use letters, digits, '_' and '-'", args.table)).into());
+    }
+    let instance = args.instance.clone().unwrap_or_else(|| args.table.clone());
+    if !valid_identifier(&instance) {
+        return Err(Failure::new(Exit::Invalid, format!("--instance `{instance}`: use letters, digits, '_' and '-'")).into());
+    }
+    prepare_socket_path(&socket).await?;
+    let store = StateStore::open(&args.state_dir)?;
+    let engine = DockerEngine::connect(&args.docker).await?;
+    let firewall = NftFirewall::new().context("opening nftables")?;
+    let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250) };
+    let releaser = Arc::new(Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?);
+    notify("STATUS=restoring rules from state");
+    let notes = releaser.reconcile().await.context("restoring the rules from state")?;
+    for n in notes {
+        tracing::warn!("{n}");
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private (0600)", socket.display()))?;
+    let services = releaser.snapshot().await.services.len();
+    tracing::info!(socket = %socket.display(), table = %args.table, services, "cutover daemon ready");
+    notify(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    };
+    crate::daemon::serve(listener, releaser, Access { allow_gid: args.allow_group }, shutdown).await;
+    notify("STOPPING=1");
+    tracing::info!("cutover daemon stopping; the rules stay in place");
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Refuse to start over a live daemon; remove a stale socket file.
+async fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return Err(Failure::new(
+                Exit::Refused,
+                format!("another cutover daemon is serving {}; stop it first", socket.display()),
+            )
+            .into());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+    }
+    Ok(())
+}
+
+/// sd_notify: tell systemd (Type=notify) what the daemon is doing; a no-op elsewhere.
+fn notify(message: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &addr));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -1,2 +1,13 @@
+//! `cutover deploy NAME --image REF`.
+
 use std::path::Path;
-pub async fn run(_socket: &Path, _args: crate::cli::DeployArgs) -> anyhow::Result<()> { todo!() }
+
+use crate::api::Request;
+use crate::cli::DeployArgs;
+use crate::commands::print_outcomes;
+
+pub async fn run(socket: &Path, args: DeployArgs) -> anyhow::Result<()> {
+    let data = crate::client::call(socket, &Request::Deploy { service: args.name, image: args.image }).await?;
+    print_outcomes(&data, args.json);
+    Ok(())
+}

@@ -69,3 +69,30 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Reload(args) => reload::run(args).await,
     }
 }
+
+/// Print what deploy/rollback/apply did: a line per service, or JSON.
+pub fn print_outcomes(data: &serde_json::Value, json: bool) {
+    if json {
+        println!("{data}");
+        return;
+    }
+    let list: Vec<crate::deploy::OutcomeView> = match data {
+        serde_json::Value::Array(_) => serde_json::from_value(data.clone()).unwrap_or_default(),
+        _ => serde_json::from_value(data.clone()).map(|o| vec![o]).unwrap_or_default(),
+    };
+    for o in list {
+        let from = o.from.map(|f| format!("release {f} -> ")).unwrap_or_default();
+        let mut parts = Vec::new();
+        if let Some(h) = o.health_ms {
+            parts.push(format!("healthy after {h} ms"));
+        }
+        if let Some(s) = o.switch_us {
+            parts.push(format!("switch {s} µs"));
+        }
+        if let Some(d) = o.drain_ms {
+            parts.push(format!("drained in {d} ms"));
+        }
+        let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
+        println!("{}: {}{} {}{}", o.service, from, if o.to == 0 { "-".to_string() } else { format!("release {}", o.to) }, o.outcome, detail);
+    }
+}

@@ -1,1 +1,57 @@
-pub fn run(_args: crate::cli::PlanArgs) -> anyhow::Result<()> { todo!() }
+//! `cutover plan FILE...`: print the nftables table that applying these manifests
+//! would install. Reads only: the manifests, and the Docker networks when the engine
+//! answers. Release addresses are only known once a release runs, so they are shown as
+//! placeholders.
+
+use crate::cli::PlanArgs;
+use crate::commands::{Exit, Failure};
+use crate::manifest::Manifest;
+use crate::plan::{self, Desired};
+
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let mut manifests = Vec::new();
+    for file in &args.files {
+        let m = Manifest::load(file).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        manifests.push(m);
+    }
+    let desired = Desired { table: args.table.clone(), mark: args.mark, targets: Vec::new(), bridges: Vec::new() };
+    let mut text = plan::ruleset(&desired).to_string();
+    let mut notes = Vec::new();
+    for m in &manifests {
+        if let Some(h) = &m.handoff {
+            notes.push(format!(
+                "# {}: handoff mode in namespace {}: no NAT rules; listeners {}",
+                m.name,
+                h.namespace,
+                h.listeners.iter().map(|l| format!("{}={}", l.name, l.listen)).collect::<Vec<_>>().join(", ")
+            ));
+            continue;
+        }
+        for p in &m.ports {
+            notes.push(format!(
+                "add element inet {} {} {{ {} . {} : <address of {}'s active release> . {} }}",
+                args.table,
+                plan::DNAT_MAP,
+                p.protocol,
+                p.host,
+                m.name,
+                p.container
+            ));
+        }
+        notes.push(format!(
+            "# {}: the postrouting chain also masquerades hairpin traffic on the bridge of network `{}`",
+            m.name, m.network
+        ));
+    }
+    text.push('\n');
+    for n in notes {
+        text.push_str(&n);
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "# plus, while any service exists: iptables -I DOCKER-USER -m mark --mark {:#x}/{:#x} -m comment --comment cutover:{} -j ACCEPT\n",
+        args.mark, args.mark, args.table
+    ));
+    print!("{text}");
+    Ok(())
+}

@@ -1,2 +1,13 @@
+//! `cutover rollback NAME [--to RELEASE]`.
+
 use std::path::Path;
-pub async fn run(_socket: &Path, _args: crate::cli::RollbackArgs) -> anyhow::Result<()> { todo!() }
+
+use crate::api::Request;
+use crate::cli::RollbackArgs;
+use crate::commands::print_outcomes;
+
+pub async fn run(socket: &Path, args: RollbackArgs) -> anyhow::Result<()> {
+    let data = crate::client::call(socket, &Request::Rollback { service: args.name, to: args.to }).await?;
+    print_outcomes(&data, args.json);
+    Ok(())
+}

@@ -1,2 +1,36 @@
+//! `cutover status [NAME] [--json]`.
+
 use std::path::Path;
-pub async fn run(_socket: &Path, _args: crate::cli::StatusArgs) -> anyhow::Result<()> { todo!() }
+
+use crate::api::{Request, ServiceStatus};
+use crate::cli::StatusArgs;
+use crate::commands::{Exit, Failure};
+
+pub async fn run(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
+    let data = crate::client::call(socket, &Request::Status { service: args.name }).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let services: Vec<ServiceStatus> = serde_json::from_value(data)
+        .map_err(|e| Failure::new(Exit::Refused, format!("unexpected answer from the daemon: {e}")))?;
+    if services.is_empty() {
+        println!("no services (register one with `cutover apply FILE`)");
+        return Ok(());
+    }
+    println!("{:<20} {:<8} {:<7} {:<28} {:<15} {:<22} KEPT", "SERVICE", "MODE", "ACTIVE", "IMAGE", "ADDRESS", "PORTS");
+    for s in services {
+        println!(
+            "{:<20} {:<8} {:<7} {:<28} {:<15} {:<22} {}{}",
+            s.name,
+            s.mode,
+            s.active.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            s.image.unwrap_or_else(|| "-".into()),
+            s.addr.unwrap_or_else(|| "-".into()),
+            s.ports.join(", "),
+            s.kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            s.operation.map(|o| format!("  (in progress: {o})")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}

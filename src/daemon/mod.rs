@@ -1,1 +1,237 @@
-//! (being written)
+//! The daemon's control plane: accepts CLI connections on the unix socket, checks who
+//! is asking, decodes one request, runs it on the [`Releaser`] and streams progress.
+//!
+//! An operation, once started, runs to its end even if the client goes away: a deploy
+//! half done because a terminal closed would be worse than one nobody watches.
+
+pub mod checks;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::api::{self, code, ManifestText, ProgressLine, Reply, Request};
+use crate::deploy::{ReleaseError, Releaser};
+use crate::manifest::Manifest;
+use crate::state::{ReleaseStatus, State};
+
+/// Who may use the control socket besides root.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub allow_gid: Option<u32>,
+}
+
+impl Access {
+    pub fn permits(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || self.allow_gid.is_some_and(|g| g == gid)
+    }
+}
+
+/// Serve the control socket until `shutdown` completes.
+pub async fn serve(listener: UnixListener, releaser: Arc<Releaser>, access: Access, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let releaser = releaser.clone();
+                    let access = access.clone();
+                    tokio::spawn(async move { handle(stream, releaser, access).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+}
+
+async fn write_reply(stream: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the peer credentials of a control connection; refused");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    if !access.permits(cred.uid(), cred.gid()) {
+        tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control request refused: not root nor in the allowed group");
+        let _ = write_reply(&mut write, &Reply::Error {
+            code: code::DENIED.into(),
+            message: format!(
+                "uid {} may not control cutover: run as root, or start the daemon with --allow-group for your group",
+                cred.uid()
+            ),
+        })
+        .await;
+        return;
+    }
+    let limit = u64::try_from(api::MAX_REQUEST).unwrap_or(u64::MAX) + 1;
+    let mut reader = BufReader::new(read.take(limit));
+    let mut line = Vec::new();
+    if let Err(e) = reader.read_until(b'\n', &mut line).await {
+        tracing::warn!(error = %e, "reading a control request failed");
+        return;
+    }
+    if line.len() > api::MAX_REQUEST {
+        let _ = write_reply(&mut write, &Reply::Error {
+            code: code::INVALID.into(),
+            message: format!("request longer than {} bytes refused", api::MAX_REQUEST),
+        })
+        .await;
+        return;
+    }
+    let request: Request = match serde_json::from_slice(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed control request");
+            let _ = write_reply(&mut write, &Reply::Error { code: code::INVALID.into(), message: format!("malformed request: {e}") }).await;
+            return;
+        }
+    };
+    tracing::debug!(?request, uid = cred.uid(), "control request");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move { execute(&releaser, request, tx).await });
+    let mut client_gone = false;
+    while let Some(p) = rx.recv().await {
+        if !client_gone && write_reply(&mut write, &Reply::Progress(ProgressLine::from(p))).await.is_err() {
+            client_gone = true;
+        }
+    }
+    let reply = match task.await {
+        Ok(Ok(data)) => Reply::Done { data },
+        Ok(Err((code, message))) => Reply::Error { code: code.into(), message },
+        Err(e) => Reply::Error { code: code::REFUSED.into(), message: format!("the operation panicked: {e}") },
+    };
+    if !client_gone {
+        let _ = write_reply(&mut write, &reply).await;
+    }
+}
+
+type Answer = Result<serde_json::Value, (&'static str, String)>;
+
+fn fail(e: ReleaseError) -> (&'static str, String) {
+    (e.code(), e.to_string())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Answer {
+    serde_json::to_value(v).map_err(|e| (code::REFUSED, format!("cannot encode the answer: {e}")))
+}
+
+async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::ProgressTx) -> Answer {
+    match request {
+        Request::Ping {} => Ok(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })),
+        Request::Apply { manifests } => apply(releaser, manifests, &tx).await,
+        Request::Deploy { service, image } => json(&releaser.deploy(&service, &image, &tx).await.map_err(fail)?),
+        Request::Rollback { service, to } => json(&releaser.rollback(&service, to, &tx).await.map_err(fail)?),
+        Request::Remove { service } => json(&releaser.remove(&service).await.map_err(fail)?),
+        Request::Status { service } => {
+            let state = releaser.snapshot().await;
+            if let Some(s) = &service {
+                if !state.services.contains_key(s) {
+                    return Err(fail(ReleaseError::NotFound(s.clone())));
+                }
+            }
+            json(&status(&state, service.as_deref()))
+        }
+        Request::History { service } => {
+            let state = releaser.snapshot().await;
+            json(&history(&state, &service).ok_or_else(|| fail(ReleaseError::NotFound(service.clone())))?)
+        }
+    }
+}
+
+/// Validate every manifest first, so one bad file changes nothing; then apply in order.
+async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::deploy::ProgressTx) -> Answer {
+    let mut parsed = Vec::new();
+    for m in &manifests {
+        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (code::INVALID, e.to_string()))?;
+        parsed.push(manifest);
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for m in &parsed {
+        if !names.insert(m.name.clone()) {
+            return Err((code::INVALID, format!("service `{}` is named by two manifests", m.name)));
+        }
+    }
+    let mut outcomes = Vec::new();
+    for m in parsed {
+        let name = m.name.clone();
+        match releaser.apply(m, tx).await {
+            Ok(o) => outcomes.push(o),
+            Err(e) => {
+                let done: Vec<String> = outcomes.iter().map(|o| o.service.clone()).collect();
+                let mut message = format!("{name}: {e}");
+                if !done.is_empty() {
+                    message.push_str(&format!(" (already applied: {})", done.join(", ")));
+                }
+                return Err((e.code(), message));
+            }
+        }
+    }
+    json(&outcomes)
+}
+
+pub fn status(state: &State, only: Option<&str>) -> Vec<api::ServiceStatus> {
+    state
+        .services
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+        .map(|(name, svc)| {
+            let active = svc.active_release();
+            let mut kept: Vec<u32> =
+                svc.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).map(|r| r.number).collect();
+            kept.sort_unstable_by(|a, b| b.cmp(a));
+            api::ServiceStatus {
+                name: name.clone(),
+                mode: if svc.manifest.handoff.is_some() { "handoff".into() } else { "nat".into() },
+                active: svc.active,
+                image: active.map(|r| r.image.clone()),
+                container: active.map(|r| r.container.clone()),
+                addr: active.and_then(|r| r.addr).map(|a| a.to_string()),
+                ports: svc
+                    .manifest
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{} -> {}", p.host, p.protocol, p.container))
+                    .collect(),
+                kept,
+                operation: svc.operation.as_ref().map(|o| format!("{:?} {}: {:?}", o.kind, o.to, o.phase).to_lowercase()),
+            }
+        })
+        .collect()
+}
+
+pub fn history(state: &State, service: &str) -> Option<api::HistoryView> {
+    let svc = state.services.get(service)?;
+    Some(api::HistoryView {
+        service: service.to_string(),
+        active: svc.active,
+        releases: svc
+            .releases
+            .iter()
+            .map(|r| api::ReleaseView {
+                number: r.number,
+                image: r.image.clone(),
+                container: r.container.clone(),
+                status: r.status,
+                created_at: r.created_at,
+                activated_at: r.activated_at,
+                stopped_at: r.stopped_at,
+            })
+            .collect(),
+        events: svc.history.clone(),
+    })
+}

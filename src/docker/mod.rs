@@ -1,3 +1,375 @@
-//! Docker engine effects (bollard).
+//! Docker engine effects (bollard): create, start, inspect, stop and remove release
+//! containers; look up networks and the ports other containers publish.
+//!
+//! Behind the [`Engine`] trait so the release state machine can be tested with a fake.
+//! Never touches containers that do not carry cutover's labels, except to read which
+//! host ports they publish.
 
 pub mod image;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use bollard::models::{ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
+};
+use bollard::Docker;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+
+use crate::manifest::Protocol;
+use crate::plan::Bridge;
+
+pub const LABEL_SERVICE: &str = "cutover.service";
+pub const LABEL_RELEASE: &str = "cutover.release";
+pub const LABEL_INSTANCE: &str = "cutover.instance";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("cannot reach the Docker engine at {endpoint} (is dockerd running?): {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("Docker could not {action} `{target}`: {source}")]
+    Api {
+        action: &'static str,
+        target: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("image `{0}` is not on this host; load or build it first (no registry is pulled from)")]
+    NoImage(String),
+    #[error("network `{network}` {problem}")]
+    Network { network: String, problem: String },
+}
+
+/// What cutover asks for when it creates a release container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    pub command: Option<Vec<String>>,
+    /// Docker network name, or a network mode such as `host` / `container:<name>`.
+    pub network: String,
+    pub labels: BTreeMap<String, String>,
+    pub stop_signal: String,
+    pub stop_timeout: Duration,
+    /// Bind mounts `host path -> container path`, read-only.
+    pub mounts: Vec<(String, String)>,
+}
+
+/// What cutover needs to know about a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub addr: Option<Ipv4Addr>,
+    pub exit_code: Option<i64>,
+    /// Docker health status when the image has a HEALTHCHECK: `starting`, `healthy`, `unhealthy`.
+    pub health: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A host port another container publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub container: String,
+}
+
+/// The container engine as the release state machine sees it.
+pub trait Engine: Send + Sync + 'static {
+    /// Create and start a container from `spec` (removing a stale container of ours that
+    /// has the same name first) and return it inspected.
+    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>>;
+    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>>;
+    /// `None` when the container does not exist.
+    fn inspect(&self, id: String, network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>>;
+    fn stop(&self, id: String, timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>>;
+    /// Force-remove; not an error if it is already gone.
+    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>>;
+    /// The last `lines` lines of the container's output.
+    fn logs_tail(&self, id: String, lines: usize) -> BoxFuture<'_, Result<String, DockerError>>;
+    /// Host ports published by running containers.
+    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>>;
+    /// The bridge interface and subnet of a bridge network (`None` for other drivers).
+    fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>>;
+    /// Containers carrying `cutover.instance=<instance>`.
+    fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>>;
+}
+
+/// The real engine over the Docker API.
+#[derive(Debug, Clone)]
+pub struct DockerEngine {
+    docker: Docker,
+}
+
+impl DockerEngine {
+    /// Connect to `endpoint` (`unix:///var/run/docker.sock`) and negotiate the API version.
+    pub async fn connect(endpoint: &str) -> Result<DockerEngine, DockerError> {
+        let cerr = |source| DockerError::Connect { endpoint: endpoint.to_string(), source };
+        let docker = if endpoint.starts_with("unix://") || endpoint.starts_with('/') {
+            Docker::connect_with_unix(endpoint, 120, bollard::API_DEFAULT_VERSION).map_err(cerr)?
+        } else {
+            Docker::connect_with_local_defaults().map_err(cerr)?
+        };
+        let docker = docker.negotiate_version().await.map_err(cerr)?;
+        Ok(DockerEngine { docker })
+    }
+
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn inspect_inner(&self, id: &str, network: &str) -> Result<Option<ContainerInfo>, DockerError> {
+        let resp = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
+            Ok(r) => r,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+            Err(source) => return Err(DockerError::Api { action: "inspect", target: id.to_string(), source }),
+        };
+        let state = resp.state.clone().unwrap_or_default();
+        let networks = resp.network_settings.as_ref().and_then(|n| n.networks.clone()).unwrap_or_default();
+        let addr = networks
+            .get(network)
+            .or_else(|| networks.values().next())
+            .and_then(|e| e.ip_address.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let health = state.health.as_ref().and_then(|h| h.status).and_then(|s| match s {
+            HealthStatusEnum::STARTING => Some("starting".to_string()),
+            HealthStatusEnum::HEALTHY => Some("healthy".to_string()),
+            HealthStatusEnum::UNHEALTHY => Some("unhealthy".to_string()),
+            HealthStatusEnum::NONE | HealthStatusEnum::EMPTY => None,
+        });
+        let labels = resp
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .map(|l| l.into_iter().collect())
+            .unwrap_or_default();
+        let running = state.running.unwrap_or(false);
+        Ok(Some(ContainerInfo {
+            id: resp.id.clone().unwrap_or_else(|| id.to_string()),
+            name: resp.name.clone().unwrap_or_default().trim_start_matches('/').to_string(),
+            running,
+            pid: state.pid.filter(|p| running && *p > 0).and_then(|p| u32::try_from(p).ok()),
+            addr,
+            exit_code: state.exit_code,
+            health,
+            labels,
+        }))
+    }
+
+    async fn remove_inner(&self, id: &str) -> Result<(), DockerError> {
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Api { action: "remove", target: id.to_string(), source }),
+        }
+    }
+
+    async fn run_inner(&self, spec: ContainerSpec) -> Result<ContainerInfo, DockerError> {
+        // A container of ours left by a crash before its release was recorded.
+        if let Some(old) = self.inspect_inner(&spec.name, &spec.network).await? {
+            let ours = old.labels.get(LABEL_INSTANCE) == spec.labels.get(LABEL_INSTANCE);
+            if !ours {
+                return Err(DockerError::Api {
+                    action: "create",
+                    target: spec.name.clone(),
+                    source: bollard::errors::Error::DockerResponseServerError {
+                        status_code: 409,
+                        message: "a container that cutover does not own has this name; rename or remove it".into(),
+                    },
+                });
+            }
+            self.remove_inner(&old.id).await?;
+        }
+        let network_mode = spec.network.clone();
+        let host_config = HostConfig {
+            network_mode: Some(network_mode),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            binds: if spec.mounts.is_empty() {
+                None
+            } else {
+                Some(spec.mounts.iter().map(|(h, c)| format!("{h}:{c}:ro")).collect())
+            },
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            cmd: spec.command.clone(),
+            labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
+            stop_signal: Some(spec.stop_signal.clone()),
+            stop_timeout: Some(i64::try_from(spec.stop_timeout.as_secs()).unwrap_or(i64::MAX)),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+        let created = match self.docker.create_container(Some(opts), body).await {
+            Ok(c) => c,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                return Err(DockerError::NoImage(spec.image.clone()))
+            }
+            Err(source) => return Err(DockerError::Api { action: "create", target: spec.name.clone(), source }),
+        };
+        if let Err(source) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove_inner(&created.id).await;
+            return Err(DockerError::Api { action: "start", target: spec.name.clone(), source });
+        }
+        self.inspect_inner(&created.id, &spec.network).await?.ok_or_else(|| DockerError::Api {
+            action: "inspect",
+            target: spec.name.clone(),
+            source: bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message: "the container vanished right after it started".into(),
+            },
+        })
+    }
+
+    async fn bridge_inner(&self, network: &str) -> Result<Option<Bridge>, DockerError> {
+        if network == "host" || network == "none" || network.starts_with("container:") {
+            return Ok(None);
+        }
+        let net = self
+            .docker
+            .inspect_network(network, None)
+            .await
+            .map_err(|source| DockerError::Api { action: "inspect network", target: network.to_string(), source })?;
+        if net.driver.as_deref() != Some("bridge") {
+            return Ok(None);
+        }
+        let options = net.options.clone().unwrap_or_default();
+        let id = net.id.clone().unwrap_or_default();
+        let ifname = options
+            .get("com.docker.network.bridge.name")
+            .cloned()
+            .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+        let subnet = net
+            .ipam
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.subnet.as_deref())
+            .find_map(|s| {
+                let (addr, prefix) = s.split_once('/')?;
+                Some((addr.parse::<Ipv4Addr>().ok()?, prefix.parse::<u8>().ok()?))
+            });
+        match subnet {
+            Some((subnet, prefix)) => Ok(Some(Bridge { ifname, subnet, prefix })),
+            None => Err(DockerError::Network { network: network.to_string(), problem: "has no IPv4 subnet".into() }),
+        }
+    }
+}
+
+impl Engine for DockerEngine {
+    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
+        Box::pin(self.run_inner(spec))
+    }
+
+    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            match self.docker.start_container(&id, None).await {
+                // 304: already running.
+                Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+                Err(source) => Err(DockerError::Api { action: "start", target: id, source }),
+            }
+        })
+    }
+
+    fn inspect(&self, id: String, network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>> {
+        Box::pin(async move { self.inspect_inner(&id, &network).await })
+    }
+
+    fn stop(&self, id: String, timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            let t = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+            let opts = StopContainerOptions { t: Some(t), signal: None };
+            match self.docker.stop_container(&id, Some(opts)).await {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. })
+                | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+                Err(source) => Err(DockerError::Api { action: "stop", target: id, source }),
+            }
+        })
+    }
+
+    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move { self.remove_inner(&id).await })
+    }
+
+    fn logs_tail(&self, id: String, lines: usize) -> BoxFuture<'_, Result<String, DockerError>> {
+        Box::pin(async move {
+            let opts = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+            let mut stream = self.docker.logs(&id, Some(opts));
+            let mut out = String::new();
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(chunk) => out.push_str(&String::from_utf8_lossy(&chunk.into_bytes())),
+                    Err(source) => return Err(DockerError::Api { action: "read the logs of", target: id, source }),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
+        Box::pin(async move {
+            let list = self
+                .docker
+                .list_containers(Some(ListContainersOptions { all: false, ..Default::default() }))
+                .await
+                .map_err(|source| DockerError::Api { action: "list", target: "containers".into(), source })?;
+            let mut out = Vec::new();
+            for c in list {
+                let name = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
+                for p in c.ports.unwrap_or_default() {
+                    let Some(port) = p.public_port else { continue };
+                    let protocol = match p.typ {
+                        Some(bollard::models::PortSummaryTypeEnum::UDP) => Protocol::Udp,
+                        Some(bollard::models::PortSummaryTypeEnum::TCP) => Protocol::Tcp,
+                        _ => continue,
+                    };
+                    out.push(Published { protocol, port, container: name.clone().unwrap_or_default() });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
+        Box::pin(async move { self.bridge_inner(&network).await })
+    }
+
+    fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
+        Box::pin(async move {
+            let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_INSTANCE}={instance}")])]);
+            let list = self
+                .docker
+                .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+                .await
+                .map_err(|source| DockerError::Api { action: "list", target: "containers".into(), source })?;
+            let mut out = Vec::new();
+            for c in list {
+                if let Some(id) = c.id {
+                    if let Some(info) = self.inspect_inner(&id, "").await? {
+                        out.push(info);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}

@@ -57,3 +57,4 @@ pub trait Firewall: Send + Sync + 'static {
     /// Remove what [`Firewall::ensure_forward_accept`] added; idempotent.
     fn remove_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError>;
 }
+mod stub; pub use stub::NftFirewall;

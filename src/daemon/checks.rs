@@ -1,0 +1,41 @@
+//! The real [`Checks`]: health probes, sock_diag connection counts, host ports and
+//! conntrack, each delegated to its effect module.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use futures_util::future::BoxFuture;
+
+use crate::deploy::Checks;
+use crate::manifest::{HealthKind, HealthSpec, Protocol};
+
+pub struct RealChecks;
+
+impl Checks for RealChecks {
+    fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let r = match health.kind {
+                HealthKind::Http => crate::health::probe_http(addr, &health.path, health.timeout).await,
+                _ => crate::health::probe_tcp(addr, health.timeout).await,
+            };
+            r.map_err(|e| e.to_string())
+        })
+    }
+
+    fn open_connections(&self, pid: u32) -> BoxFuture<'_, Result<usize, String>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || crate::drain::open_connections(pid))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
+        crate::host::listening_ports().map_err(|e| e.to_string())
+    }
+
+    fn forget_udp_flows(&self, port: u16, addr: Ipv4Addr) -> Result<(), String> {
+        crate::host::delete_conntrack(Protocol::Udp, port, addr.into()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,421 @@
+//! The release state machine over fakes: what a user would see (which release serves,
+//! what the rules point at, what is left) for each path through a release.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::*;
+use crate::docker::Published;
+use crate::plan::{Element, ElementKey, ElementOp};
+
+#[derive(Debug, Clone)]
+struct FakeContainer {
+    info: ContainerInfo,
+    image: String,
+}
+
+#[derive(Default)]
+struct FakeEngine {
+    containers: Mutex<BTreeMap<String, FakeContainer>>,
+    next_ip: AtomicU8,
+}
+
+impl FakeEngine {
+    fn running(&self) -> Vec<String> {
+        let c = self.containers.lock().unwrap();
+        c.values().filter(|c| c.info.running).map(|c| c.info.name.clone()).collect()
+    }
+    fn names(&self) -> Vec<String> {
+        self.containers.lock().unwrap().values().map(|c| c.info.name.clone()).collect()
+    }
+    fn image_at(&self, addr: Ipv4Addr) -> Option<String> {
+        let c = self.containers.lock().unwrap();
+        c.values().find(|c| c.info.addr == Some(addr) && c.info.running).map(|c| c.image.clone())
+    }
+    fn fresh_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(172, 17, 0, 2 + self.next_ip.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
+impl Engine for FakeEngine {
+    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
+        Box::pin(async move {
+            if spec.image.contains("missing") {
+                return Err(DockerError::NoImage(spec.image));
+            }
+            let id = format!("id-{}", spec.name);
+            let info = ContainerInfo {
+                id: id.clone(),
+                name: spec.name.clone(),
+                running: !spec.image.contains("crash"),
+                pid: Some(100),
+                addr: Some(self.fresh_ip()),
+                exit_code: spec.image.contains("crash").then_some(3),
+                health: None,
+                labels: spec.labels.clone(),
+            };
+            self.containers.lock().unwrap().insert(id, FakeContainer { info: info.clone(), image: spec.image });
+            Ok(info)
+        })
+    }
+    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            let ip = self.fresh_ip();
+            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
+                c.info.running = true;
+                // Docker may hand out another address on start.
+                c.info.addr = Some(ip);
+            }
+            Ok(())
+        })
+    }
+    fn inspect(&self, id: String, _network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>> {
+        Box::pin(async move { Ok(self.containers.lock().unwrap().get(&id).map(|c| c.info.clone())) })
+    }
+    fn stop(&self, id: String, _timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
+                c.info.running = false;
+            }
+            Ok(())
+        })
+    }
+    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            let mut c = self.containers.lock().unwrap();
+            c.remove(&id);
+            c.retain(|_, v| v.info.name != id);
+            Ok(())
+        })
+    }
+    fn logs_tail(&self, _id: String, _lines: usize) -> BoxFuture<'_, Result<String, DockerError>> {
+        Box::pin(async { Ok("listening\nhealth check failing\n".to_string()) })
+    }
+    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
+        Box::pin(async { Ok(vec![Published { protocol: Protocol::Tcp, port: 9999, container: "someone-else".into() }]) })
+    }
+    fn bridge(&self, _network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn list_instance(&self, _instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
+        Box::pin(async move { Ok(self.containers.lock().unwrap().values().map(|c| c.info.clone()).collect()) })
+    }
+}
+
+#[derive(Default)]
+struct FakeFirewall {
+    table: Mutex<Option<BTreeMap<ElementKey, Element>>>,
+    batches: Mutex<Vec<String>>,
+    accept: AtomicBool,
+    fail: AtomicBool,
+}
+
+impl FakeFirewall {
+    fn target(&self, port: u16) -> Option<Ipv4Addr> {
+        let t = self.table.lock().unwrap();
+        t.as_ref()?.get(&ElementKey { protocol: Protocol::Tcp, port }).map(|e| e.addr)
+    }
+    fn batches(&self) -> Vec<String> {
+        self.batches.lock().unwrap().clone()
+    }
+}
+
+impl Firewall for FakeFirewall {
+    fn sync(&self, ruleset: &Ruleset) -> Result<(), NatError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(NatError::Socket(std::io::Error::other("injected")));
+        }
+        *self.table.lock().unwrap() = Some(ruleset.elements.iter().map(|e| (e.key, e.clone())).collect());
+        self.batches.lock().unwrap().push("sync".into());
+        Ok(())
+    }
+    fn apply_ops(&self, _table: &str, _map: &str, ops: &[ElementOp]) -> Result<(), NatError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(NatError::Socket(std::io::Error::other("injected")));
+        }
+        let mut t = self.table.lock().unwrap();
+        let map = t.get_or_insert_with(BTreeMap::new);
+        for op in ops {
+            match op {
+                ElementOp::Delete(k) => {
+                    map.remove(k);
+                }
+                ElementOp::Add(e) => {
+                    map.insert(e.key, e.clone());
+                }
+            }
+        }
+        self.batches.lock().unwrap().push(format!("ops:{}", ops.len()));
+        Ok(())
+    }
+    fn delete_table(&self, _table: &str) -> Result<(), NatError> {
+        *self.table.lock().unwrap() = None;
+        Ok(())
+    }
+    fn table_exists(&self, _table: &str) -> Result<bool, NatError> {
+        Ok(self.table.lock().unwrap().is_some())
+    }
+    fn ensure_forward_accept(&self, _table: &str, _mark: u32) -> Result<(), NatError> {
+        self.accept.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn remove_forward_accept(&self, _table: &str, _mark: u32) -> Result<(), NatError> {
+        self.accept.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct FakeChecks {
+    engine: Arc<FakeEngine>,
+}
+
+impl Checks for FakeChecks {
+    fn probe(&self, _health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let SocketAddr::V4(v4) = addr else { return Err("v6".into()) };
+            match self.engine.image_at(*v4.ip()) {
+                Some(img) if img.contains("broken") => Err("GET /healthz answered 503".into()),
+                Some(_) => Ok(()),
+                None => Err("connection refused".into()),
+            }
+        })
+    }
+    fn open_connections(&self, _pid: u32) -> BoxFuture<'_, Result<usize, String>> {
+        Box::pin(async { Ok(0) })
+    }
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
+        Ok(BTreeSet::from([(Protocol::Tcp, 22)]))
+    }
+    fn forget_udp_flows(&self, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct World {
+    engine: Arc<FakeEngine>,
+    firewall: Arc<FakeFirewall>,
+    releaser: Releaser,
+    tx: ProgressTx,
+    _dir: tempfile::TempDir,
+}
+
+fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeFirewall>) -> World {
+    let checks = Arc::new(FakeChecks { engine: engine.clone() });
+    let store = StateStore::open(dir.path()).unwrap();
+    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) };
+    let releaser = Releaser::new(engine.clone(), firewall.clone(), checks, settings, store).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    World { engine, firewall, releaser, tx, _dir: dir }
+}
+
+fn world() -> World {
+    world_in(tempfile::tempdir().unwrap(), Arc::default(), Arc::default())
+}
+
+fn manifest(image: &str, keep: u32) -> Manifest {
+    let text = format!(
+        "name: web\nimage: {image}\nports: [{{host: 8080, container: 80}}]\nkeep: {keep}\n\
+         health: {{type: http, path: /healthz, interval: 10ms, deadline: 200ms}}\ndrain_timeout: 50ms\n"
+    );
+    Manifest::parse(Path::new("web.yaml"), &text).unwrap()
+}
+
+async fn active(w: &World) -> Option<u32> {
+    w.releaser.snapshot().await.services.get("web").and_then(|s| s.active)
+}
+
+#[tokio::test]
+async fn first_apply_serves_release_1_in_one_transaction() {
+    let w = world();
+    let o = w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    assert_eq!((o.from, o.to, o.outcome.as_str()), (None, 1, "switched"));
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:1"));
+    assert_eq!(w.firewall.batches(), vec!["sync"]);
+    assert!(w.firewall.accept.load(Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn deploy_switches_with_one_element_change_and_keeps_the_old_release_stopped() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let o = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    assert_eq!((o.from, o.to), (Some(1), 2));
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:2"));
+    assert_eq!(w.firewall.batches(), vec!["sync", "ops:2"]);
+    assert_eq!(w.engine.running(), vec!["cutover-web-2"]);
+    assert_eq!(w.engine.names(), vec!["cutover-web-1", "cutover-web-2"]);
+    let state = w.releaser.snapshot().await;
+    let svc = &state.services["web"];
+    assert_eq!(svc.release(1).unwrap().status, ReleaseStatus::Stopped);
+    assert_eq!(svc.manifest.image, "web:2");
+    assert!(svc.operation.is_none());
+    assert_eq!(svc.history.last().unwrap().outcome, "switched");
+}
+
+#[tokio::test]
+async fn an_unhealthy_release_is_refused_and_changes_nothing() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let before = w.firewall.target(8080);
+    let err = w.releaser.deploy("web", "web:broken", &w.tx).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ReleaseError::Unhealthy { release: 2, .. }), "{msg}");
+    assert!(msg.contains("503") && msg.contains("health check failing"), "{msg}");
+    assert_eq!(w.firewall.target(8080), before);
+    assert_eq!(w.firewall.batches(), vec!["sync"]);
+    assert_eq!(w.engine.names(), vec!["cutover-web-1"]);
+    let state = w.releaser.snapshot().await;
+    let svc = &state.services["web"];
+    assert_eq!(svc.active, Some(1));
+    assert_eq!(svc.manifest.image, "web:1");
+    assert_eq!(svc.release(2).unwrap().status, ReleaseStatus::Failed);
+    assert_eq!(svc.history.last().unwrap().outcome, "refused");
+}
+
+#[tokio::test]
+async fn a_release_that_exits_is_refused_at_once() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let err = w.releaser.deploy("web", "web:crash", &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("exited with code 3"), "{err}");
+    assert_eq!(active(&w).await, Some(1));
+}
+
+#[tokio::test]
+async fn a_failed_first_release_leaves_no_service() {
+    let w = world();
+    assert!(w.releaser.apply(manifest("web:broken", 3), &w.tx).await.is_err());
+    assert!(w.releaser.snapshot().await.services.is_empty());
+    assert!(w.engine.names().is_empty());
+    assert_eq!(w.firewall.target(8080), None);
+}
+
+#[tokio::test]
+async fn rollback_restarts_the_kept_release_and_follows_its_new_address() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    let o = w.releaser.rollback("web", None, &w.tx).await.unwrap();
+    assert_eq!((o.from, o.to), (Some(2), 1));
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:1"));
+    assert_eq!(w.engine.running(), vec!["cutover-web-1"]);
+    // And forward again to the kept release 2.
+    w.releaser.rollback("web", Some(2), &w.tx).await.unwrap();
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:2"));
+}
+
+#[tokio::test]
+async fn rollback_without_a_kept_release_is_refused() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let err = w.releaser.rollback("web", None, &w.tx).await.unwrap_err();
+    assert_eq!(err.code(), "refused");
+    assert!(matches!(w.releaser.rollback("web", Some(7), &w.tx).await, Err(ReleaseError::Invalid(_))));
+}
+
+#[tokio::test]
+async fn releases_beyond_keep_are_removed() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 1), &w.tx).await.unwrap();
+    for i in 2..=4 {
+        w.releaser.deploy("web", &format!("web:{i}"), &w.tx).await.unwrap();
+    }
+    assert_eq!(w.engine.names(), vec!["cutover-web-3", "cutover-web-4"]);
+    let state = w.releaser.snapshot().await;
+    let statuses: Vec<_> = state.services["web"].releases.iter().map(|r| r.status).collect();
+    use ReleaseStatus::*;
+    assert_eq!(statuses, vec![Removed, Removed, Stopped, Active]);
+}
+
+#[tokio::test]
+async fn a_second_operation_on_a_service_is_busy() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let _held = w.releaser.claim("web").unwrap();
+    let err = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap_err();
+    assert!(matches!(err, ReleaseError::Busy(_)));
+    assert!(err.to_string().contains("busy"));
+    // Another service is not blocked.
+    assert!(w.releaser.claim("api").is_ok());
+}
+
+#[tokio::test]
+async fn a_failed_switch_undoes_the_new_release() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.firewall.fail.store(true, Ordering::SeqCst);
+    assert!(w.releaser.deploy("web", "web:2", &w.tx).await.is_err());
+    assert_eq!(w.engine.names(), vec!["cutover-web-1"]);
+    assert_eq!(active(&w).await, Some(1));
+}
+
+#[tokio::test]
+async fn port_conflicts_are_refused() {
+    let w = world();
+    let mut m = manifest("web:1", 3);
+    m.ports[0].host = 9999;
+    let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("published by container `someone-else`"), "{err}");
+    m.ports[0].host = 22;
+    let err = w.releaser.apply(m, &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("in use by a process"), "{err}");
+    assert!(w.releaser.snapshot().await.services.is_empty());
+}
+
+#[tokio::test]
+async fn remove_takes_rules_containers_and_the_forward_accept() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    w.releaser.remove("web").await.unwrap();
+    assert!(w.engine.names().is_empty());
+    assert!(!w.firewall.table_exists("t").unwrap());
+    assert!(!w.firewall.accept.load(Ordering::SeqCst));
+}
+
+/// A daemon killed at each step, restarted: exactly one release serves and the
+/// history says which.
+#[tokio::test]
+async fn restart_undoes_before_the_switch_and_finishes_after_it() {
+    for (phase, expect_active) in [(Phase::Starting, 1), (Phase::Healthy, 1), (Phase::Switched, 2), (Phase::Draining, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let engine: Arc<FakeEngine> = Arc::default();
+        let firewall: Arc<FakeFirewall> = Arc::default();
+        {
+            let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+            w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+            w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+            // Rewrite the saved state as if the daemon died during the deploy at `phase`.
+            let mut state = w.releaser.snapshot().await;
+            let svc = state.services.get_mut("web").unwrap();
+            svc.operation = Some(Operation { kind: OperationKind::Deploy, from: Some(1), to: 2, phase, started_at: 0 });
+            svc.active = Some(if phase >= Phase::Switched { 2 } else { 1 });
+            svc.release_mut(1).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Draining } else { ReleaseStatus::Active };
+            svc.release_mut(2).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Active } else { ReleaseStatus::Starting };
+            let store = StateStore::open(dir.path()).unwrap();
+            store.save(&state).unwrap();
+            // v1 still running, as it would be mid-release.
+            engine.containers.lock().unwrap().get_mut("id-cutover-web-1").unwrap().info.running = true;
+        }
+        // The table was lost too (as after a reboot).
+        firewall.delete_table("t").unwrap();
+        let w = world_in(dir, engine.clone(), firewall.clone());
+        let notes = w.releaser.reconcile().await.unwrap();
+        assert_eq!(notes.len(), 1, "{phase:?}: {notes:?}");
+        assert_eq!(active(&w).await, Some(expect_active), "{phase:?}");
+        let serving = w.engine.image_at(w.firewall.target(8080).unwrap());
+        assert_eq!(serving.as_deref(), Some(format!("web:{expect_active}").as_str()), "{phase:?}");
+        assert_eq!(w.engine.running().len(), 1, "{phase:?}: exactly one release runs");
+        let state = w.releaser.snapshot().await;
+        assert!(state.services["web"].operation.is_none());
+        let last = state.services["web"].history.last().unwrap();
+        assert_eq!(last.outcome, if expect_active == 2 { "finished_after_restart" } else { "undone" });
+    }
+}
