@@ -1,7 +1,242 @@
-//! (stub until the nat branch lands)
+//! Host facts and small host effects around the NAT data plane: `route_localnet` of an
+//! interface, the ports the host's own processes already listen on, and deleting stale
+//! UDP conntrack entries after a switch.
+//!
+//! Only reads `/proc` and writes one sysctl file per interface; runs the `conntrack` CLI.
+//! No nftables, no Docker. Plain blocking std calls: they are short, call them from
+//! `spawn_blocking` in async code.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::manifest::Protocol;
+
+/// Where Debian's conntrack package puts the binary.
+pub const CONNTRACK: &str = "/usr/sbin/conntrack";
+
+/// Errors of host facts and effects; each names the file or command and keeps the cause.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct HostError(String);
-pub fn set_route_localnet(_ifname: &str, _on: bool) -> Result<bool, HostError> { Ok(false) }
-pub fn listening_ports() -> Result<std::collections::BTreeSet<(crate::manifest::Protocol, u16)>, HostError> { Ok(Default::default()) }
-pub fn delete_conntrack(_p: crate::manifest::Protocol, _port: u16, _a: std::net::IpAddr) -> Result<(), HostError> { Ok(()) }
+pub enum HostError {
+    #[error("`{0}` is not a valid interface name (1 to 15 bytes, no `/`, not `.` or `..`)")]
+    InvalidInterface(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path} (are you root?): {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("unexpected content in {path}, line {line}: {reason}")]
+    Parse { path: PathBuf, line: usize, reason: String },
+    #[error("cannot run `{command}` (install the conntrack package): {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command { command: String, status: String, stderr: String },
+}
+
+fn sysctl_path(ifname: &str) -> Result<PathBuf, HostError> {
+    // The name becomes a path component: refuse anything that could leave the directory.
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains('\0') || ifname == "." || ifname == ".." {
+        return Err(HostError::InvalidInterface(ifname.to_string()));
+    }
+    Ok(Path::new("/proc/sys/net/ipv4/conf").join(ifname).join("route_localnet"))
+}
+
+fn read_flag(path: &Path) -> Result<bool, HostError> {
+    let text = fs::read_to_string(path).map_err(|source| HostError::Read { path: path.to_path_buf(), source })?;
+    match text.trim() {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        other => Err(HostError::Parse { path: path.to_path_buf(), line: 1, reason: format!("expected 0 or 1, found `{other}`") }),
+    }
+}
+
+/// Is `route_localnet` on for `ifname`? It lets packets from 127.0.0.0/8 be routed out of
+/// the interface, which host clients connecting to 127.0.0.1:<port> need once their
+/// packets are DNAT'd to a release behind that interface.
+pub fn route_localnet(ifname: &str) -> Result<bool, HostError> {
+    read_flag(&sysctl_path(ifname)?)
+}
+
+/// Set `route_localnet` of `ifname`; returns the previous value so a caller can restore
+/// it. Writes only when the value changes.
+pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
+    let path = sysctl_path(ifname)?;
+    let previous = read_flag(&path)?;
+    if previous != on {
+        fs::write(&path, if on { "1\n" } else { "0\n" }).map_err(|source| HostError::Write { path: path.clone(), source })?;
+    }
+    Ok(previous)
+}
+
+/// TCP socket state LISTEN in /proc/net/tcp.
+const TCP_LISTEN: &str = "0A";
+
+/// Local ports of the sockets in one /proc/net/{tcp,udp}[6] table. For TCP only LISTEN
+/// sockets count; for UDP every socket does (a connected UDP socket also receives on its
+/// port, and a DNAT of that port would steal its replies).
+pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<u16>, HostError> {
+    let mut ports = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: &str| HostError::Parse { path: path.to_path_buf(), line: i + 1, reason: reason.to_string() };
+        // "  0: 0100007F:1F90 00000000:0000 0A ..."
+        let mut fields = line.split_whitespace();
+        let (_slot, local, _remote, state) = match (fields.next(), fields.next(), fields.next(), fields.next()) {
+            (Some(a), Some(b), Some(c), Some(d)) => (a, b, c, d),
+            _ => return Err(bad("fewer than 4 fields")),
+        };
+        if tcp && state != TCP_LISTEN {
+            continue;
+        }
+        let port = local.rsplit_once(':').ok_or_else(|| bad("local address without `:port`"))?.1;
+        let port = u16::from_str_radix(port, 16).map_err(|_| bad("local port is not hexadecimal"))?;
+        ports.push(port);
+    }
+    Ok(ports)
+}
+
+/// Ports processes of the host's network namespace listen on (TCP) or are bound to (UDP),
+/// IPv4 and IPv6. cutover refuses such a host port: its DNAT would take the traffic away
+/// from that process.
+///
+/// `/proc/net` follows the network namespace of the process's main thread; call this from
+/// a daemon whose main thread never `setns`-es.
+pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
+    let tables = [
+        ("/proc/net/tcp", Protocol::Tcp, false),
+        ("/proc/net/tcp6", Protocol::Tcp, true),
+        ("/proc/net/udp", Protocol::Udp, false),
+        ("/proc/net/udp6", Protocol::Udp, true),
+    ];
+    let mut out = BTreeSet::new();
+    for (path, proto, ipv6) in tables {
+        let path = Path::new(path);
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            // No IPv6 in this kernel: nothing listens there.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && ipv6 => continue,
+            Err(source) => return Err(HostError::Read { path: path.to_path_buf(), source }),
+        };
+        for port in parse_proc_net(&text, proto == Protocol::Tcp, path)? {
+            out.insert((proto, port));
+        }
+    }
+    Ok(out)
+}
+
+/// Delete conntrack entries of `proto` flows to host port `orig_dst_port` that were
+/// answered by `reply_src_addr` (the old release). UDP has no connection end, so after a
+/// switch the old release keeps getting a flow's datagrams until its entry is gone.
+/// Returns how many entries were deleted.
+pub fn delete_conntrack(proto: Protocol, orig_dst_port: u16, reply_src_addr: Ipv4Addr) -> Result<u64, HostError> {
+    let args = [
+        "-D".to_string(),
+        "-p".into(),
+        proto.to_string(),
+        "--orig-port-dst".into(),
+        orig_dst_port.to_string(),
+        "--reply-src".into(),
+        reply_src_addr.to_string(),
+    ];
+    let command = format!("{CONNTRACK} {}", args.join(" "));
+    let out = Command::new(CONNTRACK)
+        .args(&args)
+        .output()
+        .map_err(|source| HostError::Spawn { command: command.clone(), source })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let deleted = parse_deleted(&stderr);
+    match (out.status.code(), deleted) {
+        (Some(0), Some(n)) => Ok(n),
+        (Some(0), None) => Ok(0),
+        // conntrack exits 1 when nothing matched: "0 flow entries have been deleted."
+        (Some(1), Some(0)) => Ok(0),
+        _ => Err(HostError::Command { command, status: out.status.to_string(), stderr: stderr.trim().to_string() }),
+    }
+}
+
+/// The count in conntrack's "N flow entries have been deleted." line.
+fn parse_deleted(stderr: &str) -> Option<u64> {
+    stderr.lines().find_map(|l| {
+        let (_, rest) = l.split_once("): ").unwrap_or(("", l));
+        let n = rest.trim().strip_suffix("flow entries have been deleted.")?.trim();
+        n.parse().ok()
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 23456 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000   105        0 1234 1 0000000000000000 100 0 0 10 0
+   2: 0200A8C0:D2F0 0100A8C0:0050 01 00000000:00000000 02:000A7D4F 00000000  1000        0 99 2 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+";
+    const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  215: 3500007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000   101        0 1 2 0000000000000000 0
+  300: 0200A8C0:9C40 08080808:0035 01 00000000:00000000 00:00000000 00000000  1000        0 2 2 0000000000000000 0
+";
+
+    #[test]
+    fn tcp_counts_only_listen_sockets() {
+        assert_eq!(parse_proc_net(TCP, true, Path::new("tcp")).unwrap(), vec![8080, 3306]);
+        assert_eq!(parse_proc_net(TCP6, true, Path::new("tcp6")).unwrap(), vec![22]);
+    }
+
+    #[test]
+    fn udp_counts_every_bound_socket() {
+        assert_eq!(parse_proc_net(UDP, false, Path::new("udp")).unwrap(), vec![53, 40000]);
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error_with_line() {
+        let err = parse_proc_net("header\n 0: nonsense\n", true, Path::new("x")).unwrap_err();
+        assert!(matches!(err, HostError::Parse { line: 2, .. }), "{err}");
+        let err = parse_proc_net("header\n 0: 00000000:ZZZZ 00000000:0000 0A\n", true, Path::new("x")).unwrap_err();
+        assert!(matches!(err, HostError::Parse { line: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn interface_names_cannot_escape_proc() {
+        for bad in ["", "..", "a/b", "0123456789abcdef"] {
+            assert!(matches!(route_localnet(bad), Err(HostError::InvalidInterface(_))), "{bad}");
+        }
+        assert_eq!(
+            sysctl_path("docker0").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/docker0/route_localnet")
+        );
+    }
+
+    #[test]
+    fn conntrack_counts_are_read() {
+        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"), Some(2));
+        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"), Some(0));
+        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): Operation failed: invalid parameters\n"), None);
+    }
+
+    #[test]
+    fn loopback_route_localnet_is_readable() {
+        // Every Linux host has `lo`; reading needs no privilege.
+        route_localnet("lo").unwrap();
+    }
+}

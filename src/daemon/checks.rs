@@ -36,6 +36,6 @@ impl Checks for RealChecks {
     }
 
     fn forget_udp_flows(&self, port: u16, addr: Ipv4Addr) -> Result<(), String> {
-        crate::host::delete_conntrack(Protocol::Udp, port, addr.into()).map_err(|e| e.to_string())
+        crate::host::delete_conntrack(Protocol::Udp, port, addr).map(|_| ()).map_err(|e| e.to_string())
     }
 }

@@ -7,6 +7,15 @@
 
 use crate::plan::{ElementOp, Ruleset};
 
+pub mod docker_user;
+pub mod expr;
+pub mod map;
+pub mod netlink;
+mod nft;
+
+pub use netlink::MessageRejected;
+pub use nft::NftFirewall;
+
 /// Errors of the nftables and iptables effects.
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
@@ -29,6 +38,8 @@ pub enum NatError {
     Iptables { command: String, stderr: String },
     #[error("cannot run iptables (install the iptables package): {0}")]
     IptablesMissing(#[source] std::io::Error),
+    #[error("cutover cannot express this rule (fix the manifest or the configuration): {0}")]
+    InvalidRule(String),
     #[error("cannot set {path}: {source}")]
     Sysctl {
         path: String,
@@ -57,4 +68,3 @@ pub trait Firewall: Send + Sync + 'static {
     /// Remove what [`Firewall::ensure_forward_accept`] added; idempotent.
     fn remove_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError>;
 }
-mod stub; pub use stub::NftFirewall;
