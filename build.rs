@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used)] // a build script reports errors by panicking
 //! Builds the small std-only programs under `src/embedded/bin/` as fully static
 //! executables and embeds them in the cutover binary (see `src/embedded/mod.rs`).
 //!
