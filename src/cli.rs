@@ -61,6 +61,28 @@ pub enum Command {
     Run(RunArgs),
     /// Ask a `cutover run` supervisor to start a new generation; waits for the outcome.
     Reload(ReloadArgs),
+    /// Build an image of the project's demo HTTP server (no registry needed): for labs,
+    /// the demo and the tests.
+    #[command(hide = true)]
+    DemoImage(DemoImageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoImageArgs {
+    /// Tag of the image to build, e.g. cutover-demo:v1.
+    #[arg(long)]
+    pub tag: String,
+    /// Release name the server answers with.
+    #[arg(long)]
+    pub release: String,
+    /// Extra environment baked into the image, KEY=VALUE (e.g. HEALTH=fail).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// Add a Docker HEALTHCHECK probing /healthz.
+    #[arg(long)]
+    pub healthcheck: bool,
+    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
 }
 
 #[derive(Debug, Args)]

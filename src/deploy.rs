@@ -70,8 +70,9 @@ impl ReleaseError {
 pub trait Checks: Send + Sync + 'static {
     /// One health probe of `container` (http/tcp kinds).
     fn probe(&self, health: HealthSpec, addr: std::net::SocketAddr) -> BoxFuture<'_, Result<(), String>>;
-    /// Open TCP connections inside the network namespace of `pid`.
-    fn open_connections(&self, pid: u32) -> BoxFuture<'_, Result<usize, String>>;
+    /// Open TCP connections on `ports` (local side) inside the network namespace of
+    /// `pid`; the release's own outgoing connections (a database pool) do not count.
+    fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>>;
     /// Ports host processes listen on (TCP) or have bound (UDP).
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String>;
     /// Delete the conntrack entries of UDP flows to `port` that were NAT'd to `addr`.
@@ -865,8 +866,10 @@ impl Releaser {
             _ => None,
         };
         let Some(pid) = pid else { return };
+        let ports: Vec<u16> =
+            old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container).collect();
         loop {
-            let open = match self.checks.open_connections(pid).await {
+            let open = match self.checks.open_connections(pid, ports.clone()).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");

@@ -6,6 +6,7 @@ use std::fmt;
 
 pub mod apply;
 pub mod daemon;
+pub mod demo_image;
 pub mod deploy;
 pub mod history;
 pub mod plan;
@@ -67,6 +68,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Run(args) => run::run(args).await,
         Command::Reload(args) => reload::run(args).await,
+        Command::DemoImage(args) => demo_image::run(args).await,
     }
 }
 

@@ -22,9 +22,9 @@ impl Checks for RealChecks {
         })
     }
 
-    fn open_connections(&self, pid: u32) -> BoxFuture<'_, Result<usize, String>> {
+    fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || crate::drain::open_connections(pid))
+            tokio::task::spawn_blocking(move || crate::drain::open_connections_on_ports(pid, &ports))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())

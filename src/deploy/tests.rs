@@ -186,7 +186,7 @@ impl Checks for FakeChecks {
             }
         })
     }
-    fn open_connections(&self, _pid: u32) -> BoxFuture<'_, Result<usize, String>> {
+    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async { Ok(0) })
     }
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
