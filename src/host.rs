@@ -65,7 +65,7 @@ fn read_flag(path: &Path) -> Result<bool, HostError> {
 }
 
 /// Is `route_localnet` on for `ifname`? It lets packets from 127.0.0.0/8 be routed out of
-/// the interface, which host clients connecting to 127.0.0.1:<port> need once their
+/// the interface, which host clients connecting to `127.0.0.1:<port>` need once their
 /// packets are DNAT'd to a release behind that interface.
 pub fn route_localnet(ifname: &str) -> Result<bool, HostError> {
     read_flag(&sysctl_path(ifname)?)
@@ -85,7 +85,7 @@ pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
 /// TCP socket state LISTEN in /proc/net/tcp.
 const TCP_LISTEN: &str = "0A";
 
-/// Local ports of the sockets in one /proc/net/{tcp,udp}[6] table. For TCP only LISTEN
+/// Local ports of the sockets in one `/proc/net/{tcp,udp}[6]` table. For TCP only LISTEN
 /// sockets count; for UDP every socket does (a connected UDP socket also receives on its
 /// port, and a DNAT of that port would steal its replies).
 pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<u16>, HostError> {

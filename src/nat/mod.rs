@@ -4,6 +4,30 @@
 //! Owns cutover's own table and its DOCKER-USER accept rule; it must never touch any
 //! other table's rules. What the rules are is decided in `plan`; this module only
 //! translates and sends.
+//!
+//! ```no_run
+//! use cutover::nat::{Firewall, NftFirewall};
+//! use cutover::plan;
+//! # fn main() -> Result<(), cutover::nat::NatError> {
+//! # let desired = plan::Desired::default();
+//! # let (old, new) = (Vec::new(), Vec::new());
+//! let fw = NftFirewall::new();
+//! let rs = plan::ruleset(&desired);
+//! fw.sync(&rs)?;                                    // whole table, one transaction
+//! fw.ensure_forward_accept(&rs.table, rs.mark)?;    // past Docker's FORWARD DROP
+//! let ops = plan::element_ops(&old, &new);
+//! fw.apply_ops(&rs.table, &rs.map, &ops)?;          // the cutover, one transaction
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`nft`] implements [`Firewall`]; [`netlink`] sends a batch and reads every
+//! ack; [`expr`] builds the rule expressions nftnl lacks; [`map`] writes the DNAT map and
+//! its elements; [`docker_user`] owns the DOCKER-USER accept.
+//!
+//! The mark is set in a nat chain, so only the first packet of a connection carries it:
+//! the DOCKER-USER accept lets that packet through, and Docker's own per-bridge
+//! `RELATED,ESTABLISHED` accept the rest. A release behind an interface Docker does not
+//! manage needs its own ESTABLISHED accept in FORWARD.
 
 use crate::plan::{ElementOp, Ruleset};
 
@@ -11,7 +35,7 @@ pub mod docker_user;
 pub mod expr;
 pub mod map;
 pub mod netlink;
-mod nft;
+pub mod nft;
 
 pub use netlink::MessageRejected;
 pub use nft::NftFirewall;
