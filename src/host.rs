@@ -180,7 +180,6 @@ fn parse_deleted(stderr: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

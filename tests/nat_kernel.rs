@@ -4,6 +4,7 @@
 //! addresses in 10.231.X.0/24 (X from the pid) and host ports; everything is removed by
 //! Drop guards, also when an assertion fails. Traffic only goes to addresses in those
 //! namespaces and to loopback. `nft -j` is the independent oracle of the table content.
+// Helpers outside #[test] fns are not covered by clippy.toml's allow-unwrap-in-tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;

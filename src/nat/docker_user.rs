@@ -140,7 +140,6 @@ pub fn remove_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

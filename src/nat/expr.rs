@@ -285,7 +285,6 @@ pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

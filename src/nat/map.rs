@@ -204,7 +204,6 @@ unsafe impl NlMsg for ElementsMsg {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::manifest::Protocol;

@@ -373,7 +373,6 @@ fn ext_ack_message(msg: &[u8], flags: u16) -> Option<String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -166,7 +166,6 @@ impl Firewall for NftFirewall {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::manifest::Protocol;
