@@ -1,0 +1,4 @@
+//! (being written)
+pub struct Broker;
+pub struct Namespace;
+pub struct Policy;
