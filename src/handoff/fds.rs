@@ -287,6 +287,16 @@ impl AsyncSeqPacket {
         self.fd.get_ref().as_fd()
     }
 
+    /// Deregisters from tokio and returns a blocking socket with send/receive timeouts.
+    pub fn into_blocking(self) -> io::Result<OwnedFd> {
+        let fd = self.fd.into_inner();
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        set_timeouts(fd.as_fd(), super::migrate::STEP_TIMEOUT)?;
+        Ok(fd)
+    }
+
     pub async fn accept(&self) -> io::Result<OwnedFd> {
         self.fd.async_io(Interest::READABLE, |fd| accept(fd.as_fd())).await
     }
