@@ -158,14 +158,21 @@ pub fn raise_fd_limit(want: u64) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return;
     }
-    lim.rlim_cur = want.min(lim.rlim_max);
+    // As root, the hard limit can be raised up to fs.nr_open.
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(lim.rlim_max);
+    let target = want.min(nr_open).max(lim.rlim_cur);
+    let raised = libc::rlimit { rlim_cur: target, rlim_max: target.max(lim.rlim_max) };
     // SAFETY: setrlimit reads the local struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let args = parse_args(args)?;
-    raise_fd_limit(u64::MAX);
+    raise_fd_limit(1 << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(generation(args))
 }

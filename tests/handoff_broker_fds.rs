@@ -28,6 +28,9 @@ fn header(version: u16, kind: u16, body_len: u32, fd_count: u32) -> Vec<u8> {
     f
 }
 
+/// (what, record, fds attached, expected code, text the message must contain)
+type Case<'a> = (&'static str, Vec<u8>, Vec<&'a OwnedFd>, ErrorCode, &'static str);
+
 /// Sends one raw record (with `fds` attached) and returns the broker's error code.
 fn error_for(socket: &SocketName, record: &[u8], fds_to_send: &[&OwnedFd]) -> (ErrorCode, String) {
     let conn = fds::connect(socket).unwrap();
@@ -63,7 +66,7 @@ async fn bad_peers_get_clear_errors_the_broker_keeps_serving_and_leaks_no_fd() {
         let (spare_a, spare_b): (OwnedFd, OwnedFd) = fds::pair().unwrap();
         let mut connections = 2u64;
         for _ in 0..rounds {
-            let cases: Vec<(&str, Vec<u8>, Vec<&OwnedFd>, ErrorCode, &str)> = vec![
+            let cases: Vec<Case> = vec![
                 ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), vec![], ErrorCode::Malformed, "magic"),
                 ("truncated header", b"CUTO\x01\x00".to_vec(), vec![], ErrorCode::Malformed, "truncated"),
                 ("truncated body", [header(1, 1, 100, 0), vec![0; 10]].concat(), vec![], ErrorCode::Malformed, "announces 100"),
