@@ -1,7 +1,17 @@
 //! `cutover reload`: ask a `cutover run` supervisor for a new generation.
 
+use super::{Exit, Failure};
 use crate::cli::ReloadArgs;
+use crate::handoff::supervisor::{request_reload, ReloadOutcome, SupervisorError};
 
-pub async fn run(_args: ReloadArgs) -> anyhow::Result<()> {
-    Err(super::Failure::new(super::Exit::Refused, "cutover reload is not built yet").into())
+pub async fn run(args: ReloadArgs) -> anyhow::Result<()> {
+    match request_reload(&args.run_dir, &args.name).await {
+        Ok(ReloadOutcome::Switched { generation, pid, previous_generation, .. }) => {
+            println!("switched: generation {generation} (pid {pid}) serves {}; generation {previous_generation} is draining", args.name);
+            Ok(())
+        }
+        Ok(ReloadOutcome::Refused { reason, .. }) => Err(Failure::new(Exit::Refused, format!("reload refused: {reason}")).into()),
+        Err(e @ SupervisorError::NotRunning { .. }) => Err(Failure::new(Exit::Unreachable, e.to_string()).into()),
+        Err(e) => Err(Failure::new(Exit::Refused, e.to_string()).into()),
+    }
 }

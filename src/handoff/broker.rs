@@ -1,0 +1,433 @@
+//! The listener broker: holds a service's named listeners inside a network namespace and
+//! hands them, with SCM_RIGHTS, to processes that ask on `@cutover/SERVICE` in that
+//! namespace, after checking who asks.
+//!
+//! Who may receive fds ([`Policy`]): a process the daemon or supervisor started for the
+//! service ([`Broker::allow_pid`]) and its descendants (parent chain in /proc), or a uid
+//! allowed explicitly. The peer is identified by SO_PEERCRED (taken by the kernel at
+//! connect time, translated into this process's pid namespace); an allowed pid is
+//! remembered with its start time so a recycled pid is not trusted. Everyone else gets an
+//! `Error(NotPermitted)` frame and no fd, and the refusal is logged.
+//!
+//! A bad peer (malformed, truncated, oversized frames, a wrong version, fds it should
+//! not send) gets an `Error` frame naming the problem; every fd it sent is closed; the
+//! broker keeps serving others. This module does not decide when a generation starts or
+//! stops; the daemon or supervisor does, and tells the broker whom to trust.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::fds::{self, AsyncSeqPacket, PeerCred, SocketName};
+use super::listeners::{ListenSpec, Listener};
+use super::procs;
+use super::protocol::{ErrorCode, Message};
+use super::HandoffError;
+
+/// How long a connected peer may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames one connection may send before the broker hangs up.
+const MAX_REQUESTS_PER_CONNECTION: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("`{0}` is not a service name for a broker socket")]
+    InvalidName(String),
+    #[error("cannot enter the network namespace {path}: {source}; does it exist, and does cutover run as root?")]
+    Namespace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("broker for {service}: {source}")]
+    Socket {
+        service: String,
+        #[source]
+        source: HandoffError,
+    },
+    #[error("the broker needs a tokio runtime")]
+    NoRuntime,
+    #[error("process {0} does not exist; it cannot be allowed")]
+    NoSuchProcess(i32),
+}
+
+/// The network namespace the listeners and the broker socket are created in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Namespace {
+    /// The namespace of the calling process.
+    Current,
+    /// A namespace file: `/proc/PID/ns/net`, `/run/netns/NAME`, ...
+    Path(PathBuf),
+}
+
+impl Namespace {
+    /// The host's namespace (that of pid 1).
+    pub fn host() -> Namespace {
+        Namespace::Path("/proc/1/ns/net".into())
+    }
+    /// The namespace of a process, e.g. a container's init.
+    pub fn of_pid(pid: i32) -> Namespace {
+        Namespace::Path(format!("/proc/{pid}/ns/net").into())
+    }
+    /// A namespace made with `ip netns add NAME`.
+    pub fn named(name: &str) -> Namespace {
+        Namespace::Path(format!("/run/netns/{name}").into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AllowedProcess {
+    pid: i32,
+    start_time: u64,
+}
+
+/// Who may receive the listeners.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    processes: Vec<AllowedProcess>,
+    uids: Vec<u32>,
+}
+
+/// What the policy says about a peer, with the reason (logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allowed(String),
+    Refused(String),
+}
+
+impl Policy {
+    pub fn new() -> Policy {
+        Policy::default()
+    }
+
+    /// Also serve every process running as `uid` (the manifest's `allow_uids`).
+    pub fn allow_uid(mut self, uid: u32) -> Policy {
+        self.uids.push(uid);
+        self
+    }
+
+    fn allow_process(&mut self, pid: i32) -> Result<(), BrokerError> {
+        let stat = procs::stat(pid).ok_or(BrokerError::NoSuchProcess(pid))?;
+        self.processes.retain(|p| p.pid != pid);
+        self.processes.push(AllowedProcess { pid, start_time: stat.start_time });
+        Ok(())
+    }
+
+    /// Decides for a peer.
+    pub fn decide(&self, peer: &PeerCred) -> Decision {
+        if self.uids.contains(&peer.uid) {
+            return Decision::Allowed(format!("uid {} is allowed", peer.uid));
+        }
+        for p in &self.processes {
+            // A pid that now belongs to another process (same pid, other start time) is
+            // not the process that was started for the service.
+            if procs::stat(p.pid).map(|s| s.start_time) != Some(p.start_time) {
+                continue;
+            }
+            if procs::is_same_or_descendant(peer.pid, p.pid) {
+                return Decision::Allowed(format!("pid {} is (a descendant of) started process {}", peer.pid, p.pid));
+            }
+        }
+        Decision::Refused(format!(
+            "pid {} (uid {}) was not started for this service and its uid is not allowed",
+            peer.pid, peer.uid
+        ))
+    }
+}
+
+/// What the broker did, for tests and status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub served: AtomicU64,
+    pub refused: AtomicU64,
+    pub bad_requests: AtomicU64,
+    /// Connections fully handled (closed).
+    pub connections: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.served.load(Ordering::SeqCst),
+            self.refused.load(Ordering::SeqCst),
+            self.bad_requests.load(Ordering::SeqCst),
+            self.connections.load(Ordering::SeqCst),
+        )
+    }
+}
+
+struct Shared {
+    service: String,
+    listeners: Vec<Listener>,
+    policy: Mutex<Policy>,
+    stats: Stats,
+}
+
+/// A running broker. Dropping it stops serving (the listeners it holds close when the
+/// last connection handler is done).
+pub struct Broker {
+    shared: Arc<Shared>,
+    socket: SocketName,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    /// Binds `listeners` and the broker socket `@cutover/SERVICE` inside `namespace`,
+    /// and serves them. Call inside a tokio runtime.
+    pub fn bind_in_namespace(namespace: &Namespace, service: &str, listeners: &[ListenSpec], policy: Policy) -> Result<Broker, BrokerError> {
+        if !super::listeners::valid_listener_name(service) {
+            return Err(BrokerError::InvalidName(service.to_string()));
+        }
+        let socket = SocketName::broker(service);
+        let (bound, broker_fd) = in_namespace(namespace, {
+            let socket = socket.clone();
+            let listeners = listeners.to_vec();
+            move || -> Result<(Vec<Listener>, OwnedFd), HandoffError> {
+                let bound = listeners.iter().map(Listener::bind).collect::<Result<Vec<_>, _>>()?;
+                Ok((bound, fds::listen(&socket)?))
+            }
+        })?
+        .map_err(|source| BrokerError::Socket { service: service.to_string(), source })?;
+        Broker::serve_fd(service, socket, broker_fd, bound, policy)
+    }
+
+    /// Serves already bound listeners on `socket` (created in the current namespace).
+    pub fn serve(service: &str, socket: SocketName, listeners: Vec<Listener>, policy: Policy) -> Result<Broker, BrokerError> {
+        let fd = fds::listen(&socket).map_err(|source| BrokerError::Socket { service: service.to_string(), source })?;
+        Broker::serve_fd(service, socket, fd, listeners, policy)
+    }
+
+    fn serve_fd(service: &str, socket: SocketName, fd: OwnedFd, listeners: Vec<Listener>, policy: Policy) -> Result<Broker, BrokerError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BrokerError::NoRuntime)?;
+        let listener = {
+            let _enter = runtime.enter();
+            AsyncSeqPacket::new(fd).map_err(|e| BrokerError::Socket {
+                service: service.to_string(),
+                source: HandoffError::io("register", socket.to_string(), e),
+            })?
+        };
+        let shared = Arc::new(Shared { service: service.to_string(), listeners, policy: Mutex::new(policy), stats: Stats::default() });
+        let task = runtime.spawn(accept_loop(listener, shared.clone()));
+        tracing::info!(service, socket = %socket, "broker serving");
+        Ok(Broker { shared, socket, task })
+    }
+
+    /// Trust `pid` (a process just started for the service) and its descendants.
+    pub fn allow_pid(&self, pid: i32) -> Result<(), BrokerError> {
+        let mut policy = self.shared.policy.lock().map_err(|_| BrokerError::NoSuchProcess(pid))?;
+        policy.allow_process(pid)
+    }
+
+    /// Stop trusting `pid` (its generation was stopped).
+    pub fn forget_pid(&self, pid: i32) {
+        if let Ok(mut p) = self.shared.policy.lock() {
+            p.processes.retain(|a| a.pid != pid);
+        }
+    }
+
+    pub fn socket(&self) -> &SocketName {
+        &self.socket
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// The listeners, by name (e.g. to read their bound addresses).
+    pub fn listeners(&self) -> &[Listener] {
+        &self.shared.listeners
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `f` on a new thread that has entered `namespace`: sockets created there belong
+/// to that namespace for good. The thread ends afterwards (setns is per thread, so a
+/// thread of a pool must never be moved).
+fn in_namespace<T: Send + 'static>(namespace: &Namespace, f: impl FnOnce() -> T + Send + 'static) -> Result<T, BrokerError> {
+    let path = match namespace {
+        Namespace::Current => return Ok(f()),
+        Namespace::Path(p) => p.clone(),
+    };
+    let file = std::fs::File::open(&path).map_err(|source| BrokerError::Namespace { path: path.clone(), source })?;
+    let thread = std::thread::spawn(move || -> Result<T, std::io::Error> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    });
+    match thread.join() {
+        Ok(r) => r.map_err(|source| BrokerError::Namespace { path, source }),
+        Err(_) => Err(BrokerError::Namespace { path, source: std::io::Error::other("the namespace thread panicked") }),
+    }
+}
+
+async fn accept_loop(listener: AsyncSeqPacket, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok(fd) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    handle_connection(fd, &shared).await;
+                    shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; keep serving.
+                tracing::warn!(service = shared.service, "broker accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle_connection(fd: OwnedFd, shared: &Shared) {
+    let service = shared.service.as_str();
+    let peer = match fds::peer_credentials(fd.as_fd()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(service, "broker: cannot read the peer's credentials: {e}");
+            return;
+        }
+    };
+    let conn = match AsyncSeqPacket::new(fd) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(service, "broker: {e}");
+            return;
+        }
+    };
+    for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+        let received = match tokio::time::timeout(REQUEST_TIMEOUT, conn.recv_message()).await {
+            Err(_) => {
+                tracing::debug!(service, pid = peer.pid, "broker: peer sent nothing in time");
+                return;
+            }
+            Ok(r) => r,
+        };
+        // Any fds of a bad frame are dropped (closed) inside recv_message's error path.
+        let reply = match received {
+            Err(HandoffError::Closed) => return,
+            Err(e) => {
+                shared.stats.bad_requests.fetch_add(1, Ordering::SeqCst);
+                tracing::warn!(service, pid = peer.pid, uid = peer.uid, "broker: bad request: {e}");
+                let code = match &e {
+                    HandoffError::Frame(f) => f.code(),
+                    _ => ErrorCode::Malformed,
+                };
+                send_error(&conn, code, &format!("{e}")).await;
+                continue;
+            }
+            Ok((Message::RequestListeners { names }, _no_fds)) => answer(shared, &peer, &names),
+            Ok((other, _fds)) => {
+                shared.stats.bad_requests.fetch_add(1, Ordering::SeqCst);
+                Answer::Error(ErrorCode::Unexpected, format!("a broker answers RequestListeners only, not {:?}", other.kind()))
+            }
+        };
+        match reply {
+            Answer::Listeners(names, fds) => {
+                let msg = Message::Listeners { names };
+                match conn.send_message(&msg, &fds).await {
+                    Ok(()) => {
+                        shared.stats.served.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => tracing::warn!(service, pid = peer.pid, "broker: cannot send listeners: {e}"),
+                }
+            }
+            Answer::Error(code, message) => send_error(&conn, code, &message).await,
+        }
+    }
+}
+
+enum Answer<'a> {
+    Listeners(Vec<String>, Vec<BorrowedFd<'a>>),
+    Error(ErrorCode, String),
+}
+
+fn answer<'a>(shared: &'a Shared, peer: &PeerCred, names: &[String]) -> Answer<'a> {
+    let service = shared.service.as_str();
+    let decision = match shared.policy.lock() {
+        Ok(p) => p.decide(peer),
+        Err(_) => Decision::Refused("the policy is unavailable".into()),
+    };
+    match decision {
+        Decision::Refused(reason) => {
+            shared.stats.refused.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(service, pid = peer.pid, uid = peer.uid, "broker refused listeners: {reason}");
+            Answer::Error(ErrorCode::NotPermitted, format!("refused: {reason}"))
+        }
+        Decision::Allowed(reason) => {
+            let by_name: HashMap<&str, &Listener> = shared.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+            let chosen: Vec<&Listener> = if names.is_empty() {
+                shared.listeners.iter().collect()
+            } else {
+                let mut chosen = Vec::new();
+                for n in names {
+                    match by_name.get(n.as_str()) {
+                        Some(l) => chosen.push(*l),
+                        None => {
+                            let known: Vec<&str> = shared.listeners.iter().map(|l| l.name.as_str()).collect();
+                            return Answer::Error(ErrorCode::UnknownListener, format!("no listener `{n}`; this service has {known:?}"));
+                        }
+                    }
+                }
+                chosen
+            };
+            tracing::info!(service, pid = peer.pid, "broker hands over {} listener(s): {reason}", chosen.len());
+            Answer::Listeners(chosen.iter().map(|l| l.name.clone()).collect(), chosen.iter().map(|l| l.fd.as_fd()).collect())
+        }
+    }
+}
+
+async fn send_error(conn: &AsyncSeqPacket, code: ErrorCode, message: &str) {
+    let _ = conn.send_message(&Message::Error { code, message: message.to_string() }, &[]).await;
+}
+
+/// Fetches listeners from a broker (blocking). Empty `names`: all of them.
+pub fn fetch_listeners(socket: &SocketName, names: &[&str]) -> Result<Vec<Listener>, HandoffError> {
+    let conn = fds::connect(socket)?;
+    fds::set_timeouts(conn.as_fd(), REQUEST_TIMEOUT).map_err(|e| HandoffError::io("set timeouts on", socket.to_string(), e))?;
+    let request = Message::RequestListeners { names: names.iter().map(|n| n.to_string()).collect() };
+    fds::send_message(conn.as_fd(), &request, &[])?;
+    match fds::recv_message(conn.as_fd())? {
+        (Message::Listeners { names }, fds) => Ok(names.into_iter().zip(fds).map(|(name, fd)| Listener { name, fd }).collect()),
+        (Message::Error { code, message }, _) => Err(HandoffError::Refused { code, message }),
+        (other, _) => Err(HandoffError::Unexpected { got: other.kind(), expected: "Listeners" }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_allows_the_started_process_its_descendants_and_allowed_uids() {
+        let me = std::process::id() as i32;
+        let parent = procs::stat(me).unwrap().ppid;
+        let mut policy = Policy::new().allow_uid(4242);
+        let me_cred = PeerCred { pid: me, uid: 1000, gid: 1000 };
+        assert!(matches!(policy.decide(&me_cred), Decision::Refused(_)));
+        policy.allow_process(parent).unwrap();
+        assert!(matches!(policy.decide(&me_cred), Decision::Allowed(_)));
+        let stranger = PeerCred { pid: 1, uid: 4242, gid: 0 };
+        assert!(matches!(policy.decide(&stranger), Decision::Allowed(_)));
+        let stranger = PeerCred { pid: 1, uid: 4243, gid: 0 };
+        assert!(matches!(policy.decide(&stranger), Decision::Refused(_)));
+    }
+
+    #[test]
+    fn a_recycled_pid_is_not_trusted() {
+        let me = std::process::id() as i32;
+        let mut policy = Policy::new();
+        policy.processes.push(AllowedProcess { pid: me, start_time: 1 });
+        assert!(matches!(policy.decide(&PeerCred { pid: me, uid: 0, gid: 0 }), Decision::Refused(_)));
+    }
+}
