@@ -105,6 +105,15 @@ pub struct DaemonArgs {
     /// Docker engine socket.
     #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
+    /// Test hook: hang at this step of every release (starting, healthy, switched,
+    /// draining, stopped) so a test can kill the daemon there.
+    #[arg(long, hide = true, value_parser = parse_phase)]
+    pub pause_at: Option<crate::state::Phase>,
+}
+
+fn parse_phase(s: &str) -> Result<crate::state::Phase, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}`: one of starting, healthy, switched, draining, stopped"))
 }
 
 #[derive(Debug, Args)]

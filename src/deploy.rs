@@ -120,6 +120,9 @@ pub struct Settings {
     pub instance: String,
     /// Poll interval of the drain watcher.
     pub drain_poll: Duration,
+    /// Test hook: stop at this step of every release (as if the daemon hung there), so
+    /// a test can kill the daemon at a known step.
+    pub pause_at: Option<Phase>,
 }
 
 /// The data plane as last applied: lets a switch be a map-element change.
@@ -612,6 +615,7 @@ impl Releaser {
             }
         })
         .await?;
+        self.checkpoint(service, Phase::Starting).await;
         self.cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await
     }
 
@@ -672,6 +676,7 @@ impl Releaser {
             }
         })
         .await?;
+        self.checkpoint(service, Phase::Starting).await;
         let manifest = target.manifest.clone();
         self.cut_over(service, OperationKind::Rollback, from, number, &manifest, info, progress).await
     }
@@ -730,13 +735,16 @@ impl Releaser {
         })
         .await?;
         self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
+        self.checkpoint(service, Phase::Switched).await;
 
         // Drain and stop the old release.
         let mut drain_ms = None;
         if let Some(old) = from.and_then(|f| state.services.get(service).and_then(|svc| svc.release(f)).cloned()) {
             self.set_phase(service, Phase::Draining).await?;
             let started = Instant::now();
-            self.drain(service, to, &old, progress).await;
+            if let Err(reason) = self.drain_and_watch(service, to, &old, manifest, &info, progress).await {
+                return self.switch_back(service, kind, &old, to, &info, &reason, progress).await;
+            }
             drain_ms = Some(ms(started.elapsed()));
             if manifest.ports.iter().any(|p| p.protocol == Protocol::Udp) {
                 if let Some(addr) = old.addr {
@@ -858,23 +866,43 @@ impl Releaser {
         }
     }
 
-    async fn drain(&self, service: &str, to: u32, old: &Release, progress: &ProgressTx) {
-        let timeout = old.manifest.drain_timeout.max(Duration::ZERO);
+    /// Wait until the old release holds no connection (or its drain timeout passes),
+    /// keeping it running at least `watch` long; meanwhile watch the new release. Err
+    /// with the reason if the new release exits or fails its health check while the old
+    /// one can still take the traffic back.
+    async fn drain_and_watch(
+        &self,
+        service: &str,
+        to: u32,
+        old: &Release,
+        manifest: &Manifest,
+        new: &ContainerInfo,
+        progress: &ProgressTx,
+    ) -> Result<(), String> {
+        let timeout = old.manifest.drain_timeout;
+        let watch = manifest.watch;
         let started = Instant::now();
         let pid = match self.engine.inspect(old.container_id.clone(), old.manifest.network.clone()).await {
             Ok(Some(info)) => info.pid,
             _ => None,
         };
-        let Some(pid) = pid else { return };
         let ports: Vec<u16> =
             old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container).collect();
+        let mut next_probe = Instant::now();
         loop {
-            let open = match self.checks.open_connections(pid, ports.clone()).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");
-                    usize::MAX
-                }
+            // The new release first: a failure here is worth more than a drain count.
+            if let Some(reason) = self.new_release_failed(manifest, new, &mut next_probe).await {
+                return Err(reason);
+            }
+            let open = match pid {
+                None => 0,
+                Some(pid) => match self.checks.open_connections(pid, ports.clone()).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");
+                        usize::MAX
+                    }
+                },
             };
             let elapsed = started.elapsed();
             let _ = progress.send(Progress {
@@ -890,11 +918,105 @@ impl Releaser {
                 limit_ms: Some(ms(timeout)),
                 connections: (open != usize::MAX).then_some(open),
             });
-            if open == 0 || elapsed >= timeout {
-                return;
+            if (open == 0 && elapsed >= watch) || elapsed >= timeout.max(watch) {
+                return Ok(());
             }
-            tokio::time::sleep(self.settings.drain_poll.min(timeout - elapsed)).await;
+            tokio::time::sleep(self.settings.drain_poll).await;
         }
+    }
+
+    /// Has the just-switched-to release died or become unhealthy?
+    async fn new_release_failed(&self, manifest: &Manifest, new: &ContainerInfo, next_probe: &mut Instant) -> Option<String> {
+        let current = match self.engine.inspect(new.id.clone(), manifest.network.clone()).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Some("its container disappeared".into()),
+            // The engine may be restarting: not a verdict on the release.
+            Err(_) => return None,
+        };
+        if !current.running {
+            return Some(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
+        }
+        if Instant::now() < *next_probe {
+            return None;
+        }
+        *next_probe = Instant::now() + manifest.health.interval;
+        let health = &manifest.health;
+        match health.kind {
+            HealthKind::None => None,
+            HealthKind::Docker => (current.health.as_deref() == Some("unhealthy")).then(|| "Docker reports it unhealthy".to_string()),
+            HealthKind::Http | HealthKind::Tcp => {
+                let (Some(addr), Some(port)) = (current.addr, manifest.health_port()) else { return None };
+                self.checks.probe(health.clone(), (addr, port).into()).await.err()
+            }
+        }
+    }
+
+    /// The new release failed while the old one was still running: point the host
+    /// ports back at the old release, remove the new one, and report it.
+    #[allow(clippy::too_many_arguments)]
+    async fn switch_back(
+        &self,
+        service: &str,
+        kind: OperationKind,
+        old: &Release,
+        to: u32,
+        new: &ContainerInfo,
+        reason: &str,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
+        tracing::error!(service, release = to, reason, "the new release failed after the switch; switching back");
+        let state = self.snapshot().await;
+        let desired = self.desired(&state, Some((service, old.number))).await?;
+        self.program(&desired).await?;
+        self.emit(progress, service, old.number, "reverted", format!(
+            "release {to} failed after the switch ({reason}); traffic is back on release {}", old.number
+        ));
+        let logs = self.engine.logs_tail(new.id.clone(), 20).await.unwrap_or_default();
+        let s = service.to_string();
+        let (from, reason_s) = (old.number, reason.to_string());
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.active = Some(from);
+                if let Some(r) = svc.release_mut(from) {
+                    r.status = ReleaseStatus::Active;
+                }
+                if let Some(r) = svc.release_mut(to) {
+                    r.status = match kind {
+                        OperationKind::Deploy => ReleaseStatus::Failed,
+                        OperationKind::Rollback => ReleaseStatus::Stopped,
+                    };
+                }
+                if kind == OperationKind::Deploy {
+                    svc.manifest.image = svc.release(from).map(|r| r.image.clone()).unwrap_or_default();
+                }
+                svc.operation = None;
+                svc.record(HistoryEntry {
+                    at: now(),
+                    kind,
+                    from: Some(from),
+                    to,
+                    outcome: "reverted".into(),
+                    message: format!("failed after the switch: {reason_s}; switched back automatically"),
+                    health_ms: None,
+                    switch_us: None,
+                    drain_ms: None,
+                });
+            }
+        })
+        .await?;
+        let undo = match kind {
+            OperationKind::Deploy => self.engine.remove(new.id.clone()).await,
+            OperationKind::Rollback => self.engine.stop(new.id.clone(), Duration::from_secs(1)).await,
+        };
+        if let Err(e) = undo {
+            tracing::warn!(service, error = %e, "removing the failed release");
+        }
+        Err(ReleaseError::Unhealthy {
+            service: service.to_string(),
+            release: to,
+            reason: format!("{reason} after the switch; traffic is back on release {}", old.number),
+            logs,
+        })
     }
 
     async fn set_phase(&self, service: &str, phase: Phase) -> Result<(), ReleaseError> {
@@ -904,7 +1026,17 @@ impl Releaser {
                 op.phase = phase;
             }
         })
-        .await
+        .await?;
+        self.checkpoint(service, phase).await;
+        Ok(())
+    }
+
+    /// The test hook of [`Settings::pause_at`].
+    async fn checkpoint(&self, service: &str, phase: Phase) {
+        if self.settings.pause_at == Some(phase) {
+            tracing::warn!(service, ?phase, "paused at this step (--pause-at test hook)");
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Undo a release that never got switched to: remove (deploy) or stop (rollback) its

@@ -52,6 +52,11 @@ pub struct Manifest {
     pub health: HealthSpec,
     #[serde(default = "defaults::drain_timeout", with = "duration_text")]
     pub drain_timeout: Duration,
+    /// After a switch the old release keeps running at least this long while the new one
+    /// is watched; if the new one exits or fails its health check in that time, traffic
+    /// is switched back at once.
+    #[serde(default = "defaults::watch", with = "duration_text")]
+    pub watch: Duration,
     #[serde(default = "defaults::stop_signal")]
     pub stop_signal: String,
     #[serde(default = "defaults::stop_timeout", with = "duration_text")]
@@ -189,6 +194,9 @@ mod defaults {
     }
     pub fn network() -> String {
         "bridge".into()
+    }
+    pub fn watch() -> Duration {
+        Duration::from_secs(2)
     }
     pub fn udp_idle() -> Duration {
         Duration::from_secs(5)

@@ -35,7 +35,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     let store = StateStore::open(&args.state_dir)?;
     let engine = DockerEngine::connect(&args.docker).await?;
     let firewall = NftFirewall::new();
-    let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250) };
+    let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
     let releaser = Arc::new(Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?);
     notify("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;

@@ -173,6 +173,7 @@ impl Firewall for FakeFirewall {
 
 struct FakeChecks {
     engine: Arc<FakeEngine>,
+    probes: std::sync::atomic::AtomicUsize,
 }
 
 impl Checks for FakeChecks {
@@ -181,6 +182,10 @@ impl Checks for FakeChecks {
             let SocketAddr::V4(v4) = addr else { return Err("v6".into()) };
             match self.engine.image_at(*v4.ip()) {
                 Some(img) if img.contains("broken") => Err("GET /healthz answered 503".into()),
+                // Healthy for the gate, failing right after the switch.
+                Some(img) if img.contains("dies-later") && self.probes.fetch_add(1, Ordering::SeqCst) > 0 => {
+                    Err("connection refused".into())
+                }
                 Some(_) => Ok(()),
                 None => Err("connection refused".into()),
             }
@@ -206,9 +211,9 @@ struct World {
 }
 
 fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeFirewall>) -> World {
-    let checks = Arc::new(FakeChecks { engine: engine.clone() });
+    let checks = Arc::new(FakeChecks { engine: engine.clone(), probes: Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
-    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) };
+    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
     let releaser = Releaser::new(engine.clone(), firewall.clone(), checks, settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
@@ -222,7 +227,7 @@ fn world() -> World {
 fn manifest(image: &str, keep: u32) -> Manifest {
     let text = format!(
         "name: web\nimage: {image}\nports: [{{host: 8080, container: 80}}]\nkeep: {keep}\n\
-         health: {{type: http, path: /healthz, interval: 10ms, deadline: 200ms}}\ndrain_timeout: 50ms\n"
+         health: {{type: http, path: /healthz, interval: 10ms, deadline: 200ms}}\ndrain_timeout: 50ms\nwatch: 20ms\n"
     );
     Manifest::parse(Path::new("web.yaml"), &text).unwrap()
 }
@@ -418,4 +423,21 @@ async fn restart_undoes_before_the_switch_and_finishes_after_it() {
         let last = state.services["web"].history.last().unwrap();
         assert_eq!(last.outcome, if expect_active == 2 { "finished_after_restart" } else { "undone" });
     }
+}
+
+#[tokio::test]
+async fn a_release_failing_right_after_the_switch_is_switched_back() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let err = w.releaser.deploy("web", "web:dies-later", &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("after the switch; traffic is back on release 1"), "{err}");
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:1"));
+    assert_eq!(w.firewall.batches(), vec!["sync", "ops:2", "ops:2"]);
+    assert_eq!(w.engine.running(), vec!["cutover-web-1"]);
+    let state = w.releaser.snapshot().await;
+    let svc = &state.services["web"];
+    assert_eq!(svc.active, Some(1));
+    assert_eq!(svc.manifest.image, "web:1");
+    assert_eq!(svc.release(2).unwrap().status, ReleaseStatus::Failed);
+    assert_eq!(svc.history.last().unwrap().outcome, "reverted");
 }
