@@ -117,6 +117,7 @@ impl Daemon {
         wait_for(&format!("`{described}` to accept connections on {}", socket.display()), START_TIMEOUT, || {
             if let Some(c) = child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
+                    *child = None;
                     panic!(
                         "`{described}` exited ({status}) before its socket accepted connections; its log:\n{}",
                         std::fs::read_to_string(&log).unwrap_or_default()
@@ -210,8 +211,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let was_started = self.child.is_some();
         self.kill9();
-        if std::thread::panicking() {
+        // When `start` itself failed, its panic message already holds the log.
+        if std::thread::panicking() && was_started {
             eprintln!("----- log of daemon {} -----\n{}\n----- end of log -----", self.tag, tail(&self.log(), 200));
         }
         super::cleanup::remove_tagged(&self.tag, &self.table).report(&format!("daemon {}", self.tag));
