@@ -1,1 +1,71 @@
-//! (being written)
+//! The shared kit of the root acceptance tests (`mod common;` in each file of `tests/`).
+//!
+//! It owns what a test needs around the binary under test, each piece parallel-safe and
+//! self-cleaning:
+//! - [`Ids`]: names and numbers of one test run (service, table, mark, namespaces,
+//!   subnets, ports), unique across parallel tests; sweeps leftovers of crashed runs;
+//! - [`ClientHost`]: "another host" (a namespace over a veth pair); [`At`]: where a
+//!   client runs (host, namespace, a container's namespace);
+//! - [`Wrk`], [`curl`], [`SlowRequest`]: real clients and their results;
+//! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
+//! - [`set_route_localnet`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
+//!
+//! It must not touch anything that does not carry the test's tag: other tables, other
+//! DOCKER-USER rules, other containers.
+
+// Each test file uses only part of the kit.
+#![allow(dead_code, unused_imports)]
+
+pub mod cleanup;
+pub mod cmd;
+pub mod daemon;
+pub mod docker;
+pub mod http;
+pub mod ids;
+pub mod netns;
+pub mod sysctl;
+pub mod wrk;
+
+pub use cleanup::{remove_tagged, sweep_stale, INSTANCE_LABEL};
+pub use cmd::{run, try_run, wait_for, Outcome, DOCKER};
+pub use daemon::{CliOutput, Daemon, CUTOVER};
+pub use docker::{
+    containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
+    DockerNetwork,
+};
+pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
+pub use ids::{Ids, Subnet};
+pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
+pub use sysctl::{route_localnet, set_route_localnet, RouteLocalnetGuard};
+pub use wrk::{Latency, SocketErrors, Wrk, WrkReport, WrkRun};
+
+/// `nft -j list table inet <table>` as JSON (the independent oracle of what cutover
+/// installed), or `None` if the table does not exist.
+pub fn nft_table_json(table: &str) -> Option<serde_json::Value> {
+    let out = cmd::output(&mut cmd::cmd("nft", ["-j", "list", "table", "inet", table])).ok()?;
+    if !out.success() {
+        return None;
+    }
+    serde_json::from_str(&out.stdout).ok()
+}
+
+/// `nft list table inet <table>` as text, or `None` if it does not exist. Handles
+/// stripped, so two listings compare equal when the ruleset did not change.
+pub fn nft_table_text(table: &str) -> Option<String> {
+    let out = cmd::output(&mut cmd::cmd("nft", ["list", "table", "inet", table])).ok()?;
+    out.success().then_some(out.stdout)
+}
+
+/// The DOCKER-USER rules (`iptables -S` lines) carrying comment `cutover:<table>`.
+pub fn docker_user_rules(table: &str) -> Vec<String> {
+    let want = cleanup::docker_user_comment(table);
+    cmd::output(&mut cmd::cmd("iptables", ["-w", "-S", "DOCKER-USER"]))
+        .map(|o| {
+            o.stdout
+                .lines()
+                .filter(|l| cleanup::rule_comment(l).as_deref() == Some(want.as_str()))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}

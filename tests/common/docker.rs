@@ -1,0 +1,189 @@
+//! The Docker engine as the tests use it: whether it runs, demo images of the project's
+//! own HTTP server, and a Docker network (with its own bridge) per test.
+//!
+//! Demo images go through [`build_demo_image`], the one place to switch to
+//! `cutover::docker::image::build_demo_image` when that library function lands (see
+//! the comment there).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use super::cleanup::INSTANCE_LABEL;
+use super::cmd::{cmd, output, run, try_run, DOCKER};
+use super::ids::Ids;
+
+/// True if Debian's docker client reaches an engine.
+pub fn docker_available() -> bool {
+    static UP: OnceLock<bool> = OnceLock::new();
+    *UP.get_or_init(|| {
+        output(&mut cmd(DOCKER, ["version", "--format", "{{.Server.Version}}"])).is_ok_and(|o| o.success())
+    })
+}
+
+/// Panics, saying how to fix it, unless the tests run as root.
+#[track_caller]
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(euid == 0, "these acceptance tests need root (namespaces, nftables, Docker): run them with sudo or as root");
+}
+
+/// Panics with how to start the engine unless root and Docker are available.
+#[track_caller]
+pub fn require_docker() {
+    require_root();
+    if !docker_available() {
+        let why = output(&mut cmd(DOCKER, ["version"])).map(|o| o.stderr).unwrap_or_else(|e| e.to_string());
+        panic!(
+            "the Docker engine is not reachable through {DOCKER} at /var/run/docker.sock ({}).\n\
+             Start it with `sudo .ci/provision` (installs Debian's docker.io and starts dockerd), \
+             or `nohup /usr/sbin/dockerd >/var/log/cutover-dockerd.log 2>&1 &`.",
+            why.trim()
+        );
+    }
+}
+
+/// What a demo image is made of. Mirrors `cutover::docker::image::DemoImage` (same
+/// fields) so the switch to the library is a one-place change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoImage {
+    /// Image reference to tag, e.g. `ids.image("v1")`.
+    pub tag: String,
+    /// Release name the server answers with (`GET /` -> `<release>\n`).
+    pub release: String,
+    /// Extra environment baked into the image (the server's switches: slow start,
+    /// failing health...).
+    pub env: BTreeMap<String, String>,
+    /// Whether the image has a Docker HEALTHCHECK (manifest `health: {type: docker}`).
+    pub healthcheck: bool,
+}
+
+/// Builds (or rebuilds) demo image `ids.image(release)` answering `<release>\n`; the
+/// image is removed when `ids` (or the test's `Daemon`) is dropped. Returns its reference.
+#[track_caller]
+pub fn demo_image(ids: &Ids, release: &str, env: &[(&str, &str)]) -> String {
+    let spec = DemoImage {
+        tag: ids.image(release),
+        release: release.to_string(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        healthcheck: false,
+    };
+    demo_image_with(ids, &spec)
+}
+
+/// Builds `spec` (its `tag` must come from `ids.image(..)` so cleanup finds it).
+#[track_caller]
+pub fn demo_image_with(ids: &Ids, spec: &DemoImage) -> String {
+    require_docker();
+    assert!(
+        spec.tag.starts_with(&format!("{}{}:", super::ids::IMAGE_PREFIX, ids.tag)),
+        "demo image tag {} does not belong to this test: use ids.image(..)",
+        spec.tag
+    );
+    ids.mark_docker_used();
+    build_demo_image(spec).unwrap_or_else(|e| panic!("building demo image {}: {e}", spec.tag));
+    spec.tag.clone()
+}
+
+/// THE INDIRECTION. Today: a `FROM scratch` image built by Debian's docker client around
+/// the static demo server embedded in the crate (`cutover::embedded::DEMO_SERVER`, or
+/// the file named by `CUTOVER_DEMO_SERVER`), the release in env `RELEASE`.
+///
+/// When `cutover::docker::image::build_demo_image` lands, replace the body with:
+/// ```ignore
+/// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+/// rt.block_on(async {
+///     let docker = bollard::Docker::connect_with_unix_defaults().map_err(|e| e.to_string())?
+///         .negotiate_version().await.map_err(|e| e.to_string())?;
+///     let image = cutover::docker::image::DemoImage {
+///         tag: spec.tag.clone(), release: spec.release.clone(), env: spec.env.clone(), healthcheck: spec.healthcheck,
+///     };
+///     cutover::docker::image::build_demo_image(&docker, &image).await.map_err(|e| e.to_string())
+/// })
+/// ```
+/// (and drop `DemoImage` here for a `pub use` of the library's).
+pub fn build_demo_image(spec: &DemoImage) -> Result<(), String> {
+    if spec.healthcheck {
+        return Err("images with a HEALTHCHECK need cutover::docker::image::build_demo_image \
+                    (the interim builder does not know the server's probe command)"
+            .into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let server = match std::env::var_os("CUTOVER_DEMO_SERVER") {
+        Some(path) => std::fs::read(&path).map_err(|e| format!("read CUTOVER_DEMO_SERVER={}: {e}", path.to_string_lossy()))?,
+        None => cutover::embedded::DEMO_SERVER.to_vec(),
+    };
+    let bin = dir.path().join("demo-server");
+    std::fs::write(&bin, server).map_err(|e| format!("write {}: {e}", bin.display()))?;
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", bin.display()))?;
+    let mut dockerfile = String::from("FROM scratch\nCOPY demo-server /demo-server\n");
+    let mut env = spec.env.clone();
+    env.insert("RELEASE".into(), spec.release.clone());
+    for (k, v) in &env {
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`{k}` is not an environment variable name"));
+        }
+        dockerfile.push_str(&format!("ENV {k}=\"{}\"\n", v.replace('\\', "\\\\").replace('"', "\\\"")));
+    }
+    dockerfile.push_str("ENTRYPOINT [\"/demo-server\"]\n");
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).map_err(|e| format!("write Dockerfile: {e}"))?;
+    let mut c = cmd(DOCKER, ["build", "-q", "--force-rm", "-t", &spec.tag]);
+    c.arg(dir.path()).env("DOCKER_BUILDKIT", "0");
+    try_run(&mut c).map(drop).map_err(|e| e.to_string())
+}
+
+/// True if image `reference` exists in the engine.
+pub fn image_exists(reference: &str) -> bool {
+    output(&mut cmd(DOCKER, ["image", "inspect", "--format", "{{.Id}}", reference])).is_ok_and(|o| o.success())
+}
+
+/// Ids of the containers (running or not) labelled `cutover.instance=<ids.tag>`.
+pub fn containers_of(ids: &Ids) -> Vec<String> {
+    let out = run(&mut cmd(DOCKER, ["ps", "-aq", "--filter", &format!("label={INSTANCE_LABEL}={}", ids.tag)]));
+    out.split_whitespace().map(str::to_string).collect()
+}
+
+/// A Docker bridge network of one test, with its own Linux bridge `ids.bridge()`, so a
+/// test can set `route_localnet` on it without touching other tests' traffic. Removed on
+/// drop (after the containers on it: create it before the `Daemon`).
+#[derive(Debug)]
+pub struct DockerNetwork {
+    pub name: String,
+    pub bridge: String,
+}
+
+impl DockerNetwork {
+    #[track_caller]
+    pub fn new(ids: &Ids) -> DockerNetwork {
+        require_docker();
+        ids.mark_docker_used();
+        let net = DockerNetwork { name: ids.network(), bridge: ids.bridge() };
+        run(&mut cmd(
+            DOCKER,
+            [
+                "network",
+                "create",
+                "--driver",
+                "bridge",
+                "--label",
+                &format!("{INSTANCE_LABEL}={}", ids.tag),
+                "-o",
+                &format!("com.docker.network.bridge.name={}", net.bridge),
+                &net.name,
+            ],
+        ));
+        net
+    }
+}
+
+impl Drop for DockerNetwork {
+    fn drop(&mut self) {
+        match try_run(&mut cmd(DOCKER, ["network", "rm", &self.name])) {
+            Err(e) if !e.stderr.contains("No such network") && !e.stderr.contains("not found") => {
+                eprintln!("cleanup: removing docker network {}: {e}", self.name);
+            }
+            _ => {}
+        }
+    }
+}
