@@ -85,52 +85,24 @@ pub fn demo_image_with(ids: &Ids, spec: &DemoImage) -> String {
     spec.tag.clone()
 }
 
-/// THE INDIRECTION. Today: a `FROM scratch` image built by Debian's docker client around
-/// the static demo server embedded in the crate (`cutover::embedded::DEMO_SERVER`, or
-/// the file named by `CUTOVER_DEMO_SERVER`), the release in env `RELEASE`.
-///
-/// When `cutover::docker::image::build_demo_image` lands, replace the body with:
-/// ```ignore
-/// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-/// rt.block_on(async {
-///     let docker = bollard::Docker::connect_with_unix_defaults().map_err(|e| e.to_string())?
-///         .negotiate_version().await.map_err(|e| e.to_string())?;
-///     let image = cutover::docker::image::DemoImage {
-///         tag: spec.tag.clone(), release: spec.release.clone(), env: spec.env.clone(), healthcheck: spec.healthcheck,
-///     };
-///     cutover::docker::image::build_demo_image(&docker, &image).await.map_err(|e| e.to_string())
-/// })
-/// ```
-/// (and drop `DemoImage` here for a `pub use` of the library's).
+/// Builds the image with the library's builder (`FROM scratch` around the static demo
+/// server embedded in the crate), through the Docker API.
 pub fn build_demo_image(spec: &DemoImage) -> Result<(), String> {
-    if spec.healthcheck {
-        return Err("images with a HEALTHCHECK need cutover::docker::image::build_demo_image \
-                    (the interim builder does not know the server's probe command)"
-            .into());
-    }
-    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let server = match std::env::var_os("CUTOVER_DEMO_SERVER") {
-        Some(path) => std::fs::read(&path).map_err(|e| format!("read CUTOVER_DEMO_SERVER={}: {e}", path.to_string_lossy()))?,
-        None => cutover::embedded::DEMO_SERVER.to_vec(),
-    };
-    let bin = dir.path().join("demo-server");
-    std::fs::write(&bin, server).map_err(|e| format!("write {}: {e}", bin.display()))?;
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| format!("chmod {}: {e}", bin.display()))?;
-    let mut dockerfile = String::from("FROM scratch\nCOPY demo-server /demo-server\n");
-    let mut env = spec.env.clone();
-    env.insert("RELEASE".into(), spec.release.clone());
-    for (k, v) in &env {
-        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`{k}` is not an environment variable name"));
-        }
-        dockerfile.push_str(&format!("ENV {k}=\"{}\"\n", v.replace('\\', "\\\\").replace('"', "\\\"")));
-    }
-    dockerfile.push_str("ENTRYPOINT [\"/demo-server\"]\n");
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile).map_err(|e| format!("write Dockerfile: {e}"))?;
-    let mut c = cmd(DOCKER, ["build", "-q", "--force-rm", "-t", &spec.tag]);
-    c.arg(dir.path()).env("DOCKER_BUILDKIT", "0");
-    try_run(&mut c).map(drop).map_err(|e| e.to_string())
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let docker = bollard::Docker::connect_with_unix_defaults()
+            .map_err(|e| e.to_string())?
+            .negotiate_version()
+            .await
+            .map_err(|e| e.to_string())?;
+        let image = cutover::docker::image::DemoImage {
+            tag: spec.tag.clone(),
+            release: spec.release.clone(),
+            env: spec.env.clone(),
+            healthcheck: spec.healthcheck,
+        };
+        cutover::docker::image::build_demo_image(&docker, &image).await.map_err(|e| e.to_string())
+    })
 }
 
 /// True if image `reference` exists in the engine.
