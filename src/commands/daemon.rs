@@ -50,6 +50,9 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.display(), table = %args.table, services, "cutover daemon ready");
     notify(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
 
+    let watcher = releaser.clone();
+    tokio::spawn(async move { watcher.watch_engine().await });
+
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {
