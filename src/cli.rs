@@ -104,6 +104,10 @@ pub struct DemoArgs {
     pub json: bool,
     #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
+    /// Names the demo's images (NAME:v1, NAME:v2), container label and nftables table, so
+    /// that tests can run a demo apart from an operator's.
+    #[arg(long, default_value = "cutover-demo", hide = true)]
+    pub lab_name: String,
 }
 
 #[derive(Debug, Args)]

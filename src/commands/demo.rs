@@ -30,13 +30,9 @@ use crate::loadgen::{get_once, FailureKind, Load, LoadSpec};
 use crate::manifest::Manifest;
 use crate::nat::{Firewall, NftFirewall};
 
-/// The private daemon's nftables table and container label: apart from the production
-/// daemon's (`cutover`), so the demo can run on a host that already uses cutover.
-const TABLE: &str = "cutover_demo";
-const INSTANCE: &str = "cutover-demo";
 const MARK: u32 = 0x2000_0000;
 const SERVICE: &str = "demo";
-const IMAGES: [(&str, &str); 2] = [("cutover-demo:v1", "v1"), ("cutover-demo:v2", "v2")];
+const RELEASES: [&str; 2] = ["v1", "v2"];
 /// Long-lived connections hold the old release until it is stopped, so the drain ends
 /// at this timeout; short keeps the demo short.
 const DRAIN_TIMEOUT: &str = "3s";
@@ -48,8 +44,39 @@ const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// side but that the daemon runs to its end (health deadline + drain + stop).
 const BUSY_WAIT: Duration = Duration::from_secs(60);
 
+/// The names of what the demo makes, all derived from `--lab-name` (default
+/// `cutover-demo`): its nftables table and container label stay apart from the production
+/// daemon's (`cutover`), so the demo can run on a host that already uses cutover, and
+/// tests can run a demo of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Names {
+    /// `cutover_demo`
+    table: String,
+    /// `cutover-demo`
+    instance: String,
+    /// `cutover-demo:v1`, `cutover-demo:v2`
+    images: [String; 2],
+}
+
+impl Names {
+    fn new(lab: &str) -> Result<Names, Failure> {
+        let ok = !lab.is_empty()
+            && lab.len() <= 40
+            && lab.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+            && lab.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(Failure::new(Exit::Invalid, format!("--lab-name `{lab}`: use up to 40 of a-z, 0-9 and '-', starting with a letter")));
+        }
+        Ok(Names {
+            table: lab.replace('-', "_"),
+            instance: lab.to_string(),
+            images: RELEASES.map(|r| format!("{lab}:{r}")),
+        })
+    }
+}
+
 /// The manifest of the demo service.
-fn manifest_text(port: u16) -> String {
+fn manifest_text(names: &Names, port: u16) -> String {
     format!(
         "# Written by `cutover demo`.\n\
 name: {SERVICE}\n\
@@ -59,7 +86,7 @@ health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  dea
 drain_timeout: {DRAIN_TIMEOUT}\n\
 stop_timeout: 5s\n\
 keep: 2\n",
-        IMAGES[0].0
+        names.images[0]
     )
 }
 
@@ -171,25 +198,27 @@ async fn interrupted() -> &'static str {
 }
 
 async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
+    let (table, instance) = (lab.names.table.clone(), lab.names.instance.clone());
+    let images = lab.names.images.clone();
     let firewall = NftFirewall::new();
-    if firewall.table_exists(TABLE).map_err(|e| Failure::new(Exit::Refused, format!("cannot read nftables: {e}")))? {
+    if firewall.table_exists(&table).map_err(|e| Failure::new(Exit::Refused, format!("cannot read nftables: {e}")))? {
         return Err(Failure::new(
             Exit::Refused,
             format!(
-                "nftables table inet {TABLE} exists: another `cutover demo` runs, or one was killed before it could clean \
-                 up. If none runs: docker rm -f $(docker ps -aq --filter label=cutover.instance={INSTANCE}); \
-                 nft delete table inet {TABLE}"
+                "nftables table inet {table} exists: another `cutover demo` runs, or one was killed before it could clean \
+                 up. If none runs: docker rm -f $(docker ps -aq --filter label=cutover.instance={instance}); \
+                 nft delete table inet {table}"
             ),
         )
         .into());
     }
-    say(&format!("building the demo images {} and {} (no registry needed)", IMAGES[0].0, IMAGES[1].0));
+    say(&format!("building the demo images {} and {} (no registry needed)", images[0], images[1]));
     lab.build_images().await?;
     say("starting a private cutover daemon");
     lab.start_daemon().await?;
 
-    say(&format!("registering service `{SERVICE}` on port {} with release 1 ({})", args.port, IMAGES[0].0));
-    let manifest = manifest_text(args.port);
+    say(&format!("registering service `{SERVICE}` on port {} with release 1 ({})", args.port, images[0]));
+    let manifest = manifest_text(&lab.names, args.port);
     Manifest::parse(Path::new("demo.yaml"), &manifest).map_err(|e| Failure::new(Exit::Refused, format!("the demo manifest: {e}")))?;
     lab.applied = true;
     lab.call(&Request::Apply { manifests: vec![ManifestText { file: "demo.yaml".into(), text: manifest }] }).await?;
@@ -215,7 +244,7 @@ async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
     lab.steps.push(baseline);
 
     let deploy = step(&load, target, args.settle, "deploy v2", async {
-        let data = lab.call(&Request::Deploy { service: SERVICE.into(), image: IMAGES[1].0.into() }).await?;
+        let data = lab.call(&Request::Deploy { service: SERVICE.into(), image: images[1].clone() }).await?;
         Ok(Some(serde_json::from_value::<Outcome>(data).context("the daemon's deploy outcome")?))
     })
     .await?;
@@ -321,6 +350,7 @@ fn print_summary(r: &Report) {
 
 /// Everything the demo made, so that [`Lab::teardown`] can undo it.
 struct Lab {
+    names: Names,
     dir: PathBuf,
     socket: PathBuf,
     docker_endpoint: String,
@@ -339,6 +369,7 @@ struct Lab {
 
 impl Lab {
     fn create(args: &DemoArgs) -> anyhow::Result<Lab> {
+        let names = Names::new(&args.lab_name)?;
         let dir = std::env::temp_dir().join(format!("cutover-demo-{}", std::process::id()));
         // Private (0700): it holds the daemon's control socket.
         std::fs::DirBuilder::new()
@@ -346,6 +377,7 @@ impl Lab {
             .create(&dir)
             .with_context(|| format!("cannot create the demo's directory {}", dir.display()))?;
         Ok(Lab {
+            names,
             socket: dir.join("cutover.sock"),
             dir,
             docker_endpoint: args.docker.clone(),
@@ -374,9 +406,9 @@ impl Lab {
     }
 
     async fn build_images(&mut self) -> anyhow::Result<()> {
-        for (tag, release) in IMAGES {
-            self.images.push(tag.to_string());
-            let spec = DemoImage { tag: tag.into(), release: release.into(), env: BTreeMap::new(), healthcheck: false };
+        for (tag, release) in self.names.images.clone().into_iter().zip(RELEASES) {
+            self.images.push(tag.clone());
+            let spec = DemoImage { tag, release: release.into(), env: BTreeMap::new(), healthcheck: false };
             let engine = self.engine().await?;
             build_demo_image(engine.client(), &spec).await?;
         }
@@ -393,7 +425,8 @@ impl Lab {
             .arg(&self.socket)
             .args(["--log", "info", "daemon", "--state-dir"])
             .arg(self.dir.join("state"))
-            .args(["--table", TABLE, "--instance", INSTANCE, "--mark", &format!("{MARK:#x}"), "--docker", &self.docker_endpoint])
+            .args(["--table", &self.names.table, "--instance", &self.names.instance])
+            .args(["--mark", &format!("{MARK:#x}"), "--docker", &self.docker_endpoint])
             // Not ours to pass on: under systemd the child would report readiness as if
             // it were the unit's main process.
             .env_remove("NOTIFY_SOCKET")
@@ -520,8 +553,9 @@ impl Lab {
     /// `route_localnet` values are the daemon's to restore (it records what they were).
     async fn remove_leftovers(&mut self) -> (Vec<String>, Vec<String>) {
         let (mut found, mut problems) = (Vec::new(), Vec::new());
+        let instance = self.names.instance.clone();
         match self.engine().await {
-            Ok(engine) => match engine.list_instance(INSTANCE.into()).await {
+            Ok(engine) => match engine.list_instance(instance).await {
                 Ok(list) => {
                     for c in list {
                         found.push(format!("container {}", c.name));
@@ -535,14 +569,15 @@ impl Lab {
             Err(e) => problems.push(e.to_string()),
         }
         let firewall = NftFirewall::new();
-        if let Err(e) = firewall.remove_forward_accept(TABLE, MARK) {
+        let table = &self.names.table;
+        if let Err(e) = firewall.remove_forward_accept(table, MARK) {
             problems.push(e.to_string());
         }
-        match firewall.table_exists(TABLE) {
+        match firewall.table_exists(table) {
             Ok(false) => {}
             Ok(true) => {
-                found.push(format!("nftables table inet {TABLE}"));
-                if let Err(e) = firewall.delete_table(TABLE) {
+                found.push(format!("nftables table inet {table}"));
+                if let Err(e) = firewall.delete_table(table) {
                     problems.push(e.to_string());
                 }
             }
@@ -595,10 +630,22 @@ mod tests {
 
     #[test]
     fn the_demo_manifest_is_valid_and_drains_quickly() {
-        let m = Manifest::parse(Path::new("demo.yaml"), &manifest_text(18080)).unwrap();
+        let names = Names::new("cutover-demo").unwrap();
+        assert_eq!(names.table, "cutover_demo");
+        assert_eq!(names.images, ["cutover-demo:v1".to_string(), "cutover-demo:v2".to_string()]);
+        let m = Manifest::parse(Path::new("demo.yaml"), &manifest_text(&names, 18080)).unwrap();
         assert_eq!(m.name, SERVICE);
         assert_eq!(m.ports[0].host, 18080);
         assert_eq!(m.drain_timeout, Duration::from_secs(3));
         assert_eq!(m.health.kind, crate::manifest::HealthKind::Http);
+        assert_eq!(m.image, "cutover-demo:v1");
+    }
+
+    #[test]
+    fn lab_names_are_checked() {
+        assert!(Names::new("demo-test-12").is_ok());
+        for bad in ["", "Demo", "-x", "a b", "a_b", &"a".repeat(41)] {
+            assert!(Names::new(bad).is_err(), "{bad:?}");
+        }
     }
 }
