@@ -416,3 +416,65 @@ fn demo_runs_to_the_end_with_no_failed_request_and_cleans_up() {
     let rules = Command::new("iptables").args(["-w", "-S", "DOCKER-USER"]).output().unwrap();
     assert!(!text(&rules.stdout).contains(&format!("cutover:{table}")), "{}", text(&rules.stdout));
 }
+
+// ---------------------------------------------------------------------------------------
+// Install script
+
+#[test]
+fn install_script_stages_binary_unit_completions_and_docs() {
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(repo("dist/install.sh"))
+        .env("DESTDIR", root.path())
+        .env("BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "install.sh: {:?}\n{}", out.status, text(&out.stderr));
+    for file in [
+        "usr/local/bin/cutover",
+        "etc/systemd/system/cutover.service",
+        "usr/share/bash-completion/completions/cutover",
+        "usr/local/share/zsh/site-functions/_cutover",
+        "usr/share/fish/vendor_completions.d/cutover.fish",
+        "usr/local/share/doc/cutover/operations.md",
+        "usr/local/share/cutover/manifests/web.yaml",
+    ] {
+        let path = root.path().join(file);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0, "{file} is missing or empty after install.sh");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Vagrant lab
+
+#[test]
+fn vagrant_labs_use_the_ci_provisioning_and_validate() {
+    let provision = std::fs::read_to_string(repo("vagrant/provision.sh")).unwrap();
+    assert!(provision.contains(".ci/provision"), "the lab must prepare hosts as CI does");
+    assert!(provision.contains("dist/install.sh") && provision.contains("cutover demo"));
+    for dir in ["vagrant", "vagrant/two-host"] {
+        let file = std::fs::read_to_string(repo(&format!("{dir}/Vagrantfile"))).unwrap();
+        assert!(file.contains("debian/bookworm64"), "{dir}: not the Debian 12 box");
+        assert!(file.contains(":libvirt") && file.contains(":virtualbox"), "{dir}: both providers");
+        assert!(file.contains("provision.sh"), "{dir}: does not run the lab provisioning");
+    }
+    let vagrant = ["/usr/bin/vagrant", "/usr/local/bin/vagrant"].into_iter().map(Path::new).find(|p| p.exists());
+    let Some(vagrant) = vagrant else {
+        eprintln!("SKIP vagrant validate: vagrant is not installed (Debian 12: apt-get install vagrant)");
+        return;
+    };
+    for dir in ["vagrant", "vagrant/two-host"] {
+        // Its machine state goes to a temporary directory, not into the checkout.
+        let state = tempfile::tempdir().unwrap();
+        let out = Command::new(vagrant)
+            .args(["validate", "--ignore-provider"])
+            .current_dir(repo(dir))
+            .env("VAGRANT_DOTFILE_PATH", state.path())
+            .env("VAGRANT_HOME", state.path().join("home"))
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "vagrant validate in {dir}: {:?}\n{}{}", out.status, text(&out.stdout), text(&out.stderr));
+    }
+}
