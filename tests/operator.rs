@@ -229,6 +229,8 @@ struct PrivateDaemon {
     table: String,
     instance: String,
     images: Vec<String>,
+    /// A Docker network named like the instance was created.
+    network: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -251,7 +253,7 @@ impl PrivateDaemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut d = PrivateDaemon { child: Some(child), socket, table, instance, images: Vec::new(), _dir: dir };
+        let mut d = PrivateDaemon { child: Some(child), socket, table, instance, images: Vec::new(), network: false, _dir: dir };
         let started = Instant::now();
         while d.cli(&["status", "--json"]).status.code() == Some(3) {
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
@@ -286,6 +288,9 @@ impl Drop for PrivateDaemon {
             let _ = child.wait();
         }
         remove_everything(&self.table, &self.instance, &self.images);
+        if self.network {
+            let _ = Command::new(DOCKER).args(["network", "rm", &self.instance]).output();
+        }
     }
 }
 
@@ -322,11 +327,16 @@ fn json_outputs_of_apply_deploy_status_history_remove_parse() {
         let out = d.cli(&["demo-image", "--tag", &tag, "--release", release]);
         assert!(out.status.success(), "demo-image: {}", text(&out.stderr));
     }
+    // A network of its own: the daemon sets route_localnet on the service's bridge and
+    // restores it on removal, which must not touch a bridge other tests rely on.
+    let net = Command::new(DOCKER).args(["network", "create", &d.instance]).output().unwrap();
+    assert!(net.status.success(), "docker network create: {}", text(&net.stderr));
+    d.network = true;
     let service = format!("op-{pid}");
     let port = free_port();
     let manifest = format!(
-        "name: {service}\nimage: {}\nports: [{{host: {port}, container: 80}}]\nhealth: {{type: http, path: /healthz, interval: 200ms}}\ndrain_timeout: 1s\nstop_timeout: 2s\n",
-        d.images[0]
+        "name: {service}\nimage: {}\nports: [{{host: {port}, container: 80}}]\nhealth: {{type: http, path: /healthz, interval: 200ms}}\ndrain_timeout: 1s\nstop_timeout: 2s\nnetwork: {}\n",
+        d.images[0], d.instance
     );
     let file = d._dir.path().join("op.yaml");
     std::fs::write(&file, manifest).unwrap();
@@ -381,6 +391,7 @@ fn demo_runs_to_the_end_with_no_failed_request_and_cleans_up() {
     impl Drop for Guard<'_> {
         fn drop(&mut self) {
             remove_everything(self.0, self.1, self.2);
+            let _ = Command::new(DOCKER).args(["network", "rm", self.1]).output();
         }
     }
     let _guard = Guard(&table, &lab, &images);
@@ -415,6 +426,8 @@ fn demo_runs_to_the_end_with_no_failed_request_and_cleans_up() {
     }
     let rules = Command::new("iptables").args(["-w", "-S", "DOCKER-USER"]).output().unwrap();
     assert!(!text(&rules.stdout).contains(&format!("cutover:{table}")), "{}", text(&rules.stdout));
+    let net = Command::new(DOCKER).args(["network", "inspect", &lab]).output().unwrap();
+    assert!(!net.status.success(), "network {lab} left");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ struct Names {
     instance: String,
     /// `cutover-demo:v1`, `cutover-demo:v2`
     images: [String; 2],
+    /// `cutover-demo`: a bridge network of its own, so that what the daemon does to a
+    /// bridge (`route_localnet`, set and later restored) never touches the bridges of
+    /// other services on this host, nor theirs the demo's.
+    network: String,
 }
 
 impl Names {
@@ -71,6 +75,7 @@ impl Names {
             table: lab.replace('-', "_"),
             instance: lab.to_string(),
             images: RELEASES.map(|r| format!("{lab}:{r}")),
+            network: lab.to_string(),
         })
     }
 }
@@ -85,8 +90,9 @@ ports:\n  - host: {port}\n    container: 80\n\
 health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 20s\n\
 drain_timeout: {DRAIN_TIMEOUT}\n\
 stop_timeout: 5s\n\
-keep: 2\n",
-        names.images[0]
+keep: 2\n\
+network: {}\n",
+        names.images[0], names.network
     )
 }
 
@@ -214,6 +220,8 @@ async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
     }
     say(&format!("building the demo images {} and {} (no registry needed)", images[0], images[1]));
     lab.build_images().await?;
+    say(&format!("creating the Docker network {}", lab.names.network));
+    lab.create_network().await?;
     say("starting a private cutover daemon");
     lab.start_daemon().await?;
 
@@ -363,6 +371,8 @@ struct Lab {
     applied: bool,
     /// A daemon was started, so the demo's table and containers may exist.
     daemon_started: bool,
+    /// The demo's network was created (or found): removed at the end.
+    network_created: bool,
     /// The steps done so far: printed even when a later one fails or is interrupted.
     steps: Vec<StepReport>,
 }
@@ -387,6 +397,7 @@ impl Lab {
             daemon: None,
             applied: false,
             daemon_started: false,
+            network_created: false,
             steps: Vec::new(),
         })
     }
@@ -412,6 +423,29 @@ impl Lab {
             let engine = self.engine().await?;
             build_demo_image(engine.client(), &spec).await?;
         }
+        Ok(())
+    }
+
+    /// Reuses a network of that name (left by a demo that was killed).
+    async fn create_network(&mut self) -> anyhow::Result<()> {
+        let name = self.names.network.clone();
+        self.network_created = true;
+        let engine = self.engine().await?;
+        let docker = engine.client();
+        // Inspect first: engines of API 1.41 create a second network of the same name
+        // instead of refusing it, and then neither can be removed by name.
+        match docker.inspect_network(&name, None).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(anyhow::anyhow!("cannot inspect the Docker network {name}: {e}")),
+        }
+        let request = bollard::models::NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(std::collections::HashMap::from([(crate::docker::LABEL_INSTANCE.to_string(), name.clone())])),
+            ..Default::default()
+        };
+        docker.create_network(request).await.with_context(|| format!("cannot create the Docker network {name}"))?;
         Ok(())
     }
 
@@ -500,6 +534,16 @@ impl Lab {
                 }
             }
             problems.extend(failed);
+        }
+        if self.network_created {
+            let name = self.names.network.clone();
+            match self.engine().await {
+                Ok(engine) => match engine.client().remove_network(&name).await {
+                    Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+                    Err(e) => problems.push(format!("removing the Docker network {name}: {e}")),
+                },
+                Err(e) => problems.push(format!("removing the Docker network {name}: {e}")),
+            }
         }
         if !self.keep_images && !self.images.is_empty() {
             say(&format!("removing the images {}", self.images.join(", ")));
@@ -639,6 +683,7 @@ mod tests {
         assert_eq!(m.drain_timeout, Duration::from_secs(3));
         assert_eq!(m.health.kind, crate::manifest::HealthKind::Http);
         assert_eq!(m.image, "cutover-demo:v1");
+        assert_eq!(m.network, "cutover-demo");
     }
 
     #[test]
