@@ -315,7 +315,12 @@ impl Releaser {
         let state = self.snapshot().await;
         self.dataplane.lock().await.applied = None;
         let desired = self.desired(&state, None).await?;
-        self.program(&desired).await?;
+        if state.services.values().any(|s| s.manifest.handoff.is_none()) {
+            self.program(&desired).await?;
+        } else {
+            // Nothing to forward: leave no empty table behind.
+            self.firewall.delete_table(&self.settings.table)?;
+        }
         self.assert_host(&state, &desired).await?;
         Ok(notes)
     }
