@@ -45,6 +45,8 @@ pub enum ReleaseError {
     Nat(#[from] NatError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::brokers::BrokersError),
 }
 
 fn logs_suffix(logs: &str) -> String {
@@ -139,6 +141,8 @@ pub struct Releaser {
     state: Mutex<State>,
     dataplane: Mutex<Dataplane>,
     busy: StdMutex<HashSet<String>>,
+    /// Brokers of handoff-mode services (see `handoff_mode`); None: such services are refused.
+    handoff: Option<Arc<dyn crate::handoff::brokers::ServiceBrokers>>,
 }
 
 /// Marks a service busy for the lifetime of the guard.
@@ -177,6 +181,7 @@ impl Releaser {
             state: Mutex::new(state),
             dataplane: Mutex::new(Dataplane::default()),
             busy: StdMutex::new(HashSet::new()),
+            handoff: None,
         })
     }
 
@@ -269,9 +274,13 @@ impl Releaser {
     /// traffic never notices), finish or undo an interrupted operation, and re-assert
     /// the host settings.
     pub async fn reconcile(&self) -> Result<Vec<String>, ReleaseError> {
-        let mut notes = Vec::new();
+        // Handoff-mode services are restored (brokers, interrupted operations) there.
+        let mut notes = self.handoff_reconcile().await?;
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
+            if svc.manifest.handoff.is_some() {
+                continue; // handoff mode: done by handoff_reconcile
+            }
             // Re-read addresses: they change when the engine restarts containers.
             for number in svc.active.into_iter().chain(svc.operation.as_ref().map(|o| o.to)) {
                 let Some(rel) = svc.release(number) else { continue };
@@ -301,6 +310,9 @@ impl Releaser {
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
             let Some(op) = svc.operation.clone() else { continue };
+            if svc.manifest.handoff.is_some() {
+                continue; // handoff mode: done by handoff_reconcile
+            }
             let note = self.recover(name, svc, &op).await?;
             notes.push(note);
         }
@@ -448,12 +460,8 @@ impl Releaser {
     /// `apply`: register or update a service; deploy when what the container runs changed.
     pub async fn apply(&self, manifest: Manifest, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(&manifest.name)?;
-        if manifest.handoff.is_some() {
-            return Err(ReleaseError::Invalid(format!(
-                "service `{}` uses handoff mode, which this daemon does not run yet; use `ports` (NAT mode)",
-                manifest.name
-            )));
-        }
+        // Handoff mode: refuse mode switches, serve the listeners (see handoff_mode).
+        self.handoff_prepare(&manifest).await?;
         self.check_ports(&manifest).await?;
         let name = manifest.name.clone();
         let existing = self.snapshot().await.services.get(&name).cloned();
@@ -555,6 +563,9 @@ impl Releaser {
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
+        if svc.manifest.handoff.is_some() {
+            return self.handoff_release_new(service, image, progress).await; // see handoff_mode
+        }
         let mut manifest = svc.manifest.clone();
         manifest.image = image.clone();
         let container = format!("cutover-{service}-{number}");
@@ -563,6 +574,7 @@ impl Releaser {
             image: image.clone(),
             env: manifest.env.clone(),
             command: manifest.command.clone(),
+            entrypoint: None,
             network: manifest.network.clone(),
             labels: BTreeMap::from([
                 (LABEL_SERVICE.to_string(), service.to_string()),
@@ -688,6 +700,9 @@ impl Releaser {
         info: ContainerInfo,
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
+        if manifest.handoff.is_some() {
+            return self.handoff_cut_over(service, kind, from, to, manifest, info, progress).await; // see handoff_mode
+        }
         let health_started = Instant::now();
         if let Err(reason) = self.wait_healthy(service, to, manifest, &info, progress).await {
             let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
@@ -973,6 +988,7 @@ impl Releaser {
                 errors.push(e.to_string());
             }
         }
+        self.handoff_close(service); // handoff mode: the daemon's listeners close
         let s = service.to_string();
         let restore = self
             .commit(move |st| {
@@ -1056,6 +1072,8 @@ pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
         || old.stop_signal != new.stop_signal
         || ports(old) != ports(new)
 }
+
+mod handoff_mode;
 
 #[cfg(test)]
 mod tests;

@@ -46,6 +46,8 @@ pub enum DockerError {
     NoImage(String),
     #[error("network `{network}` {problem}")]
     Network { network: String, problem: String },
+    #[error("this container engine cannot {0}")]
+    Unsupported(&'static str),
 }
 
 /// What cutover asks for when it creates a release container.
@@ -55,6 +57,9 @@ pub struct ContainerSpec {
     pub image: String,
     pub env: BTreeMap<String, String>,
     pub command: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT when set (handoff mode wraps the server in
+    /// handoff-exec this way).
+    pub entrypoint: Option<Vec<String>>,
     /// Docker network name, or a network mode such as `host` / `container:<name>`.
     pub network: String,
     pub labels: BTreeMap<String, String>,
@@ -76,6 +81,13 @@ pub struct ContainerInfo {
     /// Docker health status when the image has a HEALTHCHECK: `starting`, `healthy`, `unhealthy`.
     pub health: Option<String>,
     pub labels: BTreeMap<String, String>,
+}
+
+/// What an image runs when nothing overrides it: its ENTRYPOINT and CMD.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageCommand {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
 }
 
 /// A host port another container publishes.
@@ -105,6 +117,13 @@ pub trait Engine: Send + Sync + 'static {
     fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>>;
     /// Containers carrying `cutover.instance=<instance>`.
     fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>>;
+    /// The ENTRYPOINT and CMD of a local image (handoff mode runs them under a wrapper).
+    /// The default says the engine cannot, so engines that never run handoff-mode
+    /// services need not implement it.
+    fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
+        let _ = image;
+        Box::pin(async { Err(DockerError::Unsupported("read an image's entrypoint and command")) })
+    }
 }
 
 /// The real engine over the Docker API.
@@ -210,6 +229,7 @@ impl DockerEngine {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.command.clone(),
+            entrypoint: spec.entrypoint.clone(),
             labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
             stop_signal: Some(spec.stop_signal.clone()),
             stop_timeout: Some(i64::try_from(spec.stop_timeout.as_secs()).unwrap_or(i64::MAX)),
@@ -275,6 +295,20 @@ impl DockerEngine {
 }
 
 impl Engine for DockerEngine {
+    fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
+        Box::pin(async move {
+            let inspected = match self.docker.inspect_image(&image).await {
+                Ok(i) => i,
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                    return Err(DockerError::NoImage(image))
+                }
+                Err(source) => return Err(DockerError::Api { action: "inspect image", target: image, source }),
+            };
+            let config = inspected.config.unwrap_or_default();
+            Ok(ImageCommand { entrypoint: config.entrypoint.unwrap_or_default(), cmd: config.cmd.unwrap_or_default() })
+        })
+    }
+
     fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
         Box::pin(self.run_inner(spec))
     }
