@@ -29,7 +29,13 @@ pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value,
     let mut stream = UnixStream::connect(socket).await.map_err(unreachable)?;
     let mut line = serde_json::to_vec(request).map_err(|e| Failure::new(Exit::Invalid, format!("cannot encode the request: {e}")))?;
     line.push(b'\n');
-    stream.write_all(&line).await.map_err(unreachable)?;
+    if let Err(e) = stream.write_all(&line).await {
+        // A daemon that refuses a peer answers and closes without reading: its answer
+        // is still there to read.
+        if !matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) {
+            return Err(unreachable(e));
+        }
+    }
     let mut lines = BufReader::new(stream).lines();
     let mut view = ProgressView::new();
     loop {

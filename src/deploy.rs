@@ -45,6 +45,8 @@ pub enum ReleaseError {
     Nat(#[from] NatError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::brokers::BrokersError),
 }
 
 fn logs_suffix(logs: &str) -> String {
@@ -146,6 +148,8 @@ pub struct Releaser {
     /// program a state that a concurrent switch has already moved past.
     switching: Mutex<()>,
     busy: StdMutex<HashSet<String>>,
+    /// Brokers of handoff-mode services (see `handoff_mode`); None: such services are refused.
+    handoff: Option<Arc<dyn crate::handoff::brokers::ServiceBrokers>>,
 }
 
 /// Marks a service busy for the lifetime of the guard.
@@ -185,6 +189,7 @@ impl Releaser {
             dataplane: Mutex::new(Dataplane::default()),
             switching: Mutex::new(()),
             busy: StdMutex::new(HashSet::new()),
+            handoff: None,
         })
     }
 
@@ -277,19 +282,23 @@ impl Releaser {
     /// traffic never notices), finish or undo an interrupted operation, and re-assert
     /// the host settings.
     pub async fn reconcile(&self) -> Result<Vec<String>, ReleaseError> {
-        let mut notes = Vec::new();
+        // Handoff-mode services are restored (brokers, interrupted operations) there.
+        let mut notes = self.handoff_reconcile().await?;
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
+            if svc.manifest.handoff.is_some() {
+                continue; // handoff mode: done by handoff_reconcile
+            }
             // Re-read addresses: they change when the engine restarts containers.
             for number in svc.active.into_iter().chain(svc.operation.as_ref().map(|o| o.to)) {
                 let Some(rel) = svc.release(number) else { continue };
-                match self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await? {
+                match self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await? {
                     Some(info) => {
                         if !info.running && Some(number) == svc.active {
                             self.engine.start(rel.container_id.clone()).await?;
                             notes.push(format!("{name}: started release {number}'s container again"));
                         }
-                        let info = self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await?;
+                        let info = self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await?;
                         let addr = info.and_then(|i| i.addr);
                         if addr.is_some() && addr != rel.addr {
                             let n = name.clone();
@@ -309,6 +318,9 @@ impl Releaser {
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
             let Some(op) = svc.operation.clone() else { continue };
+            if svc.manifest.handoff.is_some() {
+                continue; // handoff mode: done by handoff_reconcile
+            }
             let note = self.recover(name, svc, &op).await?;
             notes.push(note);
         }
@@ -335,7 +347,10 @@ impl Releaser {
         for (name, svc) in &state.services {
             for rel in &svc.releases {
                 let network = rel.manifest.network.clone();
-                let Some(info) = self.engine.inspect(rel.container_id.clone(), network).await? else { continue };
+                if matches!(rel.status, ReleaseStatus::Failed | ReleaseStatus::Removed) {
+                    continue;
+                }
+                let Some(info) = self.engine.inspect(ServiceState::container_ref(rel), network).await? else { continue };
                 let serving = Some(rel.number) == svc.active || svc.operation.as_ref().is_some_and(|o| o.to == rel.number || o.from == Some(rel.number));
                 if rel.status == ReleaseStatus::Stopped && info.running && !serving {
                     tracing::warn!(service = %name, release = rel.number, "a kept release was started by the engine; stopping it");
@@ -403,8 +418,8 @@ impl Releaser {
             // Undo: the old release keeps serving.
             if let Some(to) = &to {
                 match op.kind {
-                    OperationKind::Deploy => self.engine.remove(to.container_id.clone()).await?,
-                    OperationKind::Rollback => self.engine.stop(to.container_id.clone(), to.manifest.stop_timeout).await?,
+                    OperationKind::Deploy => self.engine.remove(ServiceState::container_ref(to)).await?,
+                    OperationKind::Rollback => self.engine.stop(ServiceState::container_ref(to), to.manifest.stop_timeout).await?,
                 }
             }
             let name2 = name.to_string();
@@ -436,6 +451,9 @@ impl Releaser {
         } else {
             if let Some(from) = &from {
                 self.engine.stop(from.container_id.clone(), from.manifest.stop_timeout).await?;
+            }
+            if let Some(to) = &to {
+                self.engine.keep_running(to.container_id.clone()).await?;
             }
             let name2 = name.to_string();
             let op2 = op.clone();
@@ -531,12 +549,8 @@ impl Releaser {
     /// `apply`: register or update a service; deploy when what the container runs changed.
     pub async fn apply(&self, manifest: Manifest, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(&manifest.name)?;
-        if manifest.handoff.is_some() {
-            return Err(ReleaseError::Invalid(format!(
-                "service `{}` uses handoff mode, which this daemon does not run yet; use `ports` (NAT mode)",
-                manifest.name
-            )));
-        }
+        // Handoff mode: refuse mode switches, serve the listeners (see handoff_mode).
+        self.handoff_prepare(&manifest).await?;
         self.check_ports(&manifest).await?;
         let name = manifest.name.clone();
         let existing = self.snapshot().await.services.get(&name).cloned();
@@ -638,6 +652,9 @@ impl Releaser {
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
+        if svc.manifest.handoff.is_some() {
+            return self.handoff_release_new(service, image, progress).await; // see handoff_mode
+        }
         let mut manifest = svc.manifest.clone();
         manifest.image = image.clone();
         let container = format!("cutover-{service}-{number}");
@@ -646,6 +663,7 @@ impl Releaser {
             image: image.clone(),
             env: manifest.env.clone(),
             command: manifest.command.clone(),
+            entrypoint: None,
             network: manifest.network.clone(),
             labels: BTreeMap::from([
                 (LABEL_SERVICE.to_string(), service.to_string()),
@@ -773,6 +791,9 @@ impl Releaser {
         info: ContainerInfo,
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
+        if manifest.handoff.is_some() {
+            return self.handoff_cut_over(service, kind, from, to, manifest, info, progress).await; // see handoff_mode
+        }
         let health_started = Instant::now();
         if let Err(reason) = self.wait_healthy(service, to, manifest, &info, progress).await {
             let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
@@ -842,6 +863,11 @@ impl Releaser {
                 tracing::warn!(service, error = %e, "stopping the old release failed");
             }
             self.set_phase(service, Phase::Stopped).await?;
+        }
+
+        // Established: from now on the engine restarts it after a crash or a reboot.
+        if let Err(e) = self.engine.keep_running(info.id.clone()).await {
+            tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
         }
 
         // Prune and record.
@@ -914,6 +940,9 @@ impl Releaser {
             if !current.running {
                 return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
             }
+            if current.restarts > info.restarts {
+                return Err(format!("its container crashed (exit code {}) and was restarted", current.exit_code.unwrap_or(-1)));
+            }
             let verdict = match health.kind {
                 HealthKind::None => Ok(()),
                 HealthKind::Docker => match current.health.as_deref() {
@@ -971,6 +1000,10 @@ impl Releaser {
         let ports: Vec<u16> =
             old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container).collect();
         let mut next_probe = Instant::now();
+        // The engine's events tell of a crash within milliseconds; polling alone would
+        // leave clients on a dead release for up to a poll interval.
+        let mut events = self.engine.events(self.settings.instance.clone());
+        let mut exit = new.pid.and_then(|pid| crate::host::watch_exit(pid).ok());
         loop {
             // The new release first: a failure here is worth more than a drain count.
             if let Some(reason) = self.new_release_failed(manifest, new, &mut next_probe).await {
@@ -1003,7 +1036,27 @@ impl Releaser {
             if (open == 0 && elapsed >= watch) || elapsed >= timeout.max(watch) {
                 return Ok(());
             }
-            tokio::time::sleep(self.settings.drain_poll).await;
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.drain_poll) => {}
+                () = async {
+                    match exit.as_mut() {
+                        Some(w) => w.exited().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    return Err("its main process exited".to_string());
+                }
+                event = futures_util::StreamExt::next(&mut events) => {
+                    if let Some(Ok((id, action))) = event {
+                        if id == new.id && matches!(action.as_str(), "die" | "oom" | "kill") {
+                            next_probe = Instant::now();
+                        }
+                    } else {
+                        // The stream ended (engine restarting): fall back to polling.
+                        events = Box::pin(futures_util::stream::pending());
+                    }
+                }
+            }
         }
     }
 
@@ -1017,6 +1070,9 @@ impl Releaser {
         };
         if !current.running {
             return Some(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
+        }
+        if current.restarts > new.restarts {
+            return Some(format!("its container crashed (exit code {}) and was restarted", current.exit_code.unwrap_or(-1)));
         }
         if Instant::now() < *next_probe {
             return None;
@@ -1211,6 +1267,7 @@ impl Releaser {
                 errors.push(e.to_string());
             }
         }
+        self.handoff_close(service); // handoff mode: the daemon's listeners close
         let state = self.snapshot().await;
         if state.services.is_empty() {
             if let Err(e) = self.firewall.remove_forward_accept(&self.settings.table, self.settings.mark) {
@@ -1283,6 +1340,8 @@ pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
         || old.stop_signal != new.stop_signal
         || ports(old) != ports(new)
 }
+
+mod handoff_mode;
 
 #[cfg(test)]
 mod tests;

@@ -21,6 +21,12 @@ pub const CONNTRACK: &str = "/usr/sbin/conntrack";
 /// Errors of host facts and effects; each names the file or command and keeps the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    #[error("cannot watch process {pid}: {source}")]
+    Pidfd {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("`{0}` is not a valid interface name (1 to 15 bytes, no `/`, not `.` or `..`)")]
     InvalidInterface(String),
     #[error("cannot read {path}: {source}")]
@@ -238,4 +244,66 @@ mod tests {
         // Every Linux host has `lo`; reading needs no privilege.
         route_localnet("lo").unwrap();
     }
+}
+
+/// Resolves when a process exits; stops watching when dropped.
+#[derive(Debug)]
+pub struct ExitWatch {
+    exited: tokio::sync::oneshot::Receiver<()>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ExitWatch {
+    /// Wait for the exit (forever if the watcher could not run).
+    pub async fn exited(&mut self) {
+        if (&mut self.exited).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for ExitWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Watch `pid` through a pidfd: the kernel says the instant it exits, sooner than any
+/// engine event, which matters when clients are being sent to it. Polled on a small
+/// dedicated thread (with a short timeout, so dropping the watch ends the thread).
+pub fn watch_exit(pid: u32) -> Result<ExitWatch, HostError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let raw_pid = libc::pid_t::try_from(pid)
+        .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidInput) })?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
+    // passed to the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
+    if fd < 0 {
+        return Err(HostError::Pidfd { pid, source: io::Error::last_os_error() });
+    }
+    let raw = std::os::fd::RawFd::try_from(fd)
+        .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidData) })?;
+    // SAFETY: `raw` was just returned by pidfd_open and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_thread = stop.clone();
+    std::thread::Builder::new()
+        .name(format!("exit-watch-{pid}"))
+        .spawn(move || {
+            use std::os::fd::AsFd;
+            while !stop_thread.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                    Ok(n) if n > 0 => {
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .map_err(|source| HostError::Pidfd { pid, source })?;
+    Ok(ExitWatch { exited: rx, stop })
 }

@@ -166,9 +166,31 @@ impl ServiceState {
         self.active.and_then(|n| self.release(n))
     }
 
-    /// The newest stopped release older than the active one: where `rollback` goes.
+    /// The container to address: its id once known, else its name (a crash can come
+    /// between creating a container and recording its id).
+    pub fn container_ref(release: &Release) -> String {
+        if release.container_id.is_empty() {
+            release.container.clone()
+        } else {
+            release.container_id.clone()
+        }
+    }
+
+    /// Where `rollback` goes: the kept release that served before the active one (as
+    /// `cd -` does), else the newest kept release older than the active one.
     pub fn previous_kept(&self) -> Option<&Release> {
         let active = self.active.unwrap_or(u32::MAX);
+        let before = self
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.to == active && matches!(h.outcome.as_str(), "switched" | "finished_after_restart"))
+            .and_then(|h| h.from)
+            .and_then(|n| self.release(n))
+            .filter(|r| r.status == ReleaseStatus::Stopped);
+        if before.is_some() {
+            return before;
+        }
         self.releases
             .iter()
             .filter(|r| r.status == ReleaseStatus::Stopped && r.number < active)
@@ -183,12 +205,12 @@ impl ServiceState {
         }
     }
 
-    /// Stopped releases beyond `keep`, oldest first: the ones to prune.
+    /// Stopped releases beyond `keep`: the ones to prune. The most recently stopped are
+    /// kept (they are what `rollback` goes to), not the highest numbers.
     pub fn beyond_keep(&self) -> Vec<u32> {
-        let mut stopped: Vec<u32> =
-            self.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).map(|r| r.number).collect();
-        stopped.sort_unstable_by(|a, b| b.cmp(a));
-        stopped.into_iter().skip(self.manifest.keep as usize).collect()
+        let mut stopped: Vec<&Release> = self.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).collect();
+        stopped.sort_unstable_by(|a, b| (b.stopped_at, b.number).cmp(&(a.stopped_at, a.number)));
+        stopped.into_iter().skip(self.manifest.keep as usize).map(|r| r.number).collect()
     }
 }
 

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn manifest_for(daemon: &Daemon, service: &str, image: &str, port: u16, network: &str, extra: &str) -> PathBuf {
+    let drain = if extra.contains("drain_timeout") { "" } else { "drain_timeout: 10s\n" };
+    let keep = if extra.contains("keep:") { "" } else { "keep: 2\n" };
     let text = format!(
         "name: {service}\nimage: {image}\nports:\n  - host: {port}\n    container: 80\nnetwork: {network}\n\
          health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 20s\n\
-         drain_timeout: 10s\nstop_timeout: 2s\nkeep: 2\n{extra}"
+         {drain}stop_timeout: 2s\n{keep}{extra}"
     );
     let path = daemon.dir().join(format!("{service}.yaml"));
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("write manifest: {e}"));
@@ -53,10 +55,12 @@ fn kill_at(test: &str, phase: &str, expect_active: u64, expect_outcome: &str) {
     let v1 = demo_image(&ids, "v1", &[]);
     let v2 = demo_image(&ids, "v2", &[]);
     let client = ClientHost::new(&ids);
-    let mut daemon = Daemon::start_with(&ids, &["--pause-at", phase]);
+    let mut daemon = Daemon::start(&ids);
     let port = ids.port();
     let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 0s\n");
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    // The hook from now on: the first release is in place.
+    daemon.restart_with(&["--pause-at", phase]);
     let url = format!("http://{}:{port}/", client.host_addr());
     let run = load(&url, client.at(), 14);
 
@@ -253,7 +257,7 @@ fn soak_deploy_rollback_cycles_under_load() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 0s\ndrain_timeout: 3s\n");
+    let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 0s\ndrain_timeout: 3s\nkeep: 1\n");
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     let url = format!("http://{}:{port}/", client.host_addr());
     let pid = daemon.pid().unwrap_or_else(|| panic!("daemon pid"));

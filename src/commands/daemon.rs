@@ -36,7 +36,11 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     let engine = DockerEngine::connect(&args.docker).await?;
     let firewall = NftFirewall::new();
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
-    let releaser = Arc::new(Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?);
+    // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
+    let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
+    let releaser = Arc::new(
+        Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?.with_handoff(brokers),
+    );
     notify("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;
     for n in notes {

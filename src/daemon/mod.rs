@@ -93,6 +93,11 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
         .await;
         return;
     }
+    if line.iter().all(u8::is_ascii_whitespace) {
+        // A connect-and-close (a readiness probe, a port scan): nothing to answer.
+        tracing::debug!(uid = cred.uid(), "control connection closed without a request");
+        return;
+    }
     let request: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {

@@ -44,6 +44,10 @@ impl FakeEngine {
 }
 
 impl Engine for FakeEngine {
+    fn keep_running(&self, _id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
         Box::pin(async move {
             if spec.image.contains("missing") {
@@ -57,6 +61,7 @@ impl Engine for FakeEngine {
                 pid: Some(100),
                 addr: Some(self.fresh_ip()),
                 exit_code: spec.image.contains("crash").then_some(3),
+                restarts: 0,
                 health: None,
                 labels: spec.labels.clone(),
             };

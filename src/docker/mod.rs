@@ -47,6 +47,8 @@ pub enum DockerError {
     NoImage(String),
     #[error("network `{network}` {problem}")]
     Network { network: String, problem: String },
+    #[error("this container engine cannot {0}")]
+    Unsupported(&'static str),
 }
 
 /// What cutover asks for when it creates a release container.
@@ -56,6 +58,9 @@ pub struct ContainerSpec {
     pub image: String,
     pub env: BTreeMap<String, String>,
     pub command: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT when set (handoff mode wraps the server in
+    /// handoff-exec this way).
+    pub entrypoint: Option<Vec<String>>,
     /// Docker network name, or a network mode such as `host` / `container:<name>`.
     pub network: String,
     pub labels: BTreeMap<String, String>,
@@ -74,9 +79,19 @@ pub struct ContainerInfo {
     pub pid: Option<u32>,
     pub addr: Option<Ipv4Addr>,
     pub exit_code: Option<i64>,
+    /// How often the engine restarted it (restart policy): a crash that the engine
+    /// hides by restarting at once still shows here.
+    pub restarts: i64,
     /// Docker health status when the image has a HEALTHCHECK: `starting`, `healthy`, `unhealthy`.
     pub health: Option<String>,
     pub labels: BTreeMap<String, String>,
+}
+
+/// What an image runs when nothing overrides it: its ENTRYPOINT and CMD.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageCommand {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
 }
 
 /// A host port another container publishes.
@@ -106,9 +121,19 @@ pub trait Engine: Send + Sync + 'static {
     fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>>;
     /// Containers carrying `cutover.instance=<instance>`.
     fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>>;
+    /// Let the engine restart the container from now on (after a crash, an engine
+    /// restart or a reboot): `unless-stopped`.
+    fn keep_running(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>>;
     /// Lifecycle events (start, die, restart...) of this instance's containers, as
     /// `(container id, action)`. The stream ends or errs when the engine goes away.
     fn events(&self, instance: String) -> BoxStream<'_, Result<(String, String), DockerError>>;
+    /// The ENTRYPOINT and CMD of a local image (handoff mode runs them under a wrapper).
+    /// The default says the engine cannot, so engines that never run handoff-mode
+    /// services need not implement it.
+    fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
+        let _ = image;
+        Box::pin(async { Err(DockerError::Unsupported("read an image's entrypoint and command")) })
+    }
 }
 
 /// The real engine over the Docker API.
@@ -167,6 +192,7 @@ impl DockerEngine {
             pid: state.pid.filter(|p| running && *p > 0).and_then(|p| u32::try_from(p).ok()),
             addr,
             exit_code: state.exit_code,
+            restarts: resp.restart_count.unwrap_or(0),
             health,
             labels,
         }))
@@ -199,10 +225,11 @@ impl DockerEngine {
         let network_mode = spec.network.clone();
         let host_config = HostConfig {
             network_mode: Some(network_mode),
-            restart_policy: Some(RestartPolicy {
-                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
-                maximum_retry_count: None,
-            }),
+            // A release that has not proven itself is not restarted by the engine: a crash
+            // must show (and its address go dark, so clients' SYNs are retried instead of
+            // refused) until cutover has switched away from it. `keep_running` turns the
+            // restart policy on once the release is established.
+            restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
             binds: if spec.mounts.is_empty() {
                 None
             } else {
@@ -214,6 +241,7 @@ impl DockerEngine {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.command.clone(),
+            entrypoint: spec.entrypoint.clone(),
             labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
             stop_signal: Some(spec.stop_signal.clone()),
             stop_timeout: Some(i64::try_from(spec.stop_timeout.as_secs()).unwrap_or(i64::MAX)),
@@ -279,6 +307,20 @@ impl DockerEngine {
 }
 
 impl Engine for DockerEngine {
+    fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
+        Box::pin(async move {
+            let inspected = match self.docker.inspect_image(&image).await {
+                Ok(i) => i,
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                    return Err(DockerError::NoImage(image))
+                }
+                Err(source) => return Err(DockerError::Api { action: "inspect image", target: image, source }),
+            };
+            let config = inspected.config.unwrap_or_default();
+            Ok(ImageCommand { entrypoint: config.entrypoint.unwrap_or_default(), cmd: config.cmd.unwrap_or_default() })
+        })
+    }
+
     fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
         Box::pin(self.run_inner(spec))
     }
@@ -388,5 +430,21 @@ impl Engine for DockerEngine {
             let id = e.actor.and_then(|a| a.id).unwrap_or_default();
             Ok((id, e.action.unwrap_or_default()))
         }))
+    }
+
+    fn keep_running(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            let body = bollard::models::ContainerUpdateBody {
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            };
+            self.docker
+                .update_container(&id, body)
+                .await
+                .map_err(|source| DockerError::Api { action: "set the restart policy of", target: id, source })
+        })
     }
 }

@@ -161,11 +161,18 @@ impl Stats {
     }
 }
 
+/// How many recent receivers a broker remembers (see [`Broker::handed_to_tree_of`]).
+const HANDED_MEMORY: usize = 64;
+
 struct Shared {
     service: String,
     listeners: Vec<Listener>,
     policy: Mutex<Policy>,
     stats: Stats,
+    /// Recent receivers of the listeners (pid with its start time, so a recycled pid is
+    /// not mistaken for one): the daemon's readiness gate asks whether the release it
+    /// started has taken the listeners yet.
+    handed: Mutex<std::collections::VecDeque<AllowedProcess>>,
 }
 
 /// A running broker. Dropping it stops serving (the listeners it holds close when the
@@ -196,6 +203,21 @@ impl Broker {
         Broker::serve_fd(service, socket, broker_fd, bound, policy)
     }
 
+    /// Serves listeners that already exist (e.g. taken back from a running release after
+    /// a daemon restart) on `@cutover/SERVICE`, created inside `namespace`.
+    pub fn serve_in_namespace(namespace: &Namespace, service: &str, listeners: Vec<Listener>, policy: Policy) -> Result<Broker, BrokerError> {
+        if !super::listeners::valid_listener_name(service) {
+            return Err(BrokerError::InvalidName(service.to_string()));
+        }
+        let socket = SocketName::broker(service);
+        let broker_fd = in_namespace(namespace, {
+            let socket = socket.clone();
+            move || fds::listen(&socket)
+        })?
+        .map_err(|source| BrokerError::Socket { service: service.to_string(), source })?;
+        Broker::serve_fd(service, socket, broker_fd, listeners, policy)
+    }
+
     /// Serves already bound listeners on `socket` (created in the current namespace).
     pub fn serve(service: &str, socket: SocketName, listeners: Vec<Listener>, policy: Policy) -> Result<Broker, BrokerError> {
         let fd = fds::listen(&socket).map_err(|source| BrokerError::Socket { service: service.to_string(), source })?;
@@ -211,7 +233,13 @@ impl Broker {
                 source: HandoffError::io("register", socket.to_string(), e),
             })?
         };
-        let shared = Arc::new(Shared { service: service.to_string(), listeners, policy: Mutex::new(policy), stats: Stats::default() });
+        let shared = Arc::new(Shared {
+            service: service.to_string(),
+            listeners,
+            policy: Mutex::new(policy),
+            stats: Stats::default(),
+            handed: Mutex::new(std::collections::VecDeque::new()),
+        });
         let task = runtime.spawn(accept_loop(listener, shared.clone()));
         tracing::info!(service, socket = %socket, "broker serving");
         Ok(Broker { shared, socket, task })
@@ -234,6 +262,16 @@ impl Broker {
         &self.socket
     }
 
+    /// Whether `root` or one of its descendants has received the listeners (and is still
+    /// the same process). A release "has taken its listeners" when this is true for the
+    /// pid of its container.
+    pub fn handed_to_tree_of(&self, root: i32) -> bool {
+        let Ok(handed) = self.shared.handed.lock() else { return false };
+        handed.iter().any(|p| {
+            procs::stat(p.pid).map(|s| s.start_time) == Some(p.start_time) && procs::is_same_or_descendant(p.pid, root)
+        })
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }
@@ -253,7 +291,7 @@ impl Drop for Broker {
 /// Runs `f` on a new thread that has entered `namespace`: sockets created there belong
 /// to that namespace for good. The thread ends afterwards (setns is per thread, so a
 /// thread of a pool must never be moved).
-fn in_namespace<T: Send + 'static>(namespace: &Namespace, f: impl FnOnce() -> T + Send + 'static) -> Result<T, BrokerError> {
+pub(crate) fn in_namespace<T: Send + 'static>(namespace: &Namespace, f: impl FnOnce() -> T + Send + 'static) -> Result<T, BrokerError> {
     let path = match namespace {
         Namespace::Current => return Ok(f()),
         Namespace::Path(p) => p.clone(),
@@ -337,12 +375,24 @@ async fn handle_connection(fd: OwnedFd, shared: &Shared) {
                 match conn.send_message(&msg, &fds).await {
                     Ok(()) => {
                         shared.stats.served.fetch_add(1, Ordering::SeqCst);
+                        remember_receiver(shared, peer.pid);
                     }
                     Err(e) => tracing::warn!(service, pid = peer.pid, "broker: cannot send listeners: {e}"),
                 }
             }
             Answer::Error(code, message) => send_error(&conn, code, &message).await,
         }
+    }
+}
+
+fn remember_receiver(shared: &Shared, pid: i32) {
+    let Some(stat) = procs::stat(pid) else { return };
+    if let Ok(mut handed) = shared.handed.lock() {
+        handed.retain(|p| p.pid != pid);
+        if handed.len() == HANDED_MEMORY {
+            handed.pop_front();
+        }
+        handed.push_back(AllowedProcess { pid, start_time: stat.start_time });
     }
 }
 

@@ -9,11 +9,15 @@
 //! - [`notify`]: the sd_notify server (for supervised servers) and client;
 //! - [`supervisor`]: `cutover run`, generations of an unmodified socket-activation server;
 //! - [`broker`]: named listeners served on `@cutover/NAME` with peer-credential checks;
+//! - [`brokers`]: the daemon's broker per handoff-mode service, with its readiness socket;
+//! - [`adopt`]: taking listeners back from a running release (pidfd_getfd) after a restart;
 //! - [`migrate`]: live connection migration for Rust servers.
 //!
 //! This module does not touch nftables or Docker; the daemon composes it with them.
 
+pub mod adopt;
 pub mod broker;
+pub mod brokers;
 pub mod fds;
 pub mod listeners;
 pub mod migrate;

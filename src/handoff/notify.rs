@@ -45,6 +45,8 @@ impl Notification {
 pub struct NotifyServer {
     socket: UnixDatagram,
     path: PathBuf,
+    /// False for an abstract socket: there is no file to remove.
+    is_file: bool,
 }
 
 impl NotifyServer {
@@ -60,7 +62,30 @@ impl NotifyServer {
             .map_err(|e| HandoffError::io("set the mode of", path.display().to_string(), e))?;
         std.set_nonblocking(true).map_err(|e| HandoffError::io("make non-blocking", path.display().to_string(), e))?;
         let socket = UnixDatagram::from_std(std).map_err(|e| HandoffError::io("register", path.display().to_string(), e))?;
-        Ok(NotifyServer { socket, path: path.to_path_buf() })
+        Ok(NotifyServer { socket, path: path.to_path_buf(), is_file: true })
+    }
+
+    /// Binds the abstract datagram socket `@NAME` inside `namespace` (abstract names
+    /// belong to a network namespace, so processes sharing that namespace reach it
+    /// without any mounted file). Call inside a tokio runtime. Anyone in the namespace
+    /// can send to it: the caller must judge each datagram by its sender's pid.
+    pub fn bind_abstract_in(namespace: &super::Namespace, name: &str) -> Result<NotifyServer, HandoffError> {
+        let label = format!("@{name}");
+        let std = super::broker::in_namespace(namespace, {
+            let name = name.to_string();
+            move || -> std::io::Result<StdDatagram> {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+                StdDatagram::bind_addr(&addr)
+            }
+        })
+        .map_err(|e| HandoffError::io("enter the namespace of the notify socket", label.clone(), std::io::Error::other(e.to_string())))?
+        .map_err(|e| HandoffError::io("bind the notify socket", label.clone(), e))?;
+        socket::setsockopt(&std, sockopt::PassCred, &true)
+            .map_err(|e| HandoffError::io("set SO_PASSCRED on", label.clone(), e.into()))?;
+        std.set_nonblocking(true).map_err(|e| HandoffError::io("make non-blocking", label.clone(), e))?;
+        let socket = UnixDatagram::from_std(std).map_err(|e| HandoffError::io("register", label.clone(), e))?;
+        Ok(NotifyServer { socket, path: PathBuf::from(label), is_file: false })
     }
 
     pub fn path(&self) -> &Path {
@@ -82,6 +107,9 @@ impl NotifyServer {
 
 impl Drop for NotifyServer {
     fn drop(&mut self) {
+        if !self.is_file {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

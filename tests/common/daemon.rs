@@ -204,6 +204,13 @@ impl Daemon {
         self.restart();
     }
 
+    /// Restarts the daemon with extra arguments (e.g. a test hook).
+    #[track_caller]
+    pub fn restart_with(&mut self, add: &[&str]) {
+        self.args.extend(add.iter().map(|a| a.to_string()));
+        self.restart();
+    }
+
     /// Starts the daemon again with the same arguments (kills it first if it still runs).
     #[track_caller]
     pub fn restart(&mut self) {

@@ -420,6 +420,11 @@ struct Entry {
     /// its thread (which is blocked in read).
     handle: TcpStream,
     busy: bool,
+    /// At least one answer was sent. Only such a connection is an idle keep-alive one
+    /// when it is not busy; a connection accepted but not yet read from has its first
+    /// request on the way (with fd handoff the old release accepts until the very
+    /// moment it is told to stop), so the stop must answer it, not cut it.
+    answered: bool,
 }
 
 #[derive(Default)]
@@ -449,7 +454,7 @@ impl Shared {
         // Connections taken from the queue during the stop are busy from the start: their
         // request is already on its way.
         let busy = c.stopping;
-        c.open.insert(id, Entry { handle, busy });
+        c.open.insert(id, Entry { handle, busy, answered: false });
         id
     }
 
@@ -468,7 +473,7 @@ impl Shared {
         let stopping = c.stopping;
         match c.open.get_mut(&id) {
             Some(e) if e.busy => true,
-            Some(e) if !stopping => {
+            Some(e) if !stopping || !e.answered => {
                 e.busy = true;
                 true
             }
@@ -484,6 +489,7 @@ impl Shared {
         }
         if let Some(e) = c.open.get_mut(&id) {
             e.busy = false;
+            e.answered = true;
         }
         true
     }
@@ -493,11 +499,12 @@ impl Shared {
     }
 
     /// Starts the stop: from now on connections close after their current answer, and
-    /// idle keep-alive connections are closed right away.
+    /// idle keep-alive connections are closed right away. Connections not answered yet
+    /// keep their first request (bounded by the read timeout and the drain limit).
     fn stop(&self) {
         let mut c = self.lock();
         c.stopping = true;
-        for e in c.open.values().filter(|e| !e.busy) {
+        for e in c.open.values().filter(|e| !e.busy && e.answered) {
             // Wakes the connection thread's read with EOF; it then exits.
             let _ = e.handle.shutdown(Shutdown::Both);
         }

@@ -1,13 +1,19 @@
 //! handoff-exec: fetch a service's listeners from the cutover broker and exec a
 //! socket-activation server with them.
 //!
-//!     handoff-exec [--socket @cutover/NAME | --service NAME] [--listener NAME]... -- CMD ARGS...
+//!     handoff-exec [--socket @cutover/NAME | --service NAME] [--listener NAME]...
+//!                  [--retry-ms MS] -- CMD ARGS...
 //!
 //! Connects to the broker's SOCK_SEQPACKET socket (abstract names start with `@`; the
 //! default is `@cutover/$CUTOVER_SERVICE`), asks for the listeners (all of them unless
 //! `--listener` names some), and execs CMD with them as fds 3, 4, ... and LISTEN_FDS,
 //! LISTEN_FDNAMES and LISTEN_PID (exec keeps the pid, so it is this process's pid).
 //! Speaks version 1 of docs/handoff-protocol.md.
+//!
+//! With `--retry-ms MS` (default 0: ask once), a broker that cannot be reached, or that
+//! refuses with `NotPermitted`, is asked again every 50 ms for that long: the daemon
+//! starts a release container and only then learns its pid and allows it, so the first
+//! request may come too early. The daemon passes it; other errors are final.
 //!
 //! Built fully static (std only, libc declared by hand below) so it runs in any
 //! container, `FROM scratch` included. Exit codes: 2 usage, 3 broker unreachable,
@@ -36,6 +42,14 @@ const MAX_FRAME: usize = 65536;
 const KIND_REQUEST_LISTENERS: u16 = 1;
 const KIND_LISTENERS: u16 = 2;
 const KIND_ERROR: u16 = 3;
+const CODE_NOT_PERMITTED: u16 = 3;
+const DEFAULT_RETRY_MS: u64 = 0;
+
+/// Why a fetch failed: worth asking again (the daemon may not have allowed us yet), or not.
+enum Failure {
+    Retry(i32, String),
+    Fatal(i32, String),
+}
 
 #[repr(C)]
 struct SockaddrUn {
@@ -94,17 +108,21 @@ fn main() {
     let mut socket_name: Option<String> = None;
     let mut names: Vec<String> = Vec::new();
     let mut command: Vec<String> = Vec::new();
+    let mut retry_ms = DEFAULT_RETRY_MS;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--socket" => socket_name = args.next(),
             "--service" => socket_name = args.next().map(|s| format!("@cutover/{s}")),
             "--listener" => names.extend(args.next()),
+            "--retry-ms" => {
+                retry_ms = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die(2, "--retry-ms needs milliseconds"))
+            }
             "--" => {
                 command.extend(args.by_ref());
                 break;
             }
             "-h" | "--help" => {
-                println!("usage: handoff-exec [--socket @cutover/NAME | --service NAME] [--listener NAME]... -- CMD ARGS...");
+                println!("usage: handoff-exec [--socket @cutover/NAME | --service NAME] [--listener NAME]... [--retry-ms MS] -- CMD ARGS...");
                 exit(0)
             }
             other => die(2, &format!("unknown argument `{other}`; see --help")),
@@ -117,10 +135,25 @@ fn main() {
         .or_else(|| std::env::var("CUTOVER_SERVICE").ok().map(|s| format!("@cutover/{s}")))
         .unwrap_or_else(|| die(2, "say which broker: --service NAME, --socket @NAME, or CUTOVER_SERVICE"));
 
-    let fd = connect_broker(&socket_name);
-    let (got_names, fds) = request(fd, &socket_name, &names);
-    // SAFETY: fd is the socket opened above and not used afterwards.
-    unsafe { close(fd) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(retry_ms);
+    let (got_names, fds) = loop {
+        let attempt = connect_broker(&socket_name).and_then(|fd| {
+            let r = request(fd, &socket_name, &names);
+            // SAFETY: fd is the socket opened above and not used afterwards.
+            unsafe { close(fd) };
+            r
+        });
+        match attempt {
+            Ok(got) => break got,
+            Err(Failure::Fatal(code, msg)) => die(code, &msg),
+            Err(Failure::Retry(code, msg)) => {
+                if std::time::Instant::now() >= deadline {
+                    die(code, &msg);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    };
 
     // Move the fds above the target range, then into place at 3, 4, ...; dup2 clears
     // close-on-exec on the targets, so exactly these survive the exec.
@@ -155,7 +188,7 @@ fn main() {
     die(127, &format!("cannot execute {}: {err}", command[0]));
 }
 
-fn connect_broker(name: &str) -> c_int {
+fn connect_broker(name: &str) -> Result<c_int, Failure> {
     let mut addr = SockaddrUn { sun_family: AF_UNIX as u16, sun_path: [0; 108] };
     let (bytes, offset) = match name.strip_prefix('@') {
         Some(abs) => (abs.as_bytes(), 1), // abstract: leading NUL
@@ -173,18 +206,18 @@ fn connect_broker(name: &str) -> c_int {
     }
     // SAFETY: addr is a valid sockaddr_un of `len` bytes.
     if unsafe { connect(fd, &addr, len) } != 0 {
-        die(
+        let err = std::io::Error::last_os_error();
+        // SAFETY: the socket created above, not used afterwards.
+        unsafe { close(fd) };
+        return Err(Failure::Retry(
             3,
-            &format!(
-                "cannot reach the broker at {name}: {} (is the daemon serving this service, in this network namespace?)",
-                std::io::Error::last_os_error()
-            ),
-        );
+            format!("cannot reach the broker at {name}: {err} (is the daemon serving this service, in this network namespace?)"),
+        ));
     }
-    fd
+    Ok(fd)
 }
 
-fn request(fd: c_int, socket_name: &str, names: &[String]) -> (Vec<String>, Vec<c_int>) {
+fn request(fd: c_int, socket_name: &str, names: &[String]) -> Result<(Vec<String>, Vec<c_int>), Failure> {
     let mut body = Vec::new();
     body.extend_from_slice(&(names.len() as u16).to_le_bytes());
     for n in names {
@@ -204,7 +237,8 @@ fn request(fd: c_int, socket_name: &str, names: &[String]) -> (Vec<String>, Vec<
     };
     // SAFETY: msg points to a live iovec over `frame`.
     if unsafe { sendmsg(fd, &msg, MSG_NOSIGNAL) } != frame.len() as isize {
-        die(3, &format!("cannot send the request to {socket_name}: {}", std::io::Error::last_os_error()));
+        let err = std::io::Error::last_os_error();
+        return Err(Failure::Retry(3, format!("cannot send the request to {socket_name}: {err}")));
     }
 
     let mut buf = vec![0u8; MAX_FRAME];
@@ -223,7 +257,7 @@ fn request(fd: c_int, socket_name: &str, names: &[String]) -> (Vec<String>, Vec<
     // SAFETY: msg points to live, writable buffers of the sizes it states.
     let n = unsafe { recvmsg(fd, &mut msg, MSG_CMSG_CLOEXEC) };
     if n <= 0 {
-        die(3, &format!("the broker at {socket_name} closed the connection without an answer"));
+        return Err(Failure::Retry(3, format!("the broker at {socket_name} closed the connection without an answer")));
     }
     let fds = collect_fds(&msg);
     if msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) != 0 {
@@ -247,14 +281,20 @@ fn request(fd: c_int, socket_name: &str, names: &[String]) -> (Vec<String>, Vec<
             if names.len() != fds.len() {
                 die(5, &format!("the broker announced {} listeners but sent {} fds", names.len(), fds.len()));
             }
-            (names, fds)
+            Ok((names, fds))
         }
         KIND_ERROR => {
             let code = r.u16();
             let message = r.string();
-            die(4, &format!("the broker refused (code {code}): {message}"))
+            let msg = format!("the broker refused (code {code}): {message}");
+            // Error frames carry no fds; nothing to close.
+            if code == CODE_NOT_PERMITTED {
+                Err(Failure::Retry(4, msg))
+            } else {
+                Err(Failure::Fatal(4, msg))
+            }
         }
-        other => die(5, &format!("unexpected frame kind {other} from the broker")),
+        other => Err(Failure::Fatal(5, format!("unexpected frame kind {other} from the broker"))),
     }
 }
 
