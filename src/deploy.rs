@@ -77,6 +77,11 @@ pub trait Checks: Send + Sync + 'static {
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String>;
     /// Delete the conntrack entries of UDP flows to `port` that were NAT'd to `addr`.
     fn forget_udp_flows(&self, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
+    /// UDP flows to host `port` answered by `addr` that carried a packet within `idle`:
+    /// they keep an old release draining. Defaults to none for fakes without UDP.
+    fn busy_udp_flows(&self, _port: u16, _addr: std::net::Ipv4Addr, _idle: Duration) -> Result<usize, String> {
+        Ok(0)
+    }
 }
 
 /// What the state machine reports while it works (sent to the CLI as progress).
@@ -888,13 +893,19 @@ impl Releaser {
         };
         let ports: Vec<u16> =
             old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container).collect();
+        // UDP never closes: the old release still serves a UDP flow until it has been idle
+        // for `udp_idle`; then (or at the drain timeout) the caller deletes its entries.
+        let udp_ports: Vec<u16> =
+            old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp).map(|p| p.host).collect();
         let mut next_probe = Instant::now();
         loop {
             // The new release first: a failure here is worth more than a drain count.
             if let Some(reason) = self.new_release_failed(manifest, new, &mut next_probe).await {
                 return Err(reason);
             }
-            let open = match pid {
+            let tcp_open = match pid {
+                // No TCP port: an empty list would count every connection of the release.
+                _ if ports.is_empty() => 0,
                 None => 0,
                 Some(pid) => match self.checks.open_connections(pid, ports.clone()).await {
                     Ok(n) => n,
@@ -904,6 +915,15 @@ impl Releaser {
                     }
                 },
             };
+            let mut udp_busy = 0usize;
+            for (port, addr) in old.addr.map(|a| udp_ports.iter().map(move |p| (*p, a))).into_iter().flatten() {
+                let busy = self.checks.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
+                    tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
+                    usize::MAX
+                });
+                udp_busy = udp_busy.saturating_add(busy);
+            }
+            let open = tcp_open.saturating_add(udp_busy);
             let elapsed = started.elapsed();
             let _ = progress.send(Progress {
                 service: service.to_string(),
