@@ -214,7 +214,8 @@ impl UdpTimeouts {
 ///
 /// conntrack shows no last-seen time, only the seconds left before the entry expires;
 /// every packet resets that to the full timeout, so `full - left` is the time since the
-/// flow's last packet (1 s resolution). `full` is the stream timeout for ASSURED entries.
+/// flow's last packet, to within the 1 s resolution of `left`. `full` is the stream
+/// timeout for ASSURED entries.
 pub fn parse_udp_idle(stdout: &str, timeouts: UdpTimeouts) -> Vec<Duration> {
     stdout
         .lines()
@@ -224,7 +225,9 @@ pub fn parse_udp_idle(stdout: &str, timeouts: UdpTimeouts) -> Vec<Duration> {
             if proto != "udp" {
                 return None;
             }
-            let left = Duration::from_secs(left.parse().ok()?);
+            // conntrack rounds the time left down to whole seconds, so the real time left
+            // is up to 1 s more: count the smaller idle time, never a busy flow as idle.
+            let left = Duration::from_secs(left.parse::<u64>().ok()?.saturating_add(1));
             let full = if line.contains("[ASSURED]") { timeouts.stream } else { timeouts.unreplied };
             Some(full.saturating_sub(left))
         })
@@ -322,7 +325,10 @@ udp      17 31 src=10.0.0.2 dst=10.0.0.1 sport=4002 dport=53 [UNREPLIED] src=172
 conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
 ";
         let idle = parse_udp_idle(out, t);
-        assert_eq!(idle, vec![Duration::from_secs(3), Duration::from_secs(20), Duration::ZERO]);
+        // A flow refreshed a moment ago shows 119 of 120 s left: idle 0, not 1 s.
+        let fresh = "udp      17 119 src=10.0.0.2 dst=10.0.0.1 sport=4 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4 [ASSURED] mark=0 use=1\n";
+        assert_eq!(parse_udp_idle(fresh, t), vec![Duration::ZERO]);
+        assert_eq!(idle, vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
     }
 
     #[test]

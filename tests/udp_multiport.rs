@@ -251,23 +251,36 @@ struct Monitor {
 }
 
 impl Monitor {
-    fn start() -> Monitor {
+    fn start(probe_table: &str) -> Monitor {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = dir.path().join("monitor.txt");
         let file = std::fs::File::create(&out).expect("monitor output");
-        let child = Command::new("nft")
-            .args(["monitor"])
+        // nft writes through stdio: line-buffer it, or a killed monitor loses its output.
+        let child = Command::new("stdbuf")
+            .args(["-oL", "nft", "monitor"])
             .stdout(file)
             .stderr(Stdio::null())
             .spawn()
             .expect("nft monitor");
-        // nft subscribes before it prints anything; give it a moment.
-        thread::sleep(Duration::from_millis(300));
-        Monitor { child, out, _dir: dir }
+        let m = Monitor { child, out, _dir: dir };
+        // Ready once it reports a probe transaction of our own (it first reads the whole
+        // ruleset, which takes a while on a busy host).
+        wait_for("nft monitor to report events", Duration::from_secs(20), || {
+            let _ = std::process::Command::new("nft").args(["add table inet", probe_table, ";", "delete table inet", probe_table]).status();
+            let text = std::fs::read_to_string(&m.out).unwrap_or_default();
+            if text.contains(&format!("delete table inet {probe_table}")) {
+                Ok(())
+            } else {
+                thread::sleep(Duration::from_millis(200));
+                Err("no event yet".to_string())
+            }
+        });
+        m
     }
 
-    /// The transactions (event lines) committed by process `pid`.
-    fn transactions_of(mut self, pid: u32) -> Vec<Vec<String>> {
+    /// The transactions seen (event lines, then the `# new generation N by process
+    /// PID (comm)` line that closes them), and the whole output.
+    fn transactions(mut self) -> (Vec<Vec<String>>, String) {
         thread::sleep(Duration::from_millis(300));
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -275,17 +288,12 @@ impl Monitor {
         let mut out = Vec::new();
         let mut block = Vec::new();
         for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# new generation ") {
-                if rest.contains(&format!("by process {pid} ")) {
-                    out.push(std::mem::take(&mut block));
-                } else {
-                    block.clear();
-                }
-            } else {
-                block.push(line.to_string());
+            block.push(line.to_string());
+            if line.starts_with("# new generation ") {
+                out.push(std::mem::take(&mut block));
             }
         }
-        out
+        (out, text)
     }
 }
 
@@ -312,19 +320,26 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
     let url = format!("http://{}:{tcp}/", client.host_addr());
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
 
-    let monitor = Monitor::start();
+    let monitor = Monitor::start(&format!("{}_probe", ids.table));
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    let pid = daemon.pid().expect("daemon pid");
-    let txs = monitor.transactions_of(pid);
-    let ours: Vec<&Vec<String>> =
-        txs.iter().filter(|t| t.iter().any(|l| l.contains(&format!("inet {} ", ids.table)))).collect();
-    assert_eq!(ours.len(), 1, "the deploy committed exactly one transaction to the table: {ours:#?}");
+    let (txs, text) = monitor.transactions();
+    // The kernel names the committing thread, not the process: every transaction on the
+    // test's table after the probe is the daemon's.
+    let table = format!("inet {} ", ids.table);
+    let ours: Vec<&Vec<String>> = txs.iter().filter(|t| t.iter().any(|l| l.contains(&table))).collect();
+    assert_eq!(ours.len(), 1, "the deploy committed exactly one transaction to the table; nft monitor saw:\n{text}");
     let tx = ours[0];
-    for (verb, proto, port) in
-        [("delete", "tcp", tcp), ("delete", "udp", udp), ("add", "tcp", tcp), ("add", "udp", udp)]
-    {
-        let want = format!("{verb} element inet {} dnat4 {{ {proto} . {port} ", ids.table);
-        assert!(tx.iter().any(|l| l.starts_with(&want)), "`{want}` in the one transaction: {tx:#?}");
+    for (verbs, proto, port) in [
+        (["delete", "delete"], "tcp", tcp),
+        (["delete", "delete"], "udp", udp),
+        (["add", "create"], "tcp", tcp),
+        (["add", "create"], "udp", udp),
+    ] {
+        let found = verbs.iter().any(|verb| {
+            let want = format!("{verb} element inet {} dnat4 {{ {proto} . {port} ", ids.table);
+            tx.iter().any(|l| l.starts_with(&want))
+        });
+        assert!(found, "{} of {proto} . {port} in the one transaction:\n{text}", verbs[0]);
     }
     assert_eq!(get_ok(client.at(), &url).trim(), "v2");
     let to = SocketAddr::from((client.host_addr(), udp));
