@@ -135,6 +135,9 @@ pub struct Settings {
 struct Dataplane {
     applied: Option<Ruleset>,
     bridges: BTreeMap<String, Option<Bridge>>,
+    /// IPv6 address per container, with the IPv4 address it was read alongside: state
+    /// records only IPv4, and a changed IPv4 address (engine restart) means re-read.
+    addr6: BTreeMap<String, (std::net::Ipv4Addr, Option<std::net::Ipv6Addr>)>,
 }
 
 /// The release engine of one daemon.
@@ -228,6 +231,22 @@ impl Releaser {
         Ok(b)
     }
 
+    /// The IPv6 address of `release`'s container (cached per container and IPv4 address).
+    async fn addr6_of(&self, release: &Release, addr: std::net::Ipv4Addr) -> Result<Option<std::net::Ipv6Addr>, ReleaseError> {
+        if release.container_id.is_empty() {
+            return Ok(None);
+        }
+        if let Some((v4, v6)) = self.dataplane.lock().await.addr6.get(&release.container_id) {
+            if *v4 == addr {
+                return Ok(*v6);
+            }
+        }
+        let info = self.engine.inspect(release.container_id.clone(), release.manifest.network.clone()).await?;
+        let v6 = info.and_then(|i| i.addr6);
+        self.dataplane.lock().await.addr6.insert(release.container_id.clone(), (addr, v6));
+        Ok(v6)
+    }
+
     /// Desired data plane for `state`, with `service` pointed at `release` if given.
     async fn desired(&self, state: &State, overriding: Option<(&str, u32)>) -> Result<Desired, ReleaseError> {
         let mut targets = Vec::new();
@@ -245,7 +264,8 @@ impl Releaser {
             if let Some(b) = self.bridge_of(&release.manifest.network).await? {
                 bridges.push(b);
             }
-            targets.extend(targets_of(name, release.number, &svc.manifest, addr));
+            let addr6 = self.addr6_of(release, addr).await?;
+            targets.extend(targets_of(name, release.number, &svc.manifest, addr, addr6));
         }
         Ok(Desired { table: self.settings.table.clone(), mark: self.settings.mark, targets, bridges })
     }
@@ -1182,8 +1202,14 @@ impl Releaser {
     }
 }
 
-/// The host-port targets of one release.
-pub fn targets_of(service: &str, release: u32, manifest: &Manifest, addr: std::net::Ipv4Addr) -> Vec<Target> {
+/// The host-port targets of one release (`addr6`: its IPv6 address, if any).
+pub fn targets_of(
+    service: &str,
+    release: u32,
+    manifest: &Manifest,
+    addr: std::net::Ipv4Addr,
+    addr6: Option<std::net::Ipv6Addr>,
+) -> Vec<Target> {
     manifest
         .ports
         .iter()
@@ -1194,6 +1220,8 @@ pub fn targets_of(service: &str, release: u32, manifest: &Manifest, addr: std::n
             host_port: p.host,
             addr,
             port: p.container,
+            addr6,
+            host_ip: p.host_ip,
         })
         .collect()
 }
