@@ -350,3 +350,44 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
     };
     assert!(!answers.is_empty() && answers.iter().all(|a| a.release.as_deref() == Some("v2")), "{answers:?}");
 }
+
+#[test]
+fn a_port_with_host_ip_is_served_on_that_address_only() {
+    let ids = Ids::new("a_port_with_host_ip_is_served_on_that_address_only");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let v2 = demo_image(&ids, "v2", &[]);
+    let bound = ClientHost::nth(&ids, 0);
+    let other = ClientHost::nth(&ids, 1);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let text = format!(
+        "name: {service}\nimage: {v1}\nports:\n  - host: {port}\n    container: 80\n    host_ip: {ip}\nnetwork: {network}\n\
+         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
+         drain_timeout: 5s\nstop_timeout: 2s\nwatch: 1s\n",
+        service = ids.service,
+        ip = bound.host_addr(),
+        network = net.name
+    );
+    let file = daemon.dir().join("svc.yaml");
+    std::fs::write(&file, text).expect("manifest");
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+
+    let on_bound = format!("http://{}:{port}/", bound.host_addr());
+    let on_other = format!("http://{}:{port}/", other.host_addr());
+    assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v1");
+    // Another local address of the host is not forwarded: nothing listens there.
+    let refused = curl_within(other.at(), &on_other, Duration::from_secs(3));
+    assert!(refused.is_err(), "port {port} on {} must not be forwarded: {refused:?}", other.host_addr());
+    let json = nft_table_json(&ids.table).expect("table");
+    let text = json.to_string();
+    assert!(text.contains("dnat4_addr"), "the element lives in the address-keyed map: {text}");
+
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    for _ in 0..10 {
+        assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v2");
+    }
+    assert!(curl_within(other.at(), &on_other, Duration::from_secs(3)).is_err());
+}
