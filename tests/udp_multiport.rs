@@ -307,6 +307,12 @@ impl Drop for Monitor {
 #[test]
 fn tcp_and_udp_ports_switch_in_one_transaction() {
     let ids = Ids::new("tcp_and_udp_ports_switch_in_one_transaction");
+    if test_backend().as_deref() == Some("iptables") {
+        // iptables-restore has no netlink generation to observe; its atomicity is per
+        // table and family (docs/ports-and-families.md).
+        eprintln!("skipped: the one-transaction check is about the nftables backend");
+        return;
+    }
     require_root();
     require_docker();
     let net = DockerNetwork::new(&ids);
@@ -381,9 +387,12 @@ fn a_port_with_host_ip_is_served_on_that_address_only() {
     // Another local address of the host is not forwarded: nothing listens there.
     let refused = curl_within(other.at(), &on_other, Duration::from_secs(3));
     assert!(refused.is_err(), "port {port} on {} must not be forwarded: {refused:?}", other.host_addr());
-    let json = nft_table_json(&ids.table).expect("table");
-    let text = json.to_string();
-    assert!(text.contains("dnat4_addr"), "the element lives in the address-keyed map: {text}");
+    let text = nft_table_text(&ids.table).expect("rules");
+    let keyed_by_address = match test_backend().as_deref() {
+        Some("iptables") => format!("-d {}/32 -p tcp -m tcp --dport {port}", bound.host_addr()),
+        _ => format!("{} . tcp . {port} :", bound.host_addr()),
+    };
+    assert!(text.contains(&keyed_by_address), "the port is keyed by its host address: {text}");
 
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
     for _ in 0..10 {

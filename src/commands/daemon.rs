@@ -15,7 +15,6 @@ use crate::commands::{Exit, Failure};
 use crate::daemon::{checks::RealChecks, Access};
 use crate::deploy::{Releaser, Settings};
 use crate::docker::DockerEngine;
-use crate::nat::NftFirewall;
 use crate::state::StateStore;
 
 /// nftables and label-safe names.
@@ -34,9 +33,10 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     prepare_socket_path(&socket).await?;
     let store = StateStore::open(&args.state_dir)?;
     let engine = DockerEngine::connect(&args.docker).await?;
-    let firewall = NftFirewall::new();
+    let firewall = crate::nat::firewall(args.backend);
+    tracing::info!(backend = %args.backend, "data plane");
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
-    let releaser = Arc::new(Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?);
+    let releaser = Arc::new(Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks), settings, store)?);
     notify("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;
     for n in notes {
