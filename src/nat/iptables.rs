@@ -71,14 +71,13 @@ impl IptablesFirewall {
         self.applied.lock().map_err(|_| NatError::InvalidRule("the iptables backend's state lock was poisoned".into()))
     }
 
-    /// Which of our jumps exist in the built-in chains of `family`.
+    /// Our jumps in the built-in chains of `family`, one entry per copy (a crash between
+    /// two steps elsewhere could have left two; a delete removes them all).
     fn jumps_present(&self, family: Family, table: &str) -> Result<Vec<Hook>, NatError> {
         let mut present = Vec::new();
         for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting] {
             let out = run(&self.tools(family).list, &["-w", "-t", "nat", "-S", builtin(hook)], None)?;
-            if out.lines().any(|l| is_our_jump(l, hook, table)) {
-                present.push(hook);
-            }
+            present.extend(out.lines().filter(|l| is_our_jump(l, hook, table)).map(|_| hook));
         }
         Ok(present)
     }
@@ -134,9 +133,11 @@ fn jump_spec(table: &str, hook: Hook) -> Result<String, NatError> {
     Ok(format!("{local}-m comment --comment cutover:{table} -j {chain}"))
 }
 
-/// Is `line` (from `iptables -S <BUILTIN>`) our jump for `hook`?
+/// Is `line` (from `iptables -S <BUILTIN>`) our jump for `hook`? iptables quotes the
+/// comment (`--comment "cutover:t"`), so quotes are ignored.
 fn is_our_jump(line: &str, hook: Hook, table: &str) -> bool {
     let Ok(chain) = chain_name(table, hook) else { return false };
+    let line = line.replace('"', "");
     line.starts_with(&format!("-A {} ", builtin(hook)))
         && line.ends_with(&format!(" -j {chain}"))
         && line.contains(&format!("--comment cutover:{table} "))
@@ -386,6 +387,8 @@ COMMIT
     fn our_jumps_are_recognised_and_others_are_not() {
         let ours = "-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment cutover:cutover -j cutover-pre";
         assert!(is_our_jump(ours, Hook::Prerouting, "cutover"));
+        let quoted = "-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"cutover:cutover\" -j cutover-pre";
+        assert!(is_our_jump(quoted, Hook::Prerouting, "cutover"), "iptables -S quotes comments");
         assert!(!is_our_jump("-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER", Hook::Prerouting, "cutover"));
         assert!(!is_our_jump(ours, Hook::Prerouting, "other"));
         let d = delete_script("cutover", &[Hook::Prerouting]).unwrap();

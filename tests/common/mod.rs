@@ -44,6 +44,13 @@ pub fn test_backend() -> Option<String> {
     std::env::var("CUTOVER_TEST_BACKEND").ok().filter(|b| !b.is_empty())
 }
 
+/// Delete every rule the test's daemon made for `table`, whatever its backend (as a
+/// reboot would).
+pub fn delete_dataplane(table: &str) {
+    let r = if iptables_backend() { cleanup::delete_iptables_chains(table) } else { cleanup::delete_table(table) };
+    r.unwrap_or_else(|e| panic!("deleting the rules of {table}: {e}"));
+}
+
 fn iptables_backend() -> bool {
     test_backend().as_deref() == Some("iptables")
 }
