@@ -234,10 +234,6 @@ fn the_daemon_killed_keeps_traffic_and_restart_restores_a_lost_table() {
     assert_eq!(docker_user_rules(&ids.table).len(), 1, "exactly one DOCKER-USER accept");
 }
 
-fn run_cmd(args: &[&str]) -> String {
-    run(&mut std::process::Command::new(args[0]).args(&args[1..]))
-}
-
 #[test]
 fn invalid_manifests_exit_2_and_change_nothing() {
     let ids = Ids::new("invalid_manifests_exit_2");

@@ -31,6 +31,7 @@
 
 use crate::plan::{ElementOp, Ruleset};
 
+pub mod docker_fw;
 pub mod docker_user;
 pub mod expr;
 pub mod iptables;
@@ -106,6 +107,8 @@ pub enum NatError {
     IptablesMissing(#[source] std::io::Error),
     #[error("cutover cannot express this rule (fix the manifest or the configuration): {0}")]
     InvalidRule(String),
+    #[error("cutover cannot work with how this Docker engine filters traffic: {0}")]
+    DockerFirewall(String),
     #[error("cannot set {path}: {source}")]
     Sysctl {
         path: String,
