@@ -6,6 +6,8 @@
 //! NAT (Docker's `ip6tables` option only matters for Docker's own port publishing). The
 //! host must forward IPv6; the test turns that on and restores it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::Ipv6Addr;
@@ -49,7 +51,7 @@ struct V6Network {
 impl V6Network {
     fn new(ids: &Ids, subnet6: Ipv6Addr) -> V6Network {
         let net = V6Network { name: ids.network() };
-        run(&mut std::process::Command::new(DOCKER).args([
+        run(std::process::Command::new(DOCKER).args([
             "network",
             "create",
             "--driver",
@@ -69,7 +71,7 @@ impl V6Network {
 
 impl Drop for V6Network {
     fn drop(&mut self) {
-        let _ = try_run(&mut std::process::Command::new(DOCKER).args(["network", "rm", &self.name]));
+        let _ = try_run(std::process::Command::new(DOCKER).args(["network", "rm", &self.name]));
     }
 }
 

@@ -7,6 +7,8 @@
 //! - A service with a TCP and a UDP port is switched in one nftables transaction, seen
 //!   by `nft monitor` (the kernel's own generation markers).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
