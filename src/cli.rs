@@ -61,10 +61,60 @@ pub enum Command {
     Run(RunArgs),
     /// Ask a `cutover run` supervisor to start a new generation; waits for the outcome.
     Reload(ReloadArgs),
+    /// Show a zero-downtime release on this Docker host: builds two demo releases, runs a
+    /// private daemon, deploys and rolls back under load, prints what the clients saw,
+    /// and removes everything it made.
+    #[command(after_help = "Examples:\n  \
+cutover demo                    # port 18080, images removed afterwards\n  \
+cutover demo --port 9000 --keep # keep cutover-demo:v1/v2 for your own tries\n  \
+cutover demo --json             # the per-step results for scripts\n\n\
+Exit status: 0 if no request failed in any step, 1 otherwise.")]
+    Demo(DemoArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:\n  \
+cutover completions bash > /etc/bash_completion.d/cutover\n  \
+cutover completions zsh > \"${fpath[1]}/_cutover\"\n  \
+cutover completions fish > ~/.config/fish/completions/cutover.fish")]
+    Completions(CompletionsArgs),
     /// Build an image of the project's demo HTTP server (no registry needed): for labs,
     /// the demo and the tests.
     #[command(hide = true)]
     DemoImage(DemoImageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Host port of the demo service (on every local address; the load goes to 127.0.0.1).
+    #[arg(long, default_value_t = 18080)]
+    pub port: u16,
+    /// Keep the images cutover-demo:v1 and cutover-demo:v2 afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Load: clients that open a new connection for every request.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Load: long-lived keep-alive connections, each issuing requests in a loop.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// How long the load runs before the first step and after each one.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub settle: std::time::Duration,
+    /// Print the results as JSON (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    pub docker: String,
+    /// Names the demo's images (NAME:v1, NAME:v2), container label and nftables table, so
+    /// that tests can run a demo apart from an operator's.
+    #[arg(long, default_value = "cutover-demo", hide = true)]
+    pub lab_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

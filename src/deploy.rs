@@ -75,8 +75,9 @@ pub trait Checks: Send + Sync + 'static {
     fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>>;
     /// Ports host processes listen on (TCP) or have bound (UDP).
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String>;
-    /// Delete the conntrack entries of UDP flows to `port` that were NAT'd to `addr`.
-    fn forget_udp_flows(&self, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
+    /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
+    /// to `addr`, so their next packets are NAT'd afresh.
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
     /// UDP flows to host `port` answered by `addr` that carried a packet within `idle`:
     /// they keep an old release draining. Defaults to none for fakes without UDP.
     fn busy_udp_flows(&self, _port: u16, _addr: std::net::Ipv4Addr, _idle: Duration) -> Result<usize, String> {
@@ -149,6 +150,9 @@ pub struct Releaser {
     store: StateStore,
     state: Mutex<State>,
     dataplane: Mutex<Dataplane>,
+    /// Held from reading the state to recording a switch, so a refresh can never
+    /// program a state that a concurrent switch has already moved past.
+    switching: Mutex<()>,
     busy: StdMutex<HashSet<String>>,
 }
 
@@ -187,6 +191,7 @@ impl Releaser {
             store,
             state: Mutex::new(state),
             dataplane: Mutex::new(Dataplane::default()),
+            switching: Mutex::new(()),
             busy: StdMutex::new(HashSet::new()),
         })
     }
@@ -335,9 +340,84 @@ impl Releaser {
         let state = self.snapshot().await;
         self.dataplane.lock().await.applied = None;
         let desired = self.desired(&state, None).await?;
-        self.program(&desired).await?;
+        if state.services.values().any(|s| s.manifest.handoff.is_none()) {
+            self.program(&desired).await?;
+        } else {
+            // Nothing to forward: leave no empty table behind.
+            self.firewall.delete_table(&self.settings.table)?;
+        }
         self.assert_host(&state, &desired).await?;
         Ok(notes)
+    }
+
+    /// After the engine came back (or a container of ours restarted): re-read the
+    /// addresses of the active releases, stop kept releases the engine restarted, and
+    /// re-assert the rules and host settings. Safe while an operation runs: it programs
+    /// what the recorded state says.
+    pub async fn refresh(&self) -> Result<(), ReleaseError> {
+        let state = self.snapshot().await;
+        let mut addrs = Vec::new();
+        for (name, svc) in &state.services {
+            for rel in &svc.releases {
+                let network = rel.manifest.network.clone();
+                let Some(info) = self.engine.inspect(rel.container_id.clone(), network).await? else { continue };
+                let serving = Some(rel.number) == svc.active || svc.operation.as_ref().is_some_and(|o| o.to == rel.number || o.from == Some(rel.number));
+                if rel.status == ReleaseStatus::Stopped && info.running && !serving {
+                    tracing::warn!(service = %name, release = rel.number, "a kept release was started by the engine; stopping it");
+                    self.engine.stop(rel.container_id.clone(), rel.manifest.stop_timeout).await?;
+                }
+                if info.addr.is_some() && info.addr != rel.addr {
+                    addrs.push((name.clone(), rel.number, info.addr));
+                }
+            }
+        }
+        if !addrs.is_empty() {
+            tracing::info!(changed = addrs.len(), "release addresses changed; updating the rules");
+            self.commit(move |s| {
+                for (name, number, addr) in addrs {
+                    if let Some(r) = s.services.get_mut(&name).and_then(|svc| svc.release_mut(number)) {
+                        r.addr = addr;
+                    }
+                }
+            })
+            .await?;
+        }
+        let _switching = self.switching.lock().await;
+        let state = self.snapshot().await;
+        let desired = self.desired(&state, None).await?;
+        self.program(&desired).await?;
+        self.assert_host(&state, &desired).await
+    }
+
+    /// Follow the engine: refresh on our containers' lifecycle events and whenever the
+    /// event stream comes back after the engine went away. Runs until the daemon stops.
+    pub async fn watch_engine(&self) {
+        let mut was_down = false;
+        loop {
+            let mut events = self.engine.events(self.settings.instance.clone());
+            if was_down {
+                tracing::info!("the Docker engine is back; re-asserting releases and rules");
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "refresh after the engine came back");
+                }
+            }
+            while let Some(event) = futures_util::StreamExt::next(&mut events).await {
+                match event {
+                    Ok((_, action)) if matches!(action.as_str(), "start" | "restart" | "unpause") => {
+                        if let Err(e) = self.refresh().await {
+                            tracing::warn!(error = %e, "refresh after a container event");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the Docker engine's event stream");
+                        break;
+                    }
+                }
+            }
+            was_down = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Finish (after the switch) or undo (before it) an interrupted operation.
@@ -728,7 +808,8 @@ impl Releaser {
         self.set_phase(service, Phase::Healthy).await?;
         self.emit(progress, service, to, "healthy", format!("release {to} is healthy after {health_ms} ms"));
 
-        // The switch: one transaction.
+        // The switch: one transaction, recorded before anyone else programs.
+        let switch_guard = self.switching.lock().await;
         let state = self.snapshot().await;
         let desired = self.desired(&state, Some((service, to))).await?;
         let switched = match self.program(&desired).await {
@@ -759,6 +840,7 @@ impl Releaser {
             }
         })
         .await?;
+        drop(switch_guard);
         self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
         self.checkpoint(service, Phase::Switched).await;
 
@@ -774,7 +856,7 @@ impl Releaser {
             if manifest.ports.iter().any(|p| p.protocol == Protocol::Udp) {
                 if let Some(addr) = old.addr {
                     for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                        if let Err(e) = self.checks.forget_udp_flows(p.host, addr) {
+                        if let Err(e) = self.checks.forget_flows(Protocol::Udp, p.host, addr) {
                             tracing::warn!(service, error = %e, "could not delete old UDP flows");
                         }
                     }
@@ -1005,9 +1087,19 @@ impl Releaser {
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
         tracing::error!(service, release = to, reason, "the new release failed after the switch; switching back");
+        let switch_guard = self.switching.lock().await;
         let state = self.snapshot().await;
         let desired = self.desired(&state, Some((service, old.number))).await?;
         self.program(&desired).await?;
+        // Connections NAT'd to the dead release whose handshake has not completed would
+        // keep retrying it: forget them, so their retransmitted SYNs reach the old one.
+        if let Some(addr) = new.addr {
+            for p in &old.manifest.ports {
+                if let Err(e) = self.checks.forget_flows(p.protocol, p.host, addr) {
+                    tracing::warn!(service, error = %e, "could not delete the failed release's flows");
+                }
+            }
+        }
         self.emit(progress, service, old.number, "reverted", format!(
             "release {to} failed after the switch ({reason}); traffic is back on release {}", old.number
         ));
@@ -1044,6 +1136,7 @@ impl Releaser {
             }
         })
         .await?;
+        drop(switch_guard);
         let undo = match kind {
             OperationKind::Deploy => self.engine.remove(new.id.clone()).await,
             OperationKind::Rollback => self.engine.stop(new.id.clone(), Duration::from_secs(1)).await,
@@ -1132,19 +1225,11 @@ impl Releaser {
     pub async fn remove(&self, service: &str) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
+        let switching = self.switching.lock().await;
         let mut state = self.snapshot().await;
         state.services.remove(service);
         let desired = self.desired(&state, None).await?;
         self.program(&desired).await?;
-        let mut errors = Vec::new();
-        for r in &svc.releases {
-            if matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed) || r.container_id.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.engine.remove(r.container_id.clone()).await {
-                errors.push(e.to_string());
-            }
-        }
         let s = service.to_string();
         let restore = self
             .commit(move |st| {
@@ -1156,6 +1241,16 @@ impl Releaser {
                 }
             })
             .await?;
+        drop(switching);
+        let mut errors = Vec::new();
+        for r in &svc.releases {
+            if matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed) || r.container_id.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.engine.remove(r.container_id.clone()).await {
+                errors.push(e.to_string());
+            }
+        }
         let state = self.snapshot().await;
         if state.services.is_empty() {
             if let Err(e) = self.firewall.remove_forward_accept(&self.settings.table, self.settings.mark) {

@@ -19,6 +19,7 @@ pub mod embedded;
 pub mod handoff;
 pub mod health;
 pub mod host;
+pub mod loadgen;
 pub mod manifest;
 pub mod nat;
 pub mod netns;

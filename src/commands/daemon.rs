@@ -45,11 +45,23 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     }
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot make {} private (0600)", socket.display()))?;
+    // Root only, or root and the one group the operator named (each request's peer
+    // credentials are checked again in `daemon::serve`).
+    let mode = if let Some(gid) = args.allow_group {
+        nix::unistd::chown(&socket, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("cannot give group {gid} access to {}", socket.display()))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {} to {mode:o}", socket.display()))?;
     let services = releaser.snapshot().await.services.len();
     tracing::info!(socket = %socket.display(), table = %args.table, services, "cutover daemon ready");
     notify(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
+
+    let watcher = releaser.clone();
+    tokio::spawn(async move { watcher.watch_engine().await });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

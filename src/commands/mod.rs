@@ -5,7 +5,9 @@
 use std::fmt;
 
 pub mod apply;
+pub mod completions;
 pub mod daemon;
+pub mod demo;
 pub mod demo_image;
 pub mod deploy;
 pub mod history;
@@ -69,6 +71,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args).await,
         Command::Reload(args) => reload::run(args).await,
         Command::DemoImage(args) => demo_image::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Completions(args) => completions::run(args),
     }
 }
 

@@ -36,8 +36,8 @@ impl Checks for RealChecks {
         crate::host::listening_ports().map_err(|e| e.to_string())
     }
 
-    fn forget_udp_flows(&self, port: u16, addr: Ipv4Addr) -> Result<(), String> {
-        crate::host::delete_conntrack(Protocol::Udp, port, addr).map(|_| ()).map_err(|e| e.to_string())
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: Ipv4Addr) -> Result<(), String> {
+        crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn busy_udp_flows(&self, port: u16, addr: Ipv4Addr, idle: Duration) -> Result<usize, String> {

@@ -107,6 +107,9 @@ impl Engine for FakeEngine {
     fn list_instance(&self, _instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
         Box::pin(async move { Ok(self.containers.lock().unwrap().values().map(|c| c.info.clone()).collect()) })
     }
+    fn events(&self, _instance: String) -> futures_util::stream::BoxStream<'_, Result<(String, String), DockerError>> {
+        Box::pin(futures_util::stream::empty())
+    }
 }
 
 #[derive(Default)]
@@ -201,7 +204,7 @@ impl Checks for FakeChecks {
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
         Ok(BTreeSet::from([(Protocol::Tcp, 22)]))
     }
-    fn forget_udp_flows(&self, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
+    fn forget_flows(&self, _protocol: Protocol, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
         Ok(())
     }
 }

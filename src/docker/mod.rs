@@ -18,6 +18,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use crate::manifest::Protocol;
@@ -107,6 +108,9 @@ pub trait Engine: Send + Sync + 'static {
     fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>>;
     /// Containers carrying `cutover.instance=<instance>`.
     fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>>;
+    /// Lifecycle events (start, die, restart...) of this instance's containers, as
+    /// `(container id, action)`. The stream ends or errs when the engine goes away.
+    fn events(&self, instance: String) -> BoxStream<'_, Result<(String, String), DockerError>>;
 }
 
 /// The real engine over the Docker API.
@@ -373,5 +377,18 @@ impl Engine for DockerEngine {
             }
             Ok(out)
         })
+    }
+
+    fn events(&self, instance: String) -> BoxStream<'_, Result<(String, String), DockerError>> {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("label".to_string(), vec![format!("{LABEL_INSTANCE}={instance}")]),
+        ]);
+        let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
+        Box::pin(self.docker.events(Some(opts)).map(|e| {
+            let e = e.map_err(|source| DockerError::Api { action: "watch the events of", target: "containers".into(), source })?;
+            let id = e.actor.and_then(|a| a.id).unwrap_or_default();
+            Ok((id, e.action.unwrap_or_default()))
+        }))
     }
 }

@@ -203,6 +203,14 @@ impl Daemon {
         }
     }
 
+    /// Restarts the daemon without the given arguments (e.g. a test hook flag and its
+    /// value), as an operator restarting it with another configuration would.
+    #[track_caller]
+    pub fn restart_without(&mut self, drop_args: &[&str]) {
+        self.args.retain(|a| !drop_args.contains(&a.as_str()));
+        self.restart();
+    }
+
     /// Starts the daemon again with the same arguments (kills it first if it still runs).
     #[track_caller]
     pub fn restart(&mut self) {

@@ -344,6 +344,17 @@ impl WrkRun {
         self.try_wait().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Ends the run now (SIGINT: wrk stops its threads and still prints its report, as
+    /// on Ctrl-C) and returns the report.
+    #[track_caller]
+    pub fn stop(self) -> WrkReport {
+        if let Some(c) = self.child.as_ref() {
+            // `ip netns exec` and `nsenter` exec into wrk, so the pid is wrk's.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGINT);
+        }
+        self.wait()
+    }
+
     pub fn try_wait(mut self) -> Result<WrkReport, String> {
         let child = self.child.take().ok_or("wrk already waited for")?;
         let out = child.wait_with_output().map_err(|e| format!("waiting for `{}`: {e}", self.command))?;
