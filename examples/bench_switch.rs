@@ -39,28 +39,21 @@ fn main() -> Result<(), NatError> {
     println!("{:>9} {:>12} {:>12} {:>12} {:>12}", "elements", "sync", "median", "p99", "max");
     for size in [1u16, 100, 1000, 10000] {
         let targets: Vec<Target> = (0..size)
-            .map(|i| Target {
-                service: format!("s{i}"),
-                release: 1,
-                protocol: Protocol::Tcp,
-                host_port: 20000 + i,
-                addr: Ipv4Addr::new(10, 231, 200, 2),
-                port: 80,
-            })
+            .map(|i| Target::new(&format!("s{i}"), 1, Protocol::Tcp, 20000 + i, Ipv4Addr::new(10, 231, 200, 2), 80))
             .collect();
         let rs = plan::ruleset(&Desired { table: table.clone(), mark: plan::DEFAULT_MARK, targets, bridges: vec![] });
         let t0 = Instant::now();
         fw.sync(&rs)?;
         let sync = t0.elapsed();
 
-        let key = ElementKey { protocol: Protocol::Tcp, port: 20000 };
+        let key = ElementKey::v4(Protocol::Tcp, 20000);
         let mut samples = Vec::with_capacity(runs);
         for run in 0..runs {
             // Alternate between two releases so every switch really changes the element.
             let last = if run % 2 == 0 { 3 } else { 2 };
             let ops = [
                 ElementOp::Delete(key),
-                ElementOp::Add(plan::Element { key, addr: Ipv4Addr::new(10, 231, 200, last), port: 80 }),
+                ElementOp::Add(plan::Element { key, addr: Ipv4Addr::new(10, 231, 200, last).into(), port: 80 }),
             ];
             let t = Instant::now();
             fw.apply_ops(&table, plan::DNAT_MAP, &ops)?;

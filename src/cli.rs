@@ -149,6 +149,10 @@ pub struct DaemonArgs {
     /// Label value that tells this daemon's containers apart (default: the table name).
     #[arg(long)]
     pub instance: Option<String>,
+    /// Data plane: `nftables` (one table with DNAT maps) or `iptables` (chains named
+    /// after --table in the nat table, written with iptables-restore).
+    #[arg(long, default_value = "nftables")]
+    pub backend: crate::nat::Backend,
     /// Group (gid) allowed to use the control socket besides root.
     #[arg(long)]
     pub allow_group: Option<u32>,

@@ -80,6 +80,11 @@ pub trait Checks: Send + Sync + 'static {
     /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
     /// to `addr`, so their next packets are NAT'd afresh.
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
+    /// UDP flows to host `port` answered by `addr` that carried a packet within `idle`:
+    /// they keep an old release draining. Defaults to none for fakes without UDP.
+    fn busy_udp_flows(&self, _port: u16, _addr: std::net::Ipv4Addr, _idle: Duration) -> Result<usize, String> {
+        Ok(0)
+    }
 }
 
 /// What the state machine reports while it works (sent to the CLI as progress).
@@ -133,6 +138,9 @@ pub struct Settings {
 struct Dataplane {
     applied: Option<Ruleset>,
     bridges: BTreeMap<String, Option<Bridge>>,
+    /// IPv6 address per container, with the IPv4 address it was read alongside: state
+    /// records only IPv4, and a changed IPv4 address (engine restart) means re-read.
+    addr6: BTreeMap<String, (std::net::Ipv4Addr, Option<std::net::Ipv6Addr>)>,
 }
 
 /// The release engine of one daemon.
@@ -233,6 +241,22 @@ impl Releaser {
         Ok(b)
     }
 
+    /// The IPv6 address of `release`'s container (cached per container and IPv4 address).
+    async fn addr6_of(&self, release: &Release, addr: std::net::Ipv4Addr) -> Result<Option<std::net::Ipv6Addr>, ReleaseError> {
+        if release.container_id.is_empty() {
+            return Ok(None);
+        }
+        if let Some((v4, v6)) = self.dataplane.lock().await.addr6.get(&release.container_id) {
+            if *v4 == addr {
+                return Ok(*v6);
+            }
+        }
+        let info = self.engine.inspect(release.container_id.clone(), release.manifest.network.clone()).await?;
+        let v6 = info.and_then(|i| i.addr6);
+        self.dataplane.lock().await.addr6.insert(release.container_id.clone(), (addr, v6));
+        Ok(v6)
+    }
+
     /// Desired data plane for `state`, with `service` pointed at `release` if given.
     async fn desired(&self, state: &State, overriding: Option<(&str, u32)>) -> Result<Desired, ReleaseError> {
         let mut targets = Vec::new();
@@ -250,7 +274,8 @@ impl Releaser {
             if let Some(b) = self.bridge_of(&release.manifest.network).await? {
                 bridges.push(b);
             }
-            targets.extend(targets_of(name, release.number, &svc.manifest, addr));
+            let addr6 = self.addr6_of(release, addr).await?;
+            targets.extend(targets_of(name, release.number, &svc.manifest, addr, addr6));
         }
         Ok(Desired { table: self.settings.table.clone(), mark: self.settings.mark, targets, bridges })
     }
@@ -999,6 +1024,10 @@ impl Releaser {
         };
         let ports: Vec<u16> =
             old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Tcp).map(|p| p.container).collect();
+        // UDP never closes: the old release still serves a UDP flow until it has been idle
+        // for `udp_idle`; then (or at the drain timeout) the caller deletes its entries.
+        let udp_ports: Vec<u16> =
+            old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp).map(|p| p.host).collect();
         let mut next_probe = Instant::now();
         // The engine's events tell of a crash within milliseconds; polling alone would
         // leave clients on a dead release for up to a poll interval.
@@ -1009,7 +1038,9 @@ impl Releaser {
             if let Some(reason) = self.new_release_failed(manifest, new, &mut next_probe).await {
                 return Err(reason);
             }
-            let open = match pid {
+            let tcp_open = match pid {
+                // No TCP port: an empty list would count every connection of the release.
+                _ if ports.is_empty() => 0,
                 None => 0,
                 Some(pid) => match self.checks.open_connections(pid, ports.clone()).await {
                     Ok(n) => n,
@@ -1019,6 +1050,15 @@ impl Releaser {
                     }
                 },
             };
+            let mut udp_busy = 0usize;
+            for (port, addr) in old.addr.map(|a| udp_ports.iter().map(move |p| (*p, a))).into_iter().flatten() {
+                let busy = self.checks.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
+                    tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
+                    usize::MAX
+                });
+                udp_busy = udp_busy.saturating_add(busy);
+            }
+            let open = tcp_open.saturating_add(udp_busy);
             let elapsed = started.elapsed();
             let _ = progress.send(Progress {
                 service: service.to_string(),
@@ -1314,8 +1354,14 @@ impl Releaser {
     }
 }
 
-/// The host-port targets of one release.
-pub fn targets_of(service: &str, release: u32, manifest: &Manifest, addr: std::net::Ipv4Addr) -> Vec<Target> {
+/// The host-port targets of one release (`addr6`: its IPv6 address, if any).
+pub fn targets_of(
+    service: &str,
+    release: u32,
+    manifest: &Manifest,
+    addr: std::net::Ipv4Addr,
+    addr6: Option<std::net::Ipv6Addr>,
+) -> Vec<Target> {
     manifest
         .ports
         .iter()
@@ -1326,6 +1372,8 @@ pub fn targets_of(service: &str, release: u32, manifest: &Manifest, addr: std::n
             host_port: p.host,
             addr,
             port: p.container,
+            addr6,
+            host_ip: p.host_ip,
         })
         .collect()
 }

@@ -9,9 +9,10 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::manifest::Protocol;
 
@@ -146,20 +147,32 @@ pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
     Ok(out)
 }
 
-/// Delete conntrack entries of `proto` flows to host port `orig_dst_port` that were
-/// answered by `reply_src_addr` (the old release). UDP has no connection end, so after a
-/// switch the old release keeps getting a flow's datagrams until its entry is gone.
-/// Returns how many entries were deleted.
-pub fn delete_conntrack(proto: Protocol, orig_dst_port: u16, reply_src_addr: Ipv4Addr) -> Result<u64, HostError> {
-    let args = [
-        "-D".to_string(),
-        "-p".into(),
+/// The `conntrack` arguments selecting `proto` flows to host port `orig_dst_port` that
+/// were answered by `reply_src_addr` (the old release). `-f ipv6` for a v6 address:
+/// conntrack looks only at IPv4 entries unless told otherwise.
+fn flow_filter(proto: Protocol, orig_dst_port: u16, reply_src_addr: IpAddr) -> Vec<String> {
+    let mut args = vec![
+        "-p".to_string(),
         proto.to_string(),
         "--orig-port-dst".into(),
         orig_dst_port.to_string(),
         "--reply-src".into(),
         reply_src_addr.to_string(),
     ];
+    if reply_src_addr.is_ipv6() {
+        args.extend(["-f".to_string(), "ipv6".to_string()]);
+    }
+    args
+}
+
+/// Delete conntrack entries of `proto` flows to host port `orig_dst_port` that were
+/// answered by `reply_src_addr` (the old release). UDP has no connection end, so after a
+/// switch the old release keeps getting a flow's datagrams until its entry is gone.
+/// Returns how many entries were deleted.
+pub fn delete_conntrack(proto: Protocol, orig_dst_port: u16, reply_src_addr: impl Into<IpAddr>) -> Result<u64, HostError> {
+    let reply_src_addr = reply_src_addr.into();
+    let mut args = vec!["-D".to_string()];
+    args.extend(flow_filter(proto, orig_dst_port, reply_src_addr));
     let command = format!("{CONNTRACK} {}", args.join(" "));
     let out = Command::new(CONNTRACK)
         .args(&args)
@@ -174,6 +187,76 @@ pub fn delete_conntrack(proto: Protocol, orig_dst_port: u16, reply_src_addr: Ipv
         (Some(1), Some(0)) => Ok(0),
         _ => Err(HostError::Command { command, status: out.status.to_string(), stderr: stderr.trim().to_string() }),
     }
+}
+
+/// The kernel's UDP conntrack timeouts: a flow's entry is refreshed to `stream` on every
+/// packet once it is ASSURED (seen both ways for a while), to `unreplied` before that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpTimeouts {
+    pub unreplied: Duration,
+    pub stream: Duration,
+}
+
+const UDP_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout";
+const UDP_TIMEOUT_STREAM: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream";
+
+fn read_secs(path: &str) -> Result<Duration, HostError> {
+    let path = Path::new(path);
+    let text = fs::read_to_string(path).map_err(|source| HostError::Read { path: path.to_path_buf(), source })?;
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| HostError::Parse { path: path.to_path_buf(), line: 1, reason: format!("expected seconds, found `{}`", text.trim()) })
+}
+
+impl UdpTimeouts {
+    /// The host's current values (they are per network namespace: read from the daemon's).
+    pub fn of_host() -> Result<UdpTimeouts, HostError> {
+        Ok(UdpTimeouts { unreplied: read_secs(UDP_TIMEOUT)?, stream: read_secs(UDP_TIMEOUT_STREAM)? })
+    }
+}
+
+/// How long each listed UDP conntrack entry has been idle, from `conntrack -L` output.
+///
+/// conntrack shows no last-seen time, only the seconds left before the entry expires;
+/// every packet resets that to the full timeout, so `full - left` is the time since the
+/// flow's last packet, to within the 1 s resolution of `left`. `full` is the stream
+/// timeout for ASSURED entries.
+pub fn parse_udp_idle(stdout: &str, timeouts: UdpTimeouts) -> Vec<Duration> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (proto, _num, left) = (fields.next()?, fields.next()?, fields.next()?);
+            if proto != "udp" {
+                return None;
+            }
+            // conntrack rounds the time left down to whole seconds, so the real time left
+            // is up to 1 s more: count the smaller idle time, never a busy flow as idle.
+            let left = Duration::from_secs(left.parse::<u64>().ok()?.saturating_add(1));
+            let full = if line.contains("[ASSURED]") { timeouts.stream } else { timeouts.unreplied };
+            Some(full.saturating_sub(left))
+        })
+        .collect()
+}
+
+/// Idle times of the UDP flows to host port `orig_dst_port` answered by `reply_src_addr`.
+/// The old release is done with UDP when every one of them has been idle long enough.
+pub fn udp_flow_idle_times(orig_dst_port: u16, reply_src_addr: impl Into<IpAddr>) -> Result<Vec<Duration>, HostError> {
+    let reply_src_addr = reply_src_addr.into();
+    let timeouts = UdpTimeouts::of_host()?;
+    let mut args = vec!["-L".to_string()];
+    args.extend(flow_filter(Protocol::Udp, orig_dst_port, reply_src_addr));
+    let command = format!("{CONNTRACK} {}", args.join(" "));
+    let out = Command::new(CONNTRACK)
+        .args(&args)
+        .output()
+        .map_err(|source| HostError::Spawn { command: command.clone(), source })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(HostError::Command { command, status: out.status.to_string(), stderr });
+    }
+    Ok(parse_udp_idle(&String::from_utf8_lossy(&out.stdout), timeouts))
 }
 
 /// The count in conntrack's "N flow entries have been deleted." line.
@@ -237,6 +320,29 @@ mod tests {
         assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"), Some(2));
         assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"), Some(0));
         assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): Operation failed: invalid parameters\n"), None);
+    }
+
+    #[test]
+    fn udp_idle_is_the_full_timeout_minus_what_is_left() {
+        let t = UdpTimeouts { unreplied: Duration::from_secs(30), stream: Duration::from_secs(120) };
+        let out = "udp      17 27 src=10.0.0.2 dst=10.0.0.1 sport=4000 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4000 mark=0 use=1
+udp      17 100 src=10.0.0.2 dst=10.0.0.1 sport=4001 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4001 [ASSURED] mark=0 use=1
+udp      17 31 src=10.0.0.2 dst=10.0.0.1 sport=4002 dport=53 [UNREPLIED] src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4002 mark=0 use=1
+conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
+";
+        let idle = parse_udp_idle(out, t);
+        // A flow refreshed a moment ago shows 119 of 120 s left: idle 0, not 1 s.
+        let fresh = "udp      17 119 src=10.0.0.2 dst=10.0.0.1 sport=4 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4 [ASSURED] mark=0 use=1\n";
+        assert_eq!(parse_udp_idle(fresh, t), vec![Duration::ZERO]);
+        assert_eq!(idle, vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
+    }
+
+    #[test]
+    fn v6_flows_are_selected_with_their_family() {
+        let args = flow_filter(Protocol::Udp, 53, "fd00::2".parse().unwrap());
+        assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src fd00::2 -f ipv6");
+        let args = flow_filter(Protocol::Udp, 53, "172.17.0.2".parse().unwrap());
+        assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src 172.17.0.2");
     }
 
     #[test]

@@ -8,8 +8,13 @@
 //! Shape of the table (one per daemon, `inet` family):
 //! - map `dnat4`: `l4proto . host port -> container address . container port`; a cutover
 //!   replaces one element, so its cost does not depend on how many services exist;
+//! - map `dnat4_addr`: the same keyed also by the host address (`host_ip:` of a port), so
+//!   a port can be bound on one address only; looked up first, so it wins over `dnat4`;
+//! - maps `dnat6` and `dnat6_addr`: the same for IPv6 clients and the releases' IPv6
+//!   addresses (dual stack). All four maps and their rules always exist, so a release
+//!   that gains or loses an IPv6 address or a `host_ip` is still only element changes;
 //! - chains `prerouting` and `output` (nat, priority dstnat - 5, just before Docker's):
-//!   traffic to a local address whose protocol and port are in the map gets our mark and
+//!   traffic to a local address whose protocol and port are in a map gets our mark and
 //!   is DNAT'd to the active release;
 //! - chain `postrouting` (nat, srcnat - 5): marked traffic from 127.0.0.0/8 (clients on
 //!   the host via loopback) and marked traffic that leaves through the bridge it came
@@ -17,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,12 +32,53 @@ use crate::manifest::Protocol;
 pub const DEFAULT_TABLE: &str = "cutover";
 /// The default packet mark bit set on traffic cutover DNATs (matched in DOCKER-USER).
 pub const DEFAULT_MARK: u32 = 0x2000_0000;
-/// The name of the DNAT map inside the table.
+/// The name of the IPv4 DNAT map inside the table (keyed by protocol and port).
 pub const DNAT_MAP: &str = "dnat4";
+/// IPv4, keyed also by the host address (`host_ip`).
+pub const DNAT_MAP_ADDR: &str = "dnat4_addr";
+/// IPv6, keyed by protocol and port.
+pub const DNAT6_MAP: &str = "dnat6";
+/// IPv6, keyed also by the host address.
+pub const DNAT6_MAP_ADDR: &str = "dnat6_addr";
 /// Priority of the DNAT chains: `dstnat - 5`, so they run before Docker's (`dstnat`).
 pub const DNAT_PRIORITY: i32 = -105;
 /// Priority of the masquerade chain: `srcnat - 5`.
 pub const SNAT_PRIORITY: i32 = 95;
+
+/// IP version of a map, a rule or an element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Family {
+        if addr.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        }
+    }
+
+    /// The `nft` keyword of the address type (`ip` / `ip6`).
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ip",
+            Family::Ipv6 => "ip6",
+        }
+    }
+}
+
+/// The map that holds keys of `family`, keyed also by the host address or not.
+pub fn map_name(family: Family, by_daddr: bool) -> &'static str {
+    match (family, by_daddr) {
+        (Family::Ipv4, false) => DNAT_MAP,
+        (Family::Ipv4, true) => DNAT_MAP_ADDR,
+        (Family::Ipv6, false) => DNAT6_MAP,
+        (Family::Ipv6, true) => DNAT6_MAP_ADDR,
+    }
+}
 
 /// One host port of one service, pointed at the active release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +89,19 @@ pub struct Target {
     pub host_port: u16,
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The release's IPv6 address, when its network has IPv6: IPv6 clients reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr6: Option<Ipv6Addr>,
+    /// Only traffic to this host address is forwarded (manifest `host_ip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
+}
+
+impl Target {
+    /// A target on every host address, IPv4 only (what most callers and tests need).
+    pub fn new(service: &str, release: u32, protocol: Protocol, host_port: u16, addr: Ipv4Addr, port: u16) -> Target {
+        Target { service: service.to_string(), release, protocol, host_port, addr, port, addr6: None, host_ip: None }
+    }
 }
 
 /// A Docker bridge that active releases sit on: needs hairpin masquerade and
@@ -83,9 +142,10 @@ impl Hook {
 /// The rules cutover writes; `nat` turns each into netlink expressions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Rule {
-    /// IPv4 to a local address, `l4proto . dport` found in `map`: set `mark`, DNAT to
-    /// the map's value.
-    DnatLocal { map: String, mark: u32 },
+    /// `family` traffic to a local address whose `l4proto . dport` (preceded by the
+    /// destination address when `by_daddr`) is found in `map`: set `mark`, DNAT to the
+    /// map's value.
+    DnatLocal { map: String, mark: u32, family: Family, by_daddr: bool },
     /// Marked IPv4 from 127.0.0.0/8: masquerade (host clients via loopback).
     MasqueradeLoopback { mark: u32 },
     /// Marked IPv4 from `subnet` leaving through `ifname`: masquerade (hairpin).
@@ -100,18 +160,54 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// Key of a DNAT map element.
+/// Key of a DNAT map element. `family` and `daddr` choose the map ([`ElementKey::map`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ElementKey {
+    pub family: Family,
+    /// The host address the port is bound on (`host_ip`); `None`: every local address.
+    pub daddr: Option<IpAddr>,
     pub protocol: Protocol,
     pub port: u16,
+}
+
+impl ElementKey {
+    /// An IPv4 key on every local address.
+    pub fn v4(protocol: Protocol, port: u16) -> ElementKey {
+        ElementKey { family: Family::Ipv4, daddr: None, protocol, port }
+    }
+
+    /// The map this key lives in.
+    pub fn map(&self) -> &'static str {
+        map_name(self.family, self.daddr.is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Element {
     pub key: ElementKey,
-    pub addr: Ipv4Addr,
+    /// Same family as the key.
+    pub addr: IpAddr,
     pub port: u16,
+}
+
+/// One DNAT map of the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapSpec {
+    pub name: String,
+    pub family: Family,
+    pub by_daddr: bool,
+}
+
+impl MapSpec {
+    /// `nft` type of the map.
+    pub fn type_text(&self) -> String {
+        let addr = match self.family {
+            Family::Ipv4 => "ipv4_addr",
+            Family::Ipv6 => "ipv6_addr",
+        };
+        let key = if self.by_daddr { format!("{addr} . inet_proto . inet_service") } else { "inet_proto . inet_service".into() };
+        format!("{key} : {addr} . inet_service")
+    }
 }
 
 /// One change to the DNAT map; a list of them is one transaction.
@@ -126,16 +222,37 @@ pub enum ElementOp {
 pub struct Ruleset {
     pub table: String,
     pub mark: u32,
+    /// The IPv4 map (what `apply_ops` callers name); the other maps are in `maps` and an
+    /// element's map follows from its key.
     pub map: String,
+    pub maps: Vec<MapSpec>,
     pub chains: Vec<Chain>,
     pub elements: Vec<Element>,
+    /// What the plan cannot do, for the operator (e.g. a release without IPv6 address).
+    pub notes: Vec<String>,
+}
+
+/// The four maps (the IPv4 map keyed by port first: tools that read the first map of the
+/// table find the one that always existed).
+fn map_specs() -> Vec<MapSpec> {
+    [(Family::Ipv4, false), (Family::Ipv4, true), (Family::Ipv6, false), (Family::Ipv6, true)]
+        .into_iter()
+        .map(|(family, by_daddr)| MapSpec { name: map_name(family, by_daddr).to_string(), family, by_daddr })
+        .collect()
 }
 
 /// The table for `desired`. Deterministic: the same input gives the same rules in the
 /// same order.
 pub fn ruleset(desired: &Desired) -> Ruleset {
     let mark = desired.mark;
-    let dnat = Rule::DnatLocal { map: DNAT_MAP.to_string(), mark };
+    let maps = map_specs();
+    // A DNAT is final for the packet, so the first map that knows the key decides: per
+    // family the one keyed by address first, so a port bound on one address wins over the
+    // same port on every address.
+    let dnat: Vec<Rule> = [(Family::Ipv4, true), (Family::Ipv4, false), (Family::Ipv6, true), (Family::Ipv6, false)]
+        .into_iter()
+        .map(|(family, by_daddr)| Rule::DnatLocal { map: map_name(family, by_daddr).to_string(), mark, family, by_daddr })
+        .collect();
     let mut bridges = desired.bridges.clone();
     bridges.sort();
     bridges.dedup();
@@ -150,23 +267,58 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
         table: desired.table.clone(),
         mark,
         map: DNAT_MAP.to_string(),
+        maps,
         chains: vec![
-            Chain { name: "prerouting".into(), hook: Hook::Prerouting, priority: DNAT_PRIORITY, rules: vec![dnat.clone()] },
-            Chain { name: "output".into(), hook: Hook::Output, priority: DNAT_PRIORITY, rules: vec![dnat] },
+            Chain { name: "prerouting".into(), hook: Hook::Prerouting, priority: DNAT_PRIORITY, rules: dnat.clone() },
+            Chain { name: "output".into(), hook: Hook::Output, priority: DNAT_PRIORITY, rules: dnat },
             Chain { name: "postrouting".into(), hook: Hook::Postrouting, priority: SNAT_PRIORITY, rules: post },
         ],
         elements: elements(&desired.targets),
+        notes: notes(&desired.targets),
     }
+}
+
+/// The map elements one target needs: IPv4 always (unless bound to an IPv6 host
+/// address), IPv6 when the release has an IPv6 address (unless bound to an IPv4 one).
+fn target_elements(t: &Target) -> Vec<Element> {
+    let mut out = Vec::new();
+    let wants = |family: Family| t.host_ip.is_none_or(|ip| Family::of(&ip) == family);
+    if wants(Family::Ipv4) {
+        let key = ElementKey { family: Family::Ipv4, daddr: t.host_ip, protocol: t.protocol, port: t.host_port };
+        out.push(Element { key, addr: IpAddr::V4(t.addr), port: t.port });
+    }
+    if let (true, Some(addr6)) = (wants(Family::Ipv6), t.addr6) {
+        let key = ElementKey { family: Family::Ipv6, daddr: t.host_ip, protocol: t.protocol, port: t.host_port };
+        out.push(Element { key, addr: IpAddr::V6(addr6), port: t.port });
+    }
+    out
 }
 
 /// Map elements for `targets`, sorted by key.
 pub fn elements(targets: &[Target]) -> Vec<Element> {
     let mut by_key: BTreeMap<ElementKey, Element> = BTreeMap::new();
-    for t in targets {
-        let key = ElementKey { protocol: t.protocol, port: t.host_port };
-        by_key.insert(key, Element { key, addr: t.addr, port: t.port });
+    for e in targets.iter().flat_map(target_elements) {
+        by_key.insert(e.key, e);
     }
     by_key.into_values().collect()
+}
+
+/// What the plan leaves out and why: releases without an IPv6 address get no IPv6
+/// elements, so IPv6 clients of their ports are not forwarded.
+pub fn notes(targets: &[Target]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in targets.iter().filter(|t| t.addr6.is_none()) {
+        let where_ = match t.host_ip {
+            Some(IpAddr::V4(_)) => continue,
+            Some(ip @ IpAddr::V6(_)) => format!("[{ip}]:{}", t.host_port),
+            None => format!("port {}", t.host_port),
+        };
+        out.push(format!(
+            "{} release {}: no IPv6 address on its network, so IPv6 clients of {}/{where_} are not forwarded",
+            t.service, t.release, t.protocol
+        ));
+    }
+    out
 }
 
 /// The element changes that turn `from` into `to`: a changed key is deleted and added
@@ -193,17 +345,32 @@ pub fn element_ops(from: &[Element], to: &[Element]) -> Vec<ElementOp> {
 pub fn conflicts<'a>(existing: &'a [Target], new: &[Target]) -> Vec<&'a Target> {
     existing
         .iter()
-        .filter(|e| new.iter().any(|n| n.protocol == e.protocol && n.host_port == e.host_port && n.service != e.service))
+        .filter(|e| {
+            new.iter().any(|n| {
+                n.protocol == e.protocol
+                    && n.host_port == e.host_port
+                    && n.service != e.service
+                    // Two services may share a port on different host addresses.
+                    && (n.host_ip.is_none() || e.host_ip.is_none() || n.host_ip == e.host_ip)
+            })
+        })
         .collect()
 }
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Rule::DnatLocal { map, mark } => write!(
-                f,
-                "meta nfproto ipv4 fib daddr type local meta l4proto . th dport @{map} meta mark set meta mark | {mark:#010x} dnat ip to meta l4proto . th dport map @{map}"
-            ),
+            Rule::DnatLocal { map, mark, family, by_daddr } => {
+                let (nfproto, ip) = match family {
+                    Family::Ipv4 => ("ipv4", "ip"),
+                    Family::Ipv6 => ("ipv6", "ip6"),
+                };
+                let key = if *by_daddr { format!("{ip} daddr . meta l4proto . th dport") } else { "meta l4proto . th dport".into() };
+                write!(
+                    f,
+                    "meta nfproto {nfproto} fib daddr type local {key} @{map} meta mark set meta mark | {mark:#010x} dnat {ip} to {key} map @{map}"
+                )
+            }
             Rule::MasqueradeLoopback { mark } => {
                 write!(f, "meta nfproto ipv4 meta mark & {mark:#010x} == {mark:#010x} ip saddr 127.0.0.0/8 masquerade")
             }
@@ -215,23 +382,40 @@ impl fmt::Display for Rule {
     }
 }
 
+impl fmt::Display for ElementKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(daddr) = self.daddr {
+            write!(f, "{daddr} . ")?;
+        }
+        write!(f, "{} . {}", self.protocol, self.port)
+    }
+}
+
 impl fmt::Display for Element {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} . {} : {} . {}", self.key.protocol, self.key.port, self.addr, self.port)
+        write!(f, "{} : {} . {}", self.key, self.addr, self.port)
     }
 }
 
 impl fmt::Display for Ruleset {
-    /// The table in `nft -f` syntax (what `cutover plan` prints).
+    /// The table in `nft -f` syntax (what `cutover plan` prints), notes as comments.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "table inet {} {{", self.table)?;
-        writeln!(f, "\tmap {} {{", self.map)?;
-        writeln!(f, "\t\ttype inet_proto . inet_service : ipv4_addr . inet_service")?;
-        if !self.elements.is_empty() {
-            let list: Vec<String> = self.elements.iter().map(ToString::to_string).collect();
-            writeln!(f, "\t\telements = {{ {} }}", list.join(",\n\t\t\t     "))?;
+        for note in &self.notes {
+            writeln!(f, "# {note}")?;
         }
-        writeln!(f, "\t}}")?;
+        writeln!(f, "table inet {} {{", self.table)?;
+        for (i, map) in self.maps.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "\tmap {} {{", map.name)?;
+            writeln!(f, "\t\ttype {}", map.type_text())?;
+            let list: Vec<String> = self.elements.iter().filter(|e| e.key.map() == map.name).map(ToString::to_string).collect();
+            if !list.is_empty() {
+                writeln!(f, "\t\telements = {{ {} }}", list.join(",\n\t\t\t     "))?;
+            }
+            writeln!(f, "\t}}")?;
+        }
         for chain in &self.chains {
             writeln!(f)?;
             writeln!(f, "\tchain {} {{", chain.name)?;
@@ -245,22 +429,23 @@ impl fmt::Display for Ruleset {
     }
 }
 
-/// Render element changes as `nft` commands.
+/// Render element changes as `nft` commands. `map` is unused for keys of other maps:
+/// each element goes to the map of its key.
 pub fn render_ops(table: &str, map: &str, ops: &[ElementOp]) -> String {
+    let map_of = |k: &ElementKey| if k.map() == DNAT_MAP { map.to_string() } else { k.map().to_string() };
     ops.iter()
         .map(|op| match op {
-            ElementOp::Delete(k) => format!("delete element inet {table} {map} {{ {} . {} }}\n", k.protocol, k.port),
-            ElementOp::Add(e) => format!("add element inet {table} {map} {{ {e} }}\n"),
+            ElementOp::Delete(k) => format!("delete element inet {table} {} {{ {k} }}\n", map_of(k)),
+            ElementOp::Add(e) => format!("add element inet {table} {} {{ {e} }}\n", map_of(&e.key)),
         })
         .collect()
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn target(service: &str, release: u32, port: u16, addr: [u8; 4]) -> Target {
-        Target { service: service.into(), release, protocol: Protocol::Tcp, host_port: port, addr: addr.into(), port: 80 }
+        Target::new(service, release, Protocol::Tcp, port, addr.into(), 80)
     }
 
     fn desired(targets: Vec<Target>) -> Desired {
@@ -276,6 +461,14 @@ mod tests {
     fn table_has_dnat_on_both_hooks_and_masquerade() {
         let rs = ruleset(&desired(vec![target("web", 1, 8080, [172, 17, 0, 2])]));
         let hooks: Vec<_> = rs.chains.iter().map(|c| (c.hook, c.priority)).collect();
+        let maps: Vec<_> = rs.maps.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(maps, [DNAT_MAP, DNAT_MAP_ADDR, DNAT6_MAP, DNAT6_MAP_ADDR]);
+        // Per family the by-address map is looked up first: it wins.
+        let order: Vec<_> = rs.chains[0].rules.iter().map(|r| match r {
+            Rule::DnatLocal { map, .. } => map.as_str(),
+            _ => "?",
+        }).collect();
+        assert_eq!(order, [DNAT_MAP_ADDR, DNAT_MAP, DNAT6_MAP_ADDR, DNAT6_MAP]);
         assert_eq!(hooks, vec![(Hook::Prerouting, -105), (Hook::Output, -105), (Hook::Postrouting, 95)]);
         assert_eq!(rs.elements.len(), 1);
         let text = rs.to_string();
@@ -294,7 +487,7 @@ mod tests {
         let ops = element_ops(&elements(&before), &elements(&after));
         assert_eq!(ops.len(), 2, "{ops:?}");
         assert!(matches!(ops[0], ElementOp::Delete(ElementKey { port: 8080, .. })));
-        assert!(matches!(&ops[1], ElementOp::Add(e) if e.addr == Ipv4Addr::new(172, 17, 0, 3)));
+        assert!(matches!(&ops[1], ElementOp::Add(e) if e.addr == IpAddr::from([172, 17, 0, 3])));
     }
 
     #[test]
@@ -307,7 +500,7 @@ mod tests {
     fn removed_service_is_deleted() {
         let e = elements(&[target("web", 1, 8080, [172, 17, 0, 2])]);
         let ops = element_ops(&e, &[]);
-        assert_eq!(ops, vec![ElementOp::Delete(ElementKey { protocol: Protocol::Tcp, port: 8080 })]);
+        assert_eq!(ops, vec![ElementOp::Delete(ElementKey::v4(Protocol::Tcp, 8080))]);
         assert_eq!(render_ops("t", DNAT_MAP, &ops), "delete element inet t dnat4 { tcp . 8080 }\n");
     }
 
@@ -316,5 +509,63 @@ mod tests {
         let existing = vec![target("web", 1, 8080, [172, 17, 0, 2])];
         assert_eq!(conflicts(&existing, &[target("api", 1, 8080, [1, 1, 1, 1])]).len(), 1);
         assert!(conflicts(&existing, &[target("web", 2, 8080, [1, 1, 1, 1])]).is_empty());
+    }
+
+    #[test]
+    fn host_ip_keys_the_address_map_and_only_its_family() {
+        let mut t = target("web", 1, 8080, [172, 17, 0, 2]);
+        t.host_ip = Some("192.0.2.10".parse().unwrap());
+        t.addr6 = Some("fd00::2".parse().unwrap());
+        let e = elements(&[t]);
+        assert_eq!(e.len(), 1, "an IPv4 host_ip gets no IPv6 element: {e:?}");
+        assert_eq!(e[0].key.map(), DNAT_MAP_ADDR);
+        assert_eq!(e[0].to_string(), "192.0.2.10 . tcp . 8080 : 172.17.0.2 . 80");
+        let rs = ruleset(&desired(vec![]));
+        let text = rs.to_string();
+        assert!(text.contains("type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service"), "{text}");
+        assert!(text.contains("ip daddr . meta l4proto . th dport @dnat4_addr"), "{text}");
+        let ops = element_ops(&[], &e);
+        assert_eq!(
+            render_ops("t", DNAT_MAP, &ops),
+            "add element inet t dnat4_addr { 192.0.2.10 . tcp . 8080 : 172.17.0.2 . 80 }\n"
+        );
+    }
+
+    #[test]
+    fn same_port_on_two_host_addresses_is_no_conflict() {
+        let mut a = target("web", 1, 8080, [172, 17, 0, 2]);
+        a.host_ip = Some("192.0.2.10".parse().unwrap());
+        let mut b = target("api", 1, 8080, [172, 17, 0, 3]);
+        b.host_ip = Some("192.0.2.11".parse().unwrap());
+        assert!(conflicts(&[a.clone()], &[b.clone()]).is_empty());
+        b.host_ip = None;
+        assert_eq!(conflicts(&[a], &[b]).len(), 1, "every address includes the other one");
+    }
+
+    #[test]
+    fn dual_stack_release_gets_both_families_and_one_switch_moves_both() {
+        let mut v1 = target("web", 1, 8080, [172, 17, 0, 2]);
+        v1.addr6 = Some("fd00::2".parse().unwrap());
+        let mut v2 = target("web", 2, 8080, [172, 17, 0, 3]);
+        v2.addr6 = Some("fd00::3".parse().unwrap());
+        let (e1, e2) = (elements(&[v1]), elements(&[v2]));
+        assert_eq!(e1.iter().map(|e| e.key.map()).collect::<Vec<_>>(), [DNAT_MAP, DNAT6_MAP]);
+        assert_eq!(e1[1].to_string(), "tcp . 8080 : fd00::2 . 80");
+        let ops = element_ops(&e1, &e2);
+        assert_eq!(ops.len(), 4, "delete and add in both maps, one transaction: {ops:?}");
+        assert!(notes(&[target("web", 1, 8080, [172, 17, 0, 2])]).len() == 1);
+    }
+
+    #[test]
+    fn the_plan_says_when_a_release_has_no_ipv6_address() {
+        let rs = ruleset(&desired(vec![target("web", 3, 8080, [172, 17, 0, 2])]));
+        let text = rs.to_string();
+        assert!(
+            text.starts_with("# web release 3: no IPv6 address on its network, so IPv6 clients of tcp/port 8080 are not forwarded\n"),
+            "{text}"
+        );
+        assert!(rs.elements.iter().all(|e| e.key.family == Family::Ipv4));
+        assert!(text.contains("meta nfproto ipv6 fib daddr type local meta l4proto . th dport @dnat6"), "{text}");
+        assert!(text.contains("dnat ip6 to meta l4proto . th dport map @dnat6"), "{text}");
     }
 }

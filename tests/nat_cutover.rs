@@ -226,16 +226,12 @@ fn the_daemon_killed_keeps_traffic_and_restart_restores_a_lost_table() {
     assert!(report.requests > 100, "traffic flowed while the daemon was dead: {}", report.output);
 
     // As after a reboot: the table is gone while the daemon is down.
-    run_cmd(&["nft", "delete", "table", "inet", &ids.table]);
+    delete_dataplane(&ids.table);
     assert!(curl_within(client.at(), &url, Duration::from_secs(2)).is_err(), "without the table nothing answers");
     daemon.restart();
     assert_eq!(get_ok(client.at(), &url).trim(), "v1", "restart restored the rules from state");
     assert!(nft_table_json(&ids.table).is_some());
     assert_eq!(docker_user_rules(&ids.table).len(), 1, "exactly one DOCKER-USER accept");
-}
-
-fn run_cmd(args: &[&str]) -> String {
-    run(&mut std::process::Command::new(args[0]).args(&args[1..]))
 }
 
 #[test]

@@ -113,7 +113,7 @@ fn without_handles(v: &Value) -> Value {
 }
 
 fn target(port: u16, protocol: Protocol, addr: Ipv4Addr, to: u16) -> Target {
-    Target { service: format!("svc{port}{protocol}"), release: 1, protocol, host_port: port, addr, port: to }
+    Target::new(&format!("svc{port}{protocol}"), 1, protocol, port, addr, to)
 }
 
 fn rejected(e: &NatError) -> &MessageRejected {
@@ -174,10 +174,14 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert_eq!(map["map"], "ipv4_addr . inet_service");
     assert_eq!(map_elements(&table), vec!["tcp . 41080 : 10.231.254.2 . 80", "udp . 41053 : 10.231.254.2 . 53"]);
     let rules = objs.iter().filter(|o| o.get("rule").is_some()).count();
-    assert_eq!(rules, 4, "dnat in prerouting and output, two masquerades");
+    assert_eq!(rules, 10, "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades");
     // `nft` reads our rules back as the plan describes them.
     let text = sh(&["nft", "list", "table", "inet", &table]);
     assert!(text.contains("dnat ip to meta l4proto . th dport map @dnat4"), "{text}");
+    assert!(text.contains("dnat ip to ip daddr . meta l4proto . th dport map @dnat4_addr"), "{text}");
+    assert!(text.contains("dnat ip6 to meta l4proto . th dport map @dnat6"), "{text}");
+    assert!(text.contains("dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6_addr"), "{text}");
+    assert!(text.contains("type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service"), "{text}");
     assert!(text.contains("meta mark set meta mark | 0x20000000"), "{text}");
     assert!(text.contains("oifname \"br-test0\" ip saddr 10.231.254.0/24 masquerade"), "{text}");
     assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
@@ -188,11 +192,11 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert_eq!(without_handles(&Value::Array(nft_json(&table))), before);
 
     // A batch with one bad op changes nothing, and the error names the bad op.
-    let key_tcp = ElementKey { protocol: Protocol::Tcp, port: 41080 };
+    let key_tcp = ElementKey::v4(Protocol::Tcp, 41080);
     let bad = [
-        ElementOp::Delete(ElementKey { protocol: Protocol::Udp, port: 9 }),
+        ElementOp::Delete(ElementKey::v4(Protocol::Udp, 9)),
         ElementOp::Delete(key_tcp),
-        ElementOp::Add(Element { key: ElementKey { protocol: Protocol::Tcp, port: 41081 }, addr: a, port: 81 }),
+        ElementOp::Add(Element { key: ElementKey::v4(Protocol::Tcp, 41081), addr: a.into(), port: 81 }),
     ];
     let err = fw.apply_ops(&table, plan::DNAT_MAP, &bad).unwrap_err();
     let r = rejected(&err);
@@ -202,14 +206,14 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert_eq!(map_elements(&table), vec!["tcp . 41080 : 10.231.254.2 . 80", "udp . 41053 : 10.231.254.2 . 53"]);
 
     // Adding a key that exists is refused rather than silently overwritten.
-    let dup = [ElementOp::Add(Element { key: key_tcp, addr: Ipv4Addr::new(10, 231, 254, 3), port: 80 })];
+    let dup = [ElementOp::Add(Element { key: key_tcp, addr: Ipv4Addr::new(10, 231, 254, 3).into(), port: 80 })];
     let err = fw.apply_ops(&table, plan::DNAT_MAP, &dup).unwrap_err();
     assert_eq!(rejected(&err).errno, libc::EEXIST, "{err}");
 
     // The cutover: delete + add of the same key in one batch.
     let switch = [
         ElementOp::Delete(key_tcp),
-        ElementOp::Add(Element { key: key_tcp, addr: Ipv4Addr::new(10, 231, 254, 3), port: 8080 }),
+        ElementOp::Add(Element { key: key_tcp, addr: Ipv4Addr::new(10, 231, 254, 3).into(), port: 8080 }),
     ];
     fw.apply_ops(&table, plan::DNAT_MAP, &switch).unwrap();
     assert_eq!(map_elements(&table), vec!["tcp . 41080 : 10.231.254.3 . 8080", "udp . 41053 : 10.231.254.2 . 53"]);

@@ -15,7 +15,6 @@ use crate::commands::{Exit, Failure};
 use crate::daemon::{checks::RealChecks, Access};
 use crate::deploy::{Releaser, Settings};
 use crate::docker::DockerEngine;
-use crate::nat::NftFirewall;
 use crate::state::StateStore;
 
 /// nftables and label-safe names.
@@ -34,12 +33,14 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     prepare_socket_path(&socket).await?;
     let store = StateStore::open(&args.state_dir)?;
     let engine = DockerEngine::connect(&args.docker).await?;
-    let firewall = NftFirewall::new();
+    check_docker_firewall(&args)?;
+    let firewall = crate::nat::firewall(args.backend);
+    tracing::info!(backend = %args.backend, "data plane");
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
     // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
     let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
     let releaser = Arc::new(
-        Releaser::new(Arc::new(engine), Arc::new(firewall), Arc::new(RealChecks), settings, store)?.with_handoff(brokers),
+        Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks), settings, store)?.with_handoff(brokers),
     );
     notify("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;
@@ -78,6 +79,19 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     notify("STOPPING=1");
     tracing::info!("cutover daemon stopping; the rules stay in place");
     let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Refuse an engine set-up in which cutover's forwarded traffic would be dropped (Docker
+/// 29's nftables backend without a matching `bridge-accept-fwmark`).
+fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<()> {
+    use crate::nat::{docker_fw, docker_user};
+    let refused = |e: crate::nat::NatError| Failure::new(Exit::Refused, e.to_string());
+    let facts = docker_fw::Facts::of_host(Path::new(docker_user::DEFAULT_IPTABLES), Path::new(docker_fw::DAEMON_JSON))
+        .map_err(refused)?;
+    let mode = docker_fw::detect(&facts).map_err(refused)?;
+    let accept = docker_fw::forward_accept(&mode, &args.table, args.mark).map_err(refused)?;
+    tracing::info!(?mode, ?accept, "Docker firewall");
     Ok(())
 }
 

@@ -28,15 +28,24 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             continue;
         }
         for p in &m.ports {
-            notes.push(format!(
-                "add element inet {} {} {{ {} . {} : <address of {}'s active release> . {} }}",
-                args.table,
-                plan::DNAT_MAP,
-                p.protocol,
-                p.host,
-                m.name,
-                p.container
-            ));
+            // A port bound on one host address lives in the map keyed by address, of that
+            // address's family; otherwise IPv4 and, when the release has one, IPv6.
+            let (maps, key) = match p.host_ip {
+                Some(ip) => (vec![(plan::map_name(plan::Family::of(&ip), true), "")], format!("{ip} . {} . {}", p.protocol, p.host)),
+                None => (
+                    vec![(plan::DNAT_MAP, ""), (plan::DNAT6_MAP, " (only if the release has an IPv6 address on its network)")],
+                    format!("{} . {}", p.protocol, p.host),
+                ),
+            };
+            for (map, when) in maps {
+                notes.push(format!(
+                    "add element inet {} {map} {{ {key} : <address of {}'s active release> . {} }}{}",
+                    args.table,
+                    m.name,
+                    p.container,
+                    if when.is_empty() { String::new() } else { format!("  #{when}") }
+                ));
+            }
         }
         notes.push(format!(
             "# {}: the postrouting chain also masquerades hairpin traffic on the bridge of network `{}`",

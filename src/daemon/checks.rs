@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -37,5 +38,10 @@ impl Checks for RealChecks {
 
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: Ipv4Addr) -> Result<(), String> {
         crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn busy_udp_flows(&self, port: u16, addr: Ipv4Addr, idle: Duration) -> Result<usize, String> {
+        let idle_times = crate::host::udp_flow_idle_times(port, addr).map_err(|e| e.to_string())?;
+        Ok(idle_times.into_iter().filter(|t| *t < idle).count())
     }
 }

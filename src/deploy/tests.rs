@@ -60,6 +60,7 @@ impl Engine for FakeEngine {
                 running: !spec.image.contains("crash"),
                 pid: Some(100),
                 addr: Some(self.fresh_ip()),
+                addr6: None,
                 exit_code: spec.image.contains("crash").then_some(3),
                 restarts: 0,
                 health: None,
@@ -127,7 +128,10 @@ struct FakeFirewall {
 impl FakeFirewall {
     fn target(&self, port: u16) -> Option<Ipv4Addr> {
         let t = self.table.lock().unwrap();
-        t.as_ref()?.get(&ElementKey { protocol: Protocol::Tcp, port }).map(|e| e.addr)
+        t.as_ref()?.get(&ElementKey::v4(Protocol::Tcp, port)).and_then(|e| match e.addr {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        })
     }
     fn batches(&self) -> Vec<String> {
         self.batches.lock().unwrap().clone()

@@ -8,7 +8,7 @@
 pub mod image;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum};
@@ -78,6 +78,8 @@ pub struct ContainerInfo {
     pub running: bool,
     pub pid: Option<u32>,
     pub addr: Option<Ipv4Addr>,
+    /// Its global IPv6 address on the network, when the network has IPv6 enabled.
+    pub addr6: Option<Ipv6Addr>,
     pub exit_code: Option<i64>,
     /// How often the engine restarted it (restart policy): a crash that the engine
     /// hides by restarting at once still shows here.
@@ -167,11 +169,10 @@ impl DockerEngine {
         };
         let state = resp.state.clone().unwrap_or_default();
         let networks = resp.network_settings.as_ref().and_then(|n| n.networks.clone()).unwrap_or_default();
-        let addr = networks
-            .get(network)
-            .or_else(|| networks.values().next())
-            .and_then(|e| e.ip_address.as_deref())
-            .and_then(|ip| ip.parse().ok());
+        let endpoint = networks.get(network).or_else(|| networks.values().next());
+        let addr = endpoint.and_then(|e| e.ip_address.as_deref()).and_then(|ip| ip.parse().ok());
+        // Empty unless the network was created with IPv6 enabled.
+        let addr6 = endpoint.and_then(|e| e.global_ipv6_address.as_deref()).and_then(|ip| ip.parse().ok());
         let health = state.health.as_ref().and_then(|h| h.status).and_then(|s| match s {
             HealthStatusEnum::STARTING => Some("starting".to_string()),
             HealthStatusEnum::HEALTHY => Some("healthy".to_string()),
@@ -191,6 +192,7 @@ impl DockerEngine {
             running,
             pid: state.pid.filter(|p| running && *p > 0).and_then(|p| u32::try_from(p).ok()),
             addr,
+            addr6,
             exit_code: state.exit_code,
             restarts: resp.restart_count.unwrap_or(0),
             health,

@@ -14,7 +14,7 @@ use nftnl::expr::Expression;
 use nftnl::nftnl_sys as sys;
 
 use super::NatError;
-use crate::plan::Rule;
+use crate::plan::{Family, Rule};
 
 /// 128-bit register 1; as a 32-bit register view it is `REG32_00..03`.
 pub const NFT_REG_1: u32 = libc::NFT_REG_1 as u32;
@@ -23,6 +23,9 @@ pub const NFT_REG_1: u32 = libc::NFT_REG_1 as u32;
 pub const NFT_REG_3: u32 = libc::NFT_REG_3 as u32;
 pub const NFT_REG32_00: u32 = libc::NFT_REG32_00 as u32;
 pub const NFT_REG32_01: u32 = libc::NFT_REG32_00 as u32 + 1;
+pub const NFT_REG32_02: u32 = libc::NFT_REG32_00 as u32 + 2;
+/// 128-bit register 2 starts at `REG32_04`: where an IPv6 map value's port lands.
+pub const NFT_REG_2: u32 = libc::NFT_REG_2 as u32;
 
 // Not in the libc crate (linux/netfilter/nf_tables.h).
 /// `NFT_FIB_RESULT_ADDRTYPE`: the fib expression returns the route type.
@@ -186,17 +189,26 @@ pub fn lookup(sreg: u32, set: &CStr, set_id: u32, dreg: Option<u32>) -> RawExpr 
     RawExpr::new(c"lookup", attrs)
 }
 
-/// `nat dnat ip addr_min reg <addr> proto_min reg <proto>`
-pub fn dnat_ipv4(addr_reg: u32, proto_reg: u32) -> RawExpr {
+/// `nat dnat ip|ip6 addr_min reg <addr> proto_min reg <proto>`
+pub fn dnat(family: Family, addr_reg: u32, proto_reg: u32) -> RawExpr {
+    let nfproto = match family {
+        Family::Ipv4 => libc::NFPROTO_IPV4,
+        Family::Ipv6 => libc::NFPROTO_IPV6,
+    };
     RawExpr::new(
         c"nat",
         vec![
             attr(sys::NFTNL_EXPR_NAT_TYPE, libc::NFT_NAT_DNAT as u32),
-            attr(sys::NFTNL_EXPR_NAT_FAMILY, libc::NFPROTO_IPV4 as u32),
+            attr(sys::NFTNL_EXPR_NAT_FAMILY, nfproto as u32),
             attr(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, addr_reg),
             attr(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, proto_reg),
         ],
     )
+}
+
+/// `nat dnat ip addr_min reg <addr> proto_min reg <proto>`
+pub fn dnat_ipv4(addr_reg: u32, proto_reg: u32) -> RawExpr {
+    dnat(Family::Ipv4, addr_reg, proto_reg)
 }
 
 /// `masq`
@@ -204,9 +216,42 @@ pub fn masquerade() -> RawExpr {
     RawExpr::new(c"masq", Vec::new())
 }
 
-/// `meta nfproto ipv4`
-fn nfproto_ipv4() -> [RawExpr; 2] {
-    [meta_load(libc::NFT_META_NFPROTO, NFT_REG_1), cmp_eq(NFT_REG_1, &[libc::NFPROTO_IPV4 as u8])]
+/// `meta nfproto ipv4|ipv6`
+fn nfproto(family: Family) -> [RawExpr; 2] {
+    let p = match family {
+        Family::Ipv4 => libc::NFPROTO_IPV4,
+        Family::Ipv6 => libc::NFPROTO_IPV6,
+    };
+    [meta_load(libc::NFT_META_NFPROTO, NFT_REG_1), cmp_eq(NFT_REG_1, &[p as u8])]
+}
+
+/// Where the parts of a DNAT map key go (`[daddr .] l4proto . dport`, each part padded
+/// to whole 32-bit registers, consecutive from REG32_00) and where the lookup leaves the
+/// value's port: right after the address (REG32_01 for IPv4, REG32_04 for IPv6), exactly
+/// the layout `nft --debug=netlink` shows for the same rule.
+struct KeyLayout {
+    daddr: Option<(u32, u32, u32)>,
+    l4proto: u32,
+    dport: u32,
+    value_port: u32,
+}
+
+fn key_layout(family: Family, by_daddr: bool) -> KeyLayout {
+    // (payload offset of the destination address, its length)
+    let (offset, len, words) = match family {
+        Family::Ipv4 => (16, 4, 1),
+        Family::Ipv6 => (24, 16, 4),
+    };
+    let first = if by_daddr { NFT_REG32_00 + words } else { NFT_REG32_00 };
+    KeyLayout {
+        daddr: by_daddr.then_some((offset, len, NFT_REG32_00)),
+        l4proto: first,
+        dport: first + 1,
+        value_port: match family {
+            Family::Ipv4 => NFT_REG32_01,
+            Family::Ipv6 => NFT_REG_2,
+        },
+    }
 }
 
 /// `meta mark & mark == mark`
@@ -244,37 +289,43 @@ fn oifname_is(ifname: &str) -> Result<[RawExpr; 2], NatError> {
     Ok([meta_load(libc::NFT_META_OIFNAME, NFT_REG_1), cmp_eq(NFT_REG_1, &name)])
 }
 
-/// The expressions of `rule`. `map_id` is the id the map got in the same batch.
+/// The expressions of `rule`. `map_id` is the id the rule's map got in the same batch.
 pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
     let mut out = Vec::new();
-    out.extend(nfproto_ipv4());
     match rule {
-        Rule::DnatLocal { map, mark } => {
+        Rule::DnatLocal { map, mark, family, by_daddr } => {
             let map = CString::new(map.as_str())
                 .map_err(|_| NatError::InvalidRule(format!("map name {map:?} contains NUL")))?;
+            out.extend(nfproto(*family));
             // fib daddr type local
             out.push(fib_daddr_type(NFT_REG_1));
             out.push(cmp_eq(NFT_REG_1, &u32::from(libc::RTN_LOCAL).to_ne_bytes()));
-            // Key `l4proto . th dport`: each part padded to 32 bits (the kernel zeroes the
-            // padding when it loads fewer bytes), in consecutive 32-bit registers.
-            out.push(meta_load(libc::NFT_META_L4PROTO, NFT_REG32_00));
-            out.push(payload_load(libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01));
+            // The key in consecutive 32-bit registers (the kernel zeroes the padding when
+            // it loads fewer bytes than a register holds).
+            let layout = key_layout(*family, *by_daddr);
+            if let Some((offset, len, reg)) = layout.daddr {
+                out.push(payload_load(libc::NFT_PAYLOAD_NETWORK_HEADER, offset, len, reg));
+            }
+            out.push(meta_load(libc::NFT_META_L4PROTO, layout.l4proto));
+            out.push(payload_load(libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, layout.dport));
             // One map lookup: it breaks the rule for keys not in the map (so unrelated
-            // packets are never marked) and leaves `addr . port` in REG32_00/01.
+            // packets are never marked) and leaves `addr . port` from REG32_00 on.
             out.push(lookup(NFT_REG32_00, &map, map_id, Some(NFT_REG_1)));
-            // meta mark set meta mark | mark, computed in register 3 so it does not
-            // overwrite the map value.
+            // meta mark set meta mark | mark, computed in register 3 (REG32_08..11) so it
+            // does not overwrite the map value (at most REG32_00..04).
             out.push(meta_load(libc::NFT_META_MARK, NFT_REG_3));
             out.push(bitwise32(NFT_REG_3, NFT_REG_3, (!mark).to_ne_bytes(), mark.to_ne_bytes()));
             out.push(meta_set(libc::NFT_META_MARK, NFT_REG_3));
-            out.push(dnat_ipv4(NFT_REG32_00, NFT_REG32_01));
+            out.push(dnat(*family, NFT_REG_1, layout.value_port));
         }
         Rule::MasqueradeLoopback { mark } => {
+            out.extend(nfproto(Family::Ipv4));
             out.extend(mark_is_set(*mark));
             out.extend(saddr_in(Ipv4Addr::new(127, 0, 0, 0), 8)?);
             out.push(masquerade());
         }
         Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => {
+            out.extend(nfproto(Family::Ipv4));
             out.extend(mark_is_set(*mark));
             out.extend(oifname_is(ifname)?);
             out.extend(saddr_in(*subnet, *prefix)?);
@@ -304,7 +355,7 @@ mod tests {
 
     #[test]
     fn dnat_rule_keeps_map_value_out_of_the_mark_register() {
-        let rule = Rule::DnatLocal { map: "dnat4".into(), mark: 0x2000_0000 };
+        let rule = Rule::DnatLocal { map: "dnat4".into(), mark: 0x2000_0000, family: Family::Ipv4, by_daddr: false };
         let e = rule_exprs(&rule, 1).unwrap();
         let names: Vec<_> = e.iter().map(RawExpr::name).collect();
         assert_eq!(names, ["meta", "cmp", "fib", "cmp", "meta", "payload", "lookup", "meta", "bitwise", "meta", "nat"]);
@@ -315,7 +366,8 @@ mod tests {
         assert_eq!(u32_attr(&e[7], sys::NFTNL_EXPR_META_DREG), NFT_REG_3);
         assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_BITWISE_MASK), 0xdfff_ffffu32.to_ne_bytes());
         assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_BITWISE_XOR), 0x2000_0000u32.to_ne_bytes());
-        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), NFT_REG32_00);
+        // REG_1 and REG32_00 name the same bytes.
+        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), NFT_REG_1);
         assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
     }
 
@@ -340,5 +392,34 @@ mod tests {
         assert!(matches!(rule_exprs(&long, 1), Err(NatError::InvalidRule(_))));
         let prefix = Rule::MasqueradeHairpin { mark: 1, ifname: "br0".into(), subnet: Ipv4Addr::UNSPECIFIED, prefix: 33 };
         assert!(matches!(rule_exprs(&prefix, 1), Err(NatError::InvalidRule(_))));
+    }
+
+    #[test]
+    fn ipv6_by_address_matches_nft_layout() {
+        // `nft --debug=netlink` for `ip6 daddr . meta l4proto . th dport map @m6`:
+        // payload 16b @ network + 24 => reg 1, l4proto => reg 2 (REG32_04), dport =>
+        // reg 13 (REG32_05), lookup reg 1 dreg 1, dnat ip6 addr_min reg 1 proto_min reg 2.
+        let rule = Rule::DnatLocal { map: "dnat6_addr".into(), mark: 1, family: Family::Ipv6, by_daddr: true };
+        let e = rule_exprs(&rule, 3).unwrap();
+        let names: Vec<_> = e.iter().map(RawExpr::name).collect();
+        assert_eq!(names, ["meta", "cmp", "fib", "cmp", "payload", "meta", "payload", "lookup", "meta", "bitwise", "meta", "nat"]);
+        assert_eq!(bytes_attr(&e[1], sys::NFTNL_EXPR_CMP_DATA), [libc::NFPROTO_IPV6 as u8]);
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_OFFSET), 24);
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_LEN), 16);
+        assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_META_DREG), NFT_REG32_00 + 4);
+        assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_PAYLOAD_DREG), 13);
+        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_FAMILY), libc::NFPROTO_IPV6 as u32);
+        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG_2);
+    }
+
+    #[test]
+    fn ipv4_by_address_loads_daddr_first() {
+        let rule = Rule::DnatLocal { map: "dnat4_addr".into(), mark: 1, family: Family::Ipv4, by_daddr: true };
+        let e = rule_exprs(&rule, 2).unwrap();
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_OFFSET), 16);
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_DREG), NFT_REG32_00);
+        assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_META_DREG), NFT_REG32_01);
+        assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_PAYLOAD_DREG), NFT_REG32_02);
+        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
     }
 }

@@ -9,10 +9,13 @@ use std::ptr::NonNull;
 use nftnl::nftnl_sys as sys;
 use nftnl::{MsgType, NlMsg, ProtoFamily};
 
-use crate::plan::{Element, ElementKey};
+use std::net::IpAddr;
+
+use crate::plan::{Element, ElementKey, Family};
 
 /// Datatype ids of nftables (`enum datatypes` in nftables' datatype.h).
 const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 /// nftables' concatenated type: the part types shifted by 6 bits each, first part highest.
@@ -26,22 +29,61 @@ pub const DATA_TYPE: u32 = (TYPE_IPADDR << CONCAT_TYPE_BITS) | TYPE_INET_SERVICE
 pub const KEY_LEN: u32 = 8;
 pub const DATA_LEN: u32 = 8;
 
-/// Elements per NEWSETELEM/DELSETELEM message: the element list is one netlink attribute
-/// whose length is 16 bits, and one element takes about 40 bytes, so 1024 stays well
-/// below 64 KiB.
-pub const ELEMENTS_PER_MESSAGE: usize = 1024;
-
-/// Map key bytes: `l4proto` padded to 32 bits, then the port in network order, padded.
-pub fn key_bytes(key: &ElementKey) -> [u8; 8] {
-    let p = key.port.to_be_bytes();
-    [key.protocol.number(), 0, 0, 0, p[0], p[1], 0, 0]
+fn addr_type(family: Family) -> u32 {
+    match family {
+        Family::Ipv4 => TYPE_IPADDR,
+        Family::Ipv6 => TYPE_IP6ADDR,
+    }
 }
 
-/// Map value bytes: the IPv4 address, then the port in network order, padded.
-pub fn data_bytes(e: &Element) -> [u8; 8] {
-    let a = e.addr.octets();
+fn addr_len(family: Family) -> u32 {
+    match family {
+        Family::Ipv4 => 4,
+        Family::Ipv6 => 16,
+    }
+}
+
+/// Key type and length of a map: `[addr .] inet_proto . inet_service`.
+pub fn key_type(family: Family, by_daddr: bool) -> (u32, u32) {
+    if by_daddr {
+        ((addr_type(family) << (2 * CONCAT_TYPE_BITS)) | KEY_TYPE, addr_len(family) + KEY_LEN)
+    } else {
+        (KEY_TYPE, KEY_LEN)
+    }
+}
+
+/// Data type and length of a map: `addr . inet_service`.
+pub fn data_type(family: Family) -> (u32, u32) {
+    ((addr_type(family) << CONCAT_TYPE_BITS) | TYPE_INET_SERVICE, addr_len(family) + 4)
+}
+
+/// Elements per NEWSETELEM/DELSETELEM message: the element list is one netlink attribute
+/// whose length is 16 bits, and one element takes at most about 80 bytes (IPv6 keyed by
+/// address), so 512 stays well below 64 KiB.
+pub const ELEMENTS_PER_MESSAGE: usize = 512;
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// Map key bytes: the host address when keyed by it, `l4proto` padded to 32 bits, then
+/// the port in network order, padded.
+pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
+    let p = key.port.to_be_bytes();
+    let mut out = key.daddr.as_ref().map(ip_bytes).unwrap_or_default();
+    out.extend([key.protocol.number(), 0, 0, 0, p[0], p[1], 0, 0]);
+    out
+}
+
+/// Map value bytes: the address, then the port in network order, padded.
+pub fn data_bytes(e: &Element) -> Vec<u8> {
     let p = e.port.to_be_bytes();
-    [a[0], a[1], a[2], a[3], p[0], p[1], 0, 0]
+    let mut out = ip_bytes(&e.addr);
+    out.extend([p[0], p[1], 0, 0]);
+    out
 }
 
 /// An owned `nftnl_set` naming a set of a table; freed on drop.
@@ -120,19 +162,21 @@ unsafe fn header(buf: *mut c_void, msg_type: i32, flags: i32, seq: u32) -> *mut 
     }
 }
 
-/// The DNAT map: `inet_proto . inet_service : ipv4_addr . inet_service`.
+/// A DNAT map: `[addr .] inet_proto . inet_service : addr . inet_service`.
 pub struct MapMsg(RawSet);
 
 impl MapMsg {
     /// `id` lets rules in the same batch refer to the map before it exists.
-    pub fn new(table: &CStr, name: &CStr, id: u32) -> Self {
+    pub fn new(table: &CStr, name: &CStr, id: u32, family: Family, by_daddr: bool) -> Self {
+        let (ktype, klen) = key_type(family, by_daddr);
+        let (dtype, dlen) = data_type(family);
         let mut set = RawSet::new(table, name);
         set.set_u32(sys::NFTNL_SET_ID, id);
         set.set_u32(sys::NFTNL_SET_FLAGS, libc::NFT_SET_MAP as u32);
-        set.set_u32(sys::NFTNL_SET_KEY_TYPE, KEY_TYPE);
-        set.set_u32(sys::NFTNL_SET_KEY_LEN, KEY_LEN);
-        set.set_u32(sys::NFTNL_SET_DATA_TYPE, DATA_TYPE);
-        set.set_u32(sys::NFTNL_SET_DATA_LEN, DATA_LEN);
+        set.set_u32(sys::NFTNL_SET_KEY_TYPE, ktype);
+        set.set_u32(sys::NFTNL_SET_KEY_LEN, klen);
+        set.set_u32(sys::NFTNL_SET_DATA_TYPE, dtype);
+        set.set_u32(sys::NFTNL_SET_DATA_LEN, dlen);
         MapMsg(set)
     }
 }
@@ -218,13 +262,28 @@ mod tests {
 
     #[test]
     fn element_bytes_are_padded_per_register() {
-        let e = Element {
-            key: ElementKey { protocol: Protocol::Tcp, port: 18080 },
-            addr: Ipv4Addr::new(10, 231, 0, 2),
-            port: 80,
-        };
+        let e = Element { key: ElementKey::v4(Protocol::Tcp, 18080), addr: Ipv4Addr::new(10, 231, 0, 2).into(), port: 80 };
         // nft prints this element as `00000006 0000a046 : 0200e70a 00005000`.
         assert_eq!(key_bytes(&e.key), [6, 0, 0, 0, 0x46, 0xa0, 0, 0]);
         assert_eq!(data_bytes(&e), [10, 231, 0, 2, 0, 80, 0, 0]);
+    }
+
+    #[test]
+    fn address_keyed_and_ipv6_maps_match_nft() {
+        // nftables builds a concatenated type left to right, 6 bits per part.
+        assert_eq!(key_type(Family::Ipv4, true), ((7 << 12) | (12 << 6) | 13, 12));
+        assert_eq!(key_type(Family::Ipv6, true), ((8 << 12) | 781, 24));
+        assert_eq!(data_type(Family::Ipv6), ((8 << 6) | 13, 20));
+        let e = Element {
+            key: ElementKey { family: Family::Ipv6, daddr: Some("fd00::1".parse().unwrap()), protocol: Protocol::Udp, port: 53 },
+            addr: "fd00::2".parse().unwrap(),
+            port: 5353,
+        };
+        let k = key_bytes(&e.key);
+        assert_eq!(k.len(), 24);
+        assert_eq!(&k[16..], [17, 0, 0, 0, 0, 53, 0, 0]);
+        let d = data_bytes(&e);
+        assert_eq!(d.len(), 20);
+        assert_eq!(&d[16..], [0x14, 0xe9, 0, 0]);
     }
 }

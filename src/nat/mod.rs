@@ -31,14 +31,57 @@
 
 use crate::plan::{ElementOp, Ruleset};
 
+pub mod docker_fw;
 pub mod docker_user;
 pub mod expr;
+pub mod iptables;
 pub mod map;
 pub mod netlink;
 pub mod nft;
 
+use std::sync::Arc;
+
+pub use iptables::IptablesFirewall;
 pub use netlink::MessageRejected;
 pub use nft::NftFirewall;
+
+/// Which data plane the daemon programs (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// One nftables table with DNAT maps: every switch is one netlink transaction.
+    #[default]
+    Nftables,
+    /// Chains of the iptables `nat` table, rewritten with iptables-restore.
+    Iptables,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nftables" | "nft" => Ok(Backend::Nftables),
+            "iptables" => Ok(Backend::Iptables),
+            other => Err(format!("unknown backend `{other}`: use nftables or iptables")),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Nftables => "nftables",
+            Backend::Iptables => "iptables",
+        })
+    }
+}
+
+/// The one place a backend is chosen.
+pub fn firewall(backend: Backend) -> Arc<dyn Firewall> {
+    match backend {
+        Backend::Nftables => Arc::new(NftFirewall::new()),
+        Backend::Iptables => Arc::new(IptablesFirewall::new()),
+    }
+}
 
 /// Errors of the nftables and iptables effects.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +107,8 @@ pub enum NatError {
     IptablesMissing(#[source] std::io::Error),
     #[error("cutover cannot express this rule (fix the manifest or the configuration): {0}")]
     InvalidRule(String),
+    #[error("cutover cannot work with how this Docker engine filters traffic: {0}")]
+    DockerFirewall(String),
     #[error("cannot set {path}: {source}")]
     Sysctl {
         path: String,
@@ -72,8 +117,8 @@ pub enum NatError {
     },
 }
 
-/// The data plane cutover programs. One real implementation ([`NftFirewall`]); the
-/// release state machine's tests use a fake.
+/// The data plane cutover programs: [`NftFirewall`] or [`IptablesFirewall`], chosen by
+/// [`firewall`]; the release state machine's tests use a fake.
 pub trait Firewall: Send + Sync + 'static {
     /// Make the table exactly `ruleset`, in one transaction (creating it if it is
     /// missing, replacing whatever it held). Established connections keep their NAT

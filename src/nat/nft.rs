@@ -10,9 +10,10 @@ use super::expr::rule_exprs;
 use super::map::{ElementsMsg, MapMsg, ELEMENTS_PER_MESSAGE};
 use super::netlink::{self, Socket, Transaction};
 use super::{Firewall, NatError};
-use crate::plan::{ElementOp, Hook, Ruleset};
+use crate::plan::{Element, ElementOp, Hook, Rule, Ruleset};
 
-/// Id of the map inside a sync batch, so rules can name it before it is committed.
+/// Id of the first map inside a sync batch (the others follow), so rules can name a map
+/// before it is committed.
 const MAP_ID: u32 = 1;
 
 /// nftables through netlink (nftnl + mnl); DOCKER-USER through the iptables binary.
@@ -67,7 +68,6 @@ fn commit(tx: Transaction, what: &'static str, table: &str) -> Result<(), NatErr
 fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
     let t = &rs.table;
     let table_name = name("table", t)?;
-    let map_name = name("map", &rs.map)?;
     let table = nftnl::Table::new(&table_name, ProtoFamily::Inet);
     let mut tx = Transaction::new();
     // Adding first makes the delete valid whether or not the table exists; the delete
@@ -75,17 +75,32 @@ fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
     tx.add(&table, MsgType::Add, format!("make sure table inet {t} exists"));
     tx.add(&table, MsgType::Del, format!("delete the old table inet {t}"));
     tx.add(&table, MsgType::Add, format!("create table inet {t}"));
-    tx.add(&MapMsg::new(&table_name, &map_name, MAP_ID), MsgType::Add, format!("create map {}", rs.map));
-    for chunk in rs.elements.chunks(ELEMENTS_PER_MESSAGE) {
-        let mut msg = ElementsMsg::new(&table_name, &map_name);
-        chunk.iter().for_each(|e| msg.add(e));
-        let label = match chunk {
-            [one] => format!("add element {one} to map {}", rs.map),
-            [first, ..] => format!("add {} elements ({first}, ...) to map {}", chunk.len(), rs.map),
-            [] => continue,
-        };
-        tx.add(&msg, MsgType::Add, label);
+    let mut map_ids = Vec::new();
+    for (i, spec) in rs.maps.iter().enumerate() {
+        let map_name = name("map", &spec.name)?;
+        let id = MAP_ID + i as u32;
+        map_ids.push((spec.name.clone(), id));
+        tx.add(
+            &MapMsg::new(&table_name, &map_name, id, spec.family, spec.by_daddr),
+            MsgType::Add,
+            format!("create map {} ({})", spec.name, spec.type_text()),
+        );
+        let of_map: Vec<&Element> = rs.elements.iter().filter(|e| e.key.map() == spec.name).collect();
+        for chunk in of_map.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut msg = ElementsMsg::new(&table_name, &map_name);
+            chunk.iter().for_each(|e| msg.add(e));
+            let label = match chunk {
+                [one] => format!("add element {one} to map {}", spec.name),
+                [first, ..] => format!("add {} elements ({first}, ...) to map {}", chunk.len(), spec.name),
+                [] => continue,
+            };
+            tx.add(&msg, MsgType::Add, label);
+        }
     }
+    if let Some(stray) = rs.elements.iter().find(|e| !rs.maps.iter().any(|m| m.name == e.key.map())) {
+        return Err(NatError::InvalidRule(format!("element {stray} belongs to map {}, which the table lacks", stray.key.map())));
+    }
+    let id_of = |map: &str| map_ids.iter().find(|(n, _)| n == map).map(|(_, id)| *id);
     for c in &rs.chains {
         let chain_name = name("chain", &c.name)?;
         let mut chain = nftnl::Chain::new(&chain_name, &table);
@@ -99,7 +114,12 @@ fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
         );
         for r in &c.rules {
             let mut rule = nftnl::Rule::new(&chain);
-            for e in rule_exprs(r, MAP_ID)? {
+            let map_id = match r {
+                Rule::DnatLocal { map, .. } => id_of(map)
+                    .ok_or_else(|| NatError::InvalidRule(format!("rule `{r}` names map {map}, which the table lacks")))?,
+                _ => 0,
+            };
+            for e in rule_exprs(r, map_id)? {
                 rule.add_expr(&e);
             }
             tx.add(&rule, MsgType::Add, format!("add rule to chain {}: {r}", c.name));
@@ -119,20 +139,28 @@ impl Firewall for NftFirewall {
             return Ok(());
         }
         let table_name = name("table", table)?;
-        let map_name = name("map", map)?;
         let mut tx = Transaction::new();
+        // `map` names the IPv4 map; every key knows its own map (IPv6, by address).
+        let map_of = |key: &crate::plan::ElementKey| -> Result<(String, CString), NatError> {
+            let m = if key.map() == crate::plan::DNAT_MAP { map.to_string() } else { key.map().to_string() };
+            let c = name("map", &m)?;
+            Ok((m, c))
+        };
         // One message per op, in order (delete before add of the same key), so an error
         // names the exact element.
         for op in ops {
-            let mut msg = ElementsMsg::new(&table_name, &map_name);
             match op {
                 ElementOp::Delete(k) => {
+                    let (m, map_name) = map_of(k)?;
+                    let mut msg = ElementsMsg::new(&table_name, &map_name);
                     msg.delete(k);
-                    tx.add(&msg, MsgType::Del, format!("delete element {} . {} from map {map}", k.protocol, k.port));
+                    tx.add(&msg, MsgType::Del, format!("delete element {k} from map {m}"));
                 }
                 ElementOp::Add(e) => {
+                    let (m, map_name) = map_of(&e.key)?;
+                    let mut msg = ElementsMsg::new(&table_name, &map_name);
                     msg.add(e);
-                    tx.add(&msg, MsgType::Add, format!("add element {e} to map {map}"));
+                    tx.add(&msg, MsgType::Add, format!("add element {e} to map {m}"));
                 }
             }
         }
@@ -174,19 +202,12 @@ mod tests {
     #[test]
     fn sync_batch_has_one_message_per_object() {
         let targets: Vec<Target> = (0..3000)
-            .map(|i| Target {
-                service: format!("s{i}"),
-                release: 1,
-                protocol: Protocol::Tcp,
-                host_port: 10000 + i,
-                addr: [10, 0, 0, 2].into(),
-                port: 80,
-            })
+            .map(|i| Target::new(&format!("s{i}"), 1, Protocol::Tcp, 10000 + i, [10, 0, 0, 2].into(), 80))
             .collect();
         let rs = plan::ruleset(&Desired { table: "t".into(), mark: 1, targets, bridges: vec![] });
         let tx = sync_transaction(&rs).unwrap();
-        // 3 table messages, map, 3 element chunks, 3 chains, 3 rules.
-        assert_eq!(tx.len(), 3 + 1 + 3 + 3 + 3);
+        // 3 table messages, 4 maps, 6 element chunks of 512, 3 chains, 4 + 4 + 1 rules.
+        assert_eq!(tx.len(), 3 + 4 + 6 + 3 + 9);
     }
 
     #[test]

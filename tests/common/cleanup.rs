@@ -29,6 +29,7 @@ pub fn remove_tagged(tag: &str, table: &str) -> Problems {
         p.note("remove images", remove_images(&format!("{IMAGE_PREFIX}{tag}:")));
     }
     p.note("delete nft table", delete_table(table));
+    p.note("delete iptables chains", delete_iptables_chains(table));
     p.note("delete DOCKER-USER rules", delete_docker_user_rules(&|c| c == docker_user_comment(table)));
     p
 }
@@ -86,6 +87,25 @@ fn remove_images(prefix: &str) -> Result<(), String> {
         return Ok(());
     }
     remove(cmd(DOCKER, ["rmi", "-f"]).args(&refs))
+}
+
+/// The chains and jumps the iptables backend makes for `table` (both families); absent is
+/// fine. Uses the backend's own removal: it touches nothing else.
+pub fn delete_iptables_chains(table: &str) -> Result<(), String> {
+    use cutover::nat::{Firewall, IptablesFirewall};
+    let fw = IptablesFirewall::new();
+    // Table names the backend cannot use were never made into chains.
+    if cutover::nat::iptables::chain_name(table, cutover::plan::Hook::Postrouting).is_err() {
+        return Ok(());
+    }
+    let exists = fw.table_exists(table).map_err(|e| e.to_string())?;
+    let jumps = try_run(&mut cmd("iptables", ["-w", "-t", "nat", "-S"]))
+        .map(|o| o.contains(&format!("--comment cutover:{table} ")))
+        .unwrap_or(false);
+    if !exists && !jumps {
+        return Ok(());
+    }
+    fw.delete_table(table).map_err(|e| e.to_string())
 }
 
 /// `nft delete table inet <table>`; absent is fine.

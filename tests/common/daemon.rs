@@ -74,6 +74,13 @@ impl Daemon {
         args.extend(["--state-dir".into(), state_dir.display().to_string()]);
         args.extend(["--table".into(), ids.table.clone(), "--mark".into(), ids.mark_arg()]);
         args.extend(["--instance".into(), ids.tag.clone()]);
+        // The whole suite runs against another backend with CUTOVER_TEST_BACKEND=iptables
+        // (a second nextest invocation), unless the test picks one itself.
+        if !extra.contains(&"--backend") {
+            if let Some(backend) = super::test_backend() {
+                args.extend(["--backend".to_string(), backend]);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = Daemon {
             program: program.iter().map(|s| s.to_string()).collect(),

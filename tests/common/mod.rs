@@ -39,9 +39,49 @@ pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
 pub use sysctl::{route_localnet, set_route_localnet, RouteLocalnetGuard};
 pub use wrk::{Latency, SocketErrors, Wrk, WrkReport, WrkRun};
 
+/// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
+pub fn test_backend() -> Option<String> {
+    std::env::var("CUTOVER_TEST_BACKEND").ok().filter(|b| !b.is_empty())
+}
+
+/// Delete every rule the test's daemon made for `table`, whatever its backend (as a
+/// reboot would).
+pub fn delete_dataplane(table: &str) {
+    let r = if iptables_backend() { cleanup::delete_iptables_chains(table) } else { cleanup::delete_table(table) };
+    r.unwrap_or_else(|e| panic!("deleting the rules of {table}: {e}"));
+}
+
+fn iptables_backend() -> bool {
+    test_backend().as_deref() == Some("iptables")
+}
+
+/// With the iptables backend: our chains and jumps (`iptables -S` lines, IPv4 then
+/// IPv6), or `None` when the backend made none for `table`.
+pub fn iptables_chains_text(table: &str) -> Option<String> {
+    let mut text = String::new();
+    for tool in ["iptables", "ip6tables"] {
+        let all = cmd::output(&mut cmd::cmd(tool, ["-w", "-t", "nat", "-S"])).ok()?;
+        let ours: Vec<&str> = all
+            .stdout
+            .lines()
+            .filter(|l| l.contains(&format!("{table}-pre")) || l.contains(&format!("{table}-out")) || l.contains(&format!("{table}-post")))
+            .collect();
+        if tool == "iptables" && ours.is_empty() {
+            return None;
+        }
+        text.push_str(&ours.join("\n"));
+        text.push('\n');
+    }
+    Some(text)
+}
+
 /// `nft -j list table inet <table>` as JSON (the independent oracle of what cutover
-/// installed), or `None` if the table does not exist.
+/// installed), or `None` if the table does not exist. With the iptables backend: the
+/// text of our chains as a JSON string.
 pub fn nft_table_json(table: &str) -> Option<serde_json::Value> {
+    if iptables_backend() {
+        return iptables_chains_text(table).map(serde_json::Value::String);
+    }
     let out = cmd::output(&mut cmd::cmd("nft", ["-j", "list", "table", "inet", table])).ok()?;
     if !out.success() {
         return None;
@@ -52,6 +92,9 @@ pub fn nft_table_json(table: &str) -> Option<serde_json::Value> {
 /// `nft list table inet <table>` as text, or `None` if it does not exist. Handles
 /// stripped, so two listings compare equal when the ruleset did not change.
 pub fn nft_table_text(table: &str) -> Option<String> {
+    if iptables_backend() {
+        return iptables_chains_text(table);
+    }
     let out = cmd::output(&mut cmd::cmd("nft", ["list", "table", "inet", table])).ok()?;
     out.success().then_some(out.stdout)
 }

@@ -65,6 +65,7 @@ impl Engine for FakeEngine {
                 running: !crash,
                 pid: (!crash).then(|| 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst)),
                 addr: None,
+                addr6: None,
                 exit_code: crash.then_some(3),
                 restarts: 0,
                 health: None,

@@ -1,0 +1,417 @@
+//! [`IptablesFirewall`]: the same [`Ruleset`] applied with `iptables-restore --noflush`
+//! (and `ip6tables-restore` for IPv6), for hosts whose operators keep to iptables.
+//!
+//! Owns three chains of the `nat` table per family, named after cutover's table
+//! (`<table>-pre`, `<table>-out`, `<table>-post`), and one jump to each from PREROUTING,
+//! OUTPUT and POSTROUTING, inserted first and tagged `cutover:<table>`. Never flushes,
+//! reads or changes another chain's rules: `--noflush` keeps everything else, and a chain
+//! declared in a restore script (`:<chain> - [0:0]`) is created or emptied, so each
+//! operation rewrites exactly our chains, atomically per table and family.
+//!
+//! iptables has no maps: a rule pair (mark, DNAT) per element, by-address elements first
+//! so they win, and a cutover rewrites our chains in one restore. The cost grows with the
+//! number of ports, unlike the nftables backend; that is the price of iptables.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use super::docker_user;
+use super::{Firewall, NatError};
+use crate::plan::{Element, ElementOp, Family, Hook, Rule, Ruleset};
+
+/// iptables refuses chain names longer than this (`XT_EXTENSION_MAXNAMELEN - 1`).
+pub const MAX_CHAIN_NAME: usize = 28;
+
+/// The binaries of one family.
+#[derive(Debug, Clone)]
+struct Tools {
+    restore: PathBuf,
+    list: PathBuf,
+}
+
+/// iptables through `iptables-restore` / `ip6tables-restore`.
+#[derive(Debug)]
+pub struct IptablesFirewall {
+    v4: Tools,
+    v6: Tools,
+    /// DOCKER-USER is handled with the same binary as in the nftables backend.
+    docker_iptables: PathBuf,
+    /// What each table was last made into: a switch rewrites the chains from it.
+    applied: Mutex<BTreeMap<String, Ruleset>>,
+}
+
+impl Default for IptablesFirewall {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IptablesFirewall {
+    pub fn new() -> Self {
+        IptablesFirewall {
+            v4: Tools { restore: "/usr/sbin/iptables-restore".into(), list: "/usr/sbin/iptables".into() },
+            v6: Tools { restore: "/usr/sbin/ip6tables-restore".into(), list: "/usr/sbin/ip6tables".into() },
+            docker_iptables: PathBuf::from(docker_user::DEFAULT_IPTABLES),
+            applied: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn tools(&self, family: Family) -> &Tools {
+        match family {
+            Family::Ipv4 => &self.v4,
+            Family::Ipv6 => &self.v6,
+        }
+    }
+
+    fn applied(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Ruleset>>, NatError> {
+        self.applied.lock().map_err(|_| NatError::InvalidRule("the iptables backend's state lock was poisoned".into()))
+    }
+
+    /// Our jumps in the built-in chains of `family`, one entry per copy (a crash between
+    /// two steps elsewhere could have left two; a delete removes them all).
+    fn jumps_present(&self, family: Family, table: &str) -> Result<Vec<Hook>, NatError> {
+        let mut present = Vec::new();
+        for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting] {
+            let out = run(&self.tools(family).list, &["-w", "-t", "nat", "-S", builtin(hook)], None)?;
+            present.extend(out.lines().filter(|l| is_our_jump(l, hook, table)).map(|_| hook));
+        }
+        Ok(present)
+    }
+
+    fn restore(&self, family: Family, script: &str) -> Result<(), NatError> {
+        run(&self.tools(family).restore, &["-w", "--noflush"], Some(script)).map(drop)
+    }
+
+    fn write_chains(&self, rs: &Ruleset, families: &[Family]) -> Result<(), NatError> {
+        for &family in families {
+            let present = self.jumps_present(family, &rs.table)?;
+            let script = restore_script(rs, family, &present)?;
+            self.restore(family, &script)?;
+        }
+        Ok(())
+    }
+}
+
+/// The built-in chain a hook's jump sits in.
+fn builtin(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Prerouting => "PREROUTING",
+        Hook::Output => "OUTPUT",
+        Hook::Postrouting => "POSTROUTING",
+    }
+}
+
+/// Our chain for a hook.
+pub fn chain_name(table: &str, hook: Hook) -> Result<String, NatError> {
+    let suffix = match hook {
+        Hook::Prerouting => "pre",
+        Hook::Output => "out",
+        Hook::Postrouting => "post",
+    };
+    let name = format!("{table}-{suffix}");
+    if name.len() > MAX_CHAIN_NAME || table.is_empty() || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(NatError::InvalidRule(format!(
+            "with the iptables backend the table name `{table}` must be letters, digits, '_' or '-' and at most {} characters (chain `{name}`)",
+            MAX_CHAIN_NAME - 5
+        )));
+    }
+    Ok(name)
+}
+
+/// The jump rule (after `-A/-I/-D <BUILTIN>`).
+fn jump_spec(table: &str, hook: Hook) -> Result<String, NatError> {
+    let chain = chain_name(table, hook)?;
+    let local = match hook {
+        // Same match as the nftables rules' `fib daddr type local`.
+        Hook::Prerouting | Hook::Output => "-m addrtype --dst-type LOCAL ",
+        Hook::Postrouting => "",
+    };
+    Ok(format!("{local}-m comment --comment cutover:{table} -j {chain}"))
+}
+
+/// Is `line` (from `iptables -S <BUILTIN>`) our jump for `hook`? iptables quotes the
+/// comment (`--comment "cutover:t"`), so quotes are ignored.
+fn is_our_jump(line: &str, hook: Hook, table: &str) -> bool {
+    let Ok(chain) = chain_name(table, hook) else { return false };
+    let line = line.replace('"', "");
+    line.starts_with(&format!("-A {} ", builtin(hook)))
+        && line.ends_with(&format!(" -j {chain}"))
+        && line.contains(&format!("--comment cutover:{table} "))
+}
+
+fn proto(e: &Element) -> String {
+    let p = e.key.protocol.to_string();
+    format!("-p {p} -m {p} --dport {}", e.key.port)
+}
+
+fn destination(e: &Element) -> String {
+    match e.addr {
+        IpAddr::V4(a) => format!("{a}:{}", e.port),
+        IpAddr::V6(a) => format!("[{a}]:{}", e.port),
+    }
+}
+
+/// The `iptables-restore --noflush` script that makes our chains of `family` exactly
+/// `rs` and adds the jumps not in `present`. Pure, so unit tests pin the rules.
+pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<String, NatError> {
+    let t = &rs.table;
+    let mark = rs.mark;
+    if mark == 0 {
+        return Err(NatError::InvalidRule("the packet mark must not be 0".into()));
+    }
+    let mut s = String::from("*nat\n");
+    for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting] {
+        // Declaring a chain creates it, or empties it when it exists.
+        s.push_str(&format!(":{} - [0:0]\n", chain_name(t, hook)?));
+    }
+    // Elements of this family, the ones bound to an address first (they must win).
+    let mut elements: Vec<&Element> = rs.elements.iter().filter(|e| e.key.family == family).collect();
+    elements.sort_by_key(|e| (e.key.daddr.is_none(), e.key));
+    for hook in [Hook::Prerouting, Hook::Output] {
+        let chain = chain_name(t, hook)?;
+        for e in &elements {
+            let daddr = e.key.daddr.map(|d| format!("-d {d} ")).unwrap_or_default();
+            s.push_str(&format!("-A {chain} {daddr}{} -j MARK --set-xmark {mark:#x}/{mark:#x}\n", proto(e)));
+            s.push_str(&format!("-A {chain} {daddr}{} -j DNAT --to-destination {}\n", proto(e), destination(e)));
+        }
+    }
+    let post = chain_name(t, Hook::Postrouting)?;
+    if family == Family::Ipv4 {
+        for chain in rs.chains.iter().filter(|c| c.hook == Hook::Postrouting) {
+            for rule in &chain.rules {
+                match rule {
+                    Rule::MasqueradeLoopback { mark } => s.push_str(&format!(
+                        "-A {post} -s 127.0.0.0/8 -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
+                    )),
+                    Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => s.push_str(&format!(
+                        "-A {post} -s {subnet}/{prefix} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
+                    )),
+                    Rule::DnatLocal { .. } => {}
+                }
+            }
+        }
+    }
+    for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting] {
+        if !present.contains(&hook) {
+            // First, so Docker's own DNAT (jump to DOCKER) never sees our ports.
+            s.push_str(&format!("-I {} 1 {}\n", builtin(hook), jump_spec(t, hook)?));
+        }
+    }
+    s.push_str("COMMIT\n");
+    Ok(s)
+}
+
+/// The script that removes our jumps (those in `present`) and chains.
+pub fn delete_script(table: &str, present: &[Hook]) -> Result<String, NatError> {
+    let mut s = String::from("*nat\n");
+    for hook in present {
+        s.push_str(&format!("-D {} {}\n", builtin(*hook), jump_spec(table, *hook)?));
+    }
+    for hook in [Hook::Prerouting, Hook::Output, Hook::Postrouting] {
+        let chain = chain_name(table, hook)?;
+        // Declare (create or empty) first, so the delete works whether or not it existed.
+        s.push_str(&format!(":{chain} - [0:0]\n-X {chain}\n"));
+    }
+    s.push_str("COMMIT\n");
+    Ok(s)
+}
+
+/// Run `program args`, feeding `stdin`; Ok(stdout) on success.
+fn run(program: &std::path::Path, args: &[&str], stdin: Option<&str>) -> Result<String, NatError> {
+    let command = format!("{} {}", program.display(), args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NatError::IptablesMissing)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(NatError::IptablesMissing)?;
+    }
+    let out = child.wait_with_output().map_err(NatError::IptablesMissing)?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let stderr = if stderr.is_empty() { format!("exit status {}", out.status) } else { stderr };
+        let stderr = match stdin {
+            Some(script) => format!("{stderr}\n--- the script (nothing of it was applied) ---\n{script}"),
+            None => stderr,
+        };
+        return Err(NatError::Iptables { command, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `elements` after `ops`, in key order.
+fn apply_to(elements: &[Element], ops: &[ElementOp]) -> Vec<Element> {
+    let mut by_key: BTreeMap<_, Element> = elements.iter().map(|e| (e.key, e.clone())).collect();
+    for op in ops {
+        match op {
+            ElementOp::Delete(k) => {
+                by_key.remove(k);
+            }
+            ElementOp::Add(e) => {
+                by_key.insert(e.key, e.clone());
+            }
+        }
+    }
+    by_key.into_values().collect()
+}
+
+impl Firewall for IptablesFirewall {
+    fn sync(&self, ruleset: &Ruleset) -> Result<(), NatError> {
+        self.write_chains(ruleset, &[Family::Ipv4, Family::Ipv6])?;
+        self.applied()?.insert(ruleset.table.clone(), ruleset.clone());
+        Ok(())
+    }
+
+    fn apply_ops(&self, table: &str, _map: &str, ops: &[ElementOp]) -> Result<(), NatError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut applied = self.applied()?;
+        let Some(current) = applied.get(table) else {
+            return Err(NatError::InvalidRule(format!(
+                "table `{table}` was not synced by this process; sync the whole ruleset first"
+            )));
+        };
+        let mut next = current.clone();
+        next.elements = apply_to(&current.elements, ops);
+        let mut families: Vec<Family> = ops
+            .iter()
+            .map(|op| match op {
+                ElementOp::Delete(k) => k.family,
+                ElementOp::Add(e) => e.key.family,
+            })
+            .collect();
+        families.sort();
+        families.dedup();
+        // One restore per family: IPv4 and IPv6 are separate tables in iptables, so a
+        // dual-stack switch is two transactions (IPv4 first), unlike nftables' one.
+        self.write_chains(&next, &families)?;
+        applied.insert(table.to_string(), next);
+        Ok(())
+    }
+
+    fn delete_table(&self, table: &str) -> Result<(), NatError> {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let present = self.jumps_present(family, table)?;
+            self.restore(family, &delete_script(table, &present)?)?;
+        }
+        self.applied()?.remove(table);
+        Ok(())
+    }
+
+    fn table_exists(&self, table: &str) -> Result<bool, NatError> {
+        let chain = chain_name(table, Hook::Prerouting)?;
+        let out = Command::new(&self.v4.list)
+            .args(["-w", "-t", "nat", "-S", &chain])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(NatError::IptablesMissing)?;
+        Ok(out.status.success())
+    }
+
+    fn ensure_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError> {
+        docker_user::ensure_forward_accept(&self.docker_iptables, table, mark)
+    }
+
+    fn remove_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError> {
+        docker_user::remove_forward_accept(&self.docker_iptables, table, mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Protocol;
+    use crate::plan::{self, Bridge, Desired, Target};
+
+    fn ruleset() -> Ruleset {
+        let mut bound = Target::new("api", 1, Protocol::Tcp, 8080, [172, 17, 0, 3].into(), 80);
+        bound.host_ip = Some("192.0.2.10".parse().unwrap());
+        let mut dual = Target::new("web", 1, Protocol::Udp, 53, [172, 17, 0, 2].into(), 5353);
+        dual.addr6 = Some("fd00::2".parse().unwrap());
+        let web = Target::new("web", 1, Protocol::Tcp, 8080, [172, 17, 0, 2].into(), 80);
+        plan::ruleset(&Desired {
+            table: "cutover".into(),
+            mark: 0x2000_0000,
+            targets: vec![web, bound, dual],
+            bridges: vec![Bridge { ifname: "docker0".into(), subnet: [172, 17, 0, 0].into(), prefix: 16 }],
+        })
+    }
+
+    #[test]
+    fn ipv4_script_rewrites_our_chains_and_jumps_first() {
+        let s = restore_script(&ruleset(), Family::Ipv4, &[]).unwrap();
+        let expected = "*nat
+:cutover-pre - [0:0]
+:cutover-out - [0:0]
+:cutover-post - [0:0]
+-A cutover-pre -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.3:80
+-A cutover-pre -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+-A cutover-pre -p udp -m udp --dport 53 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.2:5353
+-A cutover-out -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.3:80
+-A cutover-out -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+-A cutover-out -p udp -m udp --dport 53 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.2:5353
+-A cutover-post -s 127.0.0.0/8 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE
+-A cutover-post -s 172.17.0.0/16 -o docker0 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE
+-I PREROUTING 1 -m addrtype --dst-type LOCAL -m comment --comment cutover:cutover -j cutover-pre
+-I OUTPUT 1 -m addrtype --dst-type LOCAL -m comment --comment cutover:cutover -j cutover-out
+-I POSTROUTING 1 -m comment --comment cutover:cutover -j cutover-post
+COMMIT
+";
+        assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn ipv6_script_has_only_ipv6_elements_and_no_loopback_masquerade() {
+        let s = restore_script(&ruleset(), Family::Ipv6, &[Hook::Prerouting, Hook::Output, Hook::Postrouting]).unwrap();
+        assert!(s.contains("-A cutover-pre -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::2]:5353\n"), "{s}");
+        assert!(!s.contains("172.17."), "{s}");
+        assert!(!s.contains("MASQUERADE"), "{s}");
+        assert!(!s.contains("-I "), "jumps already present are not added again: {s}");
+    }
+
+    #[test]
+    fn our_jumps_are_recognised_and_others_are_not() {
+        let ours = "-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment cutover:cutover -j cutover-pre";
+        assert!(is_our_jump(ours, Hook::Prerouting, "cutover"));
+        let quoted = "-A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment \"cutover:cutover\" -j cutover-pre";
+        assert!(is_our_jump(quoted, Hook::Prerouting, "cutover"), "iptables -S quotes comments");
+        assert!(!is_our_jump("-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER", Hook::Prerouting, "cutover"));
+        assert!(!is_our_jump(ours, Hook::Prerouting, "other"));
+        let d = delete_script("cutover", &[Hook::Prerouting]).unwrap();
+        assert!(d.starts_with(&format!("*nat\n-D PREROUTING {}\n", ours.trim_start_matches("-A PREROUTING "))), "{d}");
+        assert!(d.contains(":cutover-post - [0:0]\n-X cutover-post\n"), "{d}");
+    }
+
+    #[test]
+    fn long_table_names_are_refused_before_iptables() {
+        assert!(matches!(chain_name("a-table-name-much-too-long", Hook::Postrouting), Err(NatError::InvalidRule(_))));
+        assert!(matches!(chain_name("bad name", Hook::Prerouting), Err(NatError::InvalidRule(_))));
+    }
+
+    #[test]
+    fn ops_update_the_element_set() {
+        let rs = ruleset();
+        let key = plan::ElementKey::v4(Protocol::Tcp, 8080);
+        let ops = [
+            ElementOp::Delete(key),
+            ElementOp::Add(Element { key, addr: "172.17.0.9".parse().unwrap(), port: 80 }),
+        ];
+        let next = apply_to(&rs.elements, &ops);
+        assert_eq!(next.len(), rs.elements.len());
+        assert!(next.iter().any(|e| e.key == key && e.addr == "172.17.0.9".parse::<IpAddr>().unwrap()));
+    }
+}

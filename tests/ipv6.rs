@@ -1,0 +1,154 @@
+//! Acceptance of IPv6 (issue 6): a service on a user-defined Docker network created with
+//! IPv6, clients in another namespace over IPv6, a deploy under their load.
+//!
+//! Engine 20.10 needs nothing in daemon.json for this: `docker network create --ipv6
+//! --subnet fd..::/64` gives containers a global IPv6 address, and cutover does its own
+//! NAT (Docker's `ip6tables` option only matters for Docker's own port publishing). The
+//! host must forward IPv6; the test turns that on and restores it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::Ipv6Addr;
+use std::time::Duration;
+
+use common::*;
+
+/// `net.ipv6.conf.all.forwarding` on for the test's lifetime, restored on drop.
+struct Ipv6Forwarding(String);
+
+const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+impl Ipv6Forwarding {
+    fn on() -> Ipv6Forwarding {
+        let before = std::fs::read_to_string(FORWARDING).expect("read ipv6 forwarding").trim().to_string();
+        std::fs::write(FORWARDING, "1\n").expect("enable ipv6 forwarding");
+        Ipv6Forwarding(before)
+    }
+}
+
+impl Drop for Ipv6Forwarding {
+    fn drop(&mut self) {
+        // Another IPv6 test still running keeps it on: only restore "0" when we set it.
+        if self.0 == "0" {
+            let _ = std::fs::write(FORWARDING, "0\n");
+        }
+    }
+}
+
+/// Unique ULA /64s of this test: one for the Docker network, one for the client link.
+fn ula(ids: &Ids, which: u16) -> Ipv6Addr {
+    let h = common::ids::fnv1a(&ids.tag);
+    Ipv6Addr::new(0xfd63, 0x7574, (h & 0xffff) as u16, which, 0, 0, 0, 0)
+}
+
+/// A Docker bridge network with IPv6, removed on drop.
+struct V6Network {
+    name: String,
+}
+
+impl V6Network {
+    fn new(ids: &Ids, subnet6: Ipv6Addr) -> V6Network {
+        let net = V6Network { name: ids.network() };
+        run(std::process::Command::new(DOCKER).args([
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--ipv6",
+            "--subnet",
+            &format!("{subnet6}/64"),
+            "--label",
+            &format!("{INSTANCE_LABEL}={}", ids.tag),
+            "-o",
+            &format!("com.docker.network.bridge.name={}", ids.bridge()),
+            &net.name,
+        ]));
+        net
+    }
+}
+
+impl Drop for V6Network {
+    fn drop(&mut self) {
+        let _ = try_run(std::process::Command::new(DOCKER).args(["network", "rm", &self.name]));
+    }
+}
+
+/// Give the client host's link an IPv6 /64: host side `::1`, namespace side `::2`, and a
+/// default route over it. `nodad`: usable at once, no duplicate detection wait.
+fn add_ipv6(client: &ClientHost, link: Ipv6Addr) -> (Ipv6Addr, Ipv6Addr) {
+    let s = link.segments();
+    let host = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1);
+    let ns = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 2);
+    let steps: [Vec<String>; 3] = [
+        vec!["-6".into(), "addr".into(), "add".into(), format!("{host}/64"), "dev".into(), client.veth().into(), "nodad".into()],
+        vec!["-n".into(), client.name().into(), "-6".into(), "addr".into(), "add".into(), format!("{ns}/64"), "dev".into(), "eth0".into(), "nodad".into()],
+        vec!["-n".into(), client.name().into(), "-6".into(), "route".into(), "add".into(), "default".into(), "via".into(), host.to_string()],
+    ];
+    for step in steps {
+        run(std::process::Command::new("ip").args(&step));
+    }
+    (host, ns)
+}
+
+fn manifest(daemon: &Daemon, ids: &Ids, image: &str, port: u16, network: &str) -> std::path::PathBuf {
+    let text = format!(
+        "name: {service}\nimage: {image}\nports:\n  - host: {port}\n    container: 80\nnetwork: {network}\n\
+         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
+         drain_timeout: 10s\nstop_timeout: 2s\nkeep: 2\n",
+        service = ids.service
+    );
+    let path = daemon.dir().join("svc.yaml");
+    std::fs::write(&path, text).expect("write manifest");
+    path
+}
+
+#[test]
+fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
+    let ids = Ids::new("ipv6_clients_reach_v1_then_v2_across_a_deploy");
+    require_root();
+    require_docker();
+    let _forwarding = Ipv6Forwarding::on();
+    let net = V6Network::new(&ids, ula(&ids, 1));
+    // The server must listen on IPv6 too; `[::]` also takes IPv4 (v4-mapped).
+    let v1 = demo_image(&ids, "v1", &[("LISTEN", "[::]:80")]);
+    let v2 = demo_image(&ids, "v2", &[("LISTEN", "[::]:80")]);
+    let client = ClientHost::new(&ids);
+    let (host6, _) = add_ipv6(&client, ula(&ids, 2));
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let file = manifest(&daemon, &ids, &v1, port, &net.name);
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+
+    let table = nft_table_text(&ids.table).expect("table");
+    let prefix = format!("{:x}:{:x}:{:x}:1:", 0xfd63, 0x7574, common::ids::fnv1a(&ids.tag) & 0xffff);
+    let element = match test_backend().as_deref() {
+        Some("iptables") => format!("--dport {port} -j DNAT --to-destination [{prefix}"),
+        _ => format!("tcp . {port} : {prefix}"),
+    };
+    assert!(table.contains(&element), "an IPv6 element for the release:\n{table}");
+
+    let url6 = format!("http://[{host6}]:{port}/");
+    let url4 = format!("http://{}:{port}/", client.host_addr());
+    assert_eq!(get_ok(client.at(), &url6).trim(), "v1");
+    assert_eq!(get_ok(client.at(), &url4).trim(), "v1");
+
+    let run = Wrk::new(&url6)
+        .at(client.at())
+        .duration(Duration::from_secs(10))
+        .connections(4)
+        .threads(1)
+        .timeout(Duration::from_secs(5))
+        .start();
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    for i in 0..20 {
+        let body = get_ok(client.at(), &url6);
+        assert_eq!(body.trim(), "v2", "IPv6 request {i} after the switch");
+    }
+    assert_eq!(get_ok(client.at(), &url4).trim(), "v2", "IPv4 moved in the same switch");
+    let report = run.wait();
+    report.assert_no_failures();
+    assert!(report.count("v1") > 0 && report.count("v2") > 0, "both releases answered IPv6 clients: {:?}", report.bodies);
+}
