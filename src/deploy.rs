@@ -373,6 +373,10 @@ impl Releaser {
             for rel in &svc.releases {
                 let network = rel.manifest.network.clone();
                 if matches!(rel.status, ReleaseStatus::Failed | ReleaseStatus::Removed) {
+                    // Removing it may have failed while the engine was away.
+                    if !rel.container_id.is_empty() {
+                        self.engine.remove(rel.container_id.clone()).await?;
+                    }
                     continue;
                 }
                 let Some(info) = self.engine.inspect(ServiceState::container_ref(rel), network).await? else { continue };
