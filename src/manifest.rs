@@ -321,7 +321,7 @@ impl Manifest {
             return Err(err("network", 0, "network", "must name a Docker network".into()));
         }
         if let Some(h) = &self.handoff {
-            if h.namespace != "host" && !h.namespace.strip_prefix("container:").is_some_and(|c| !c.is_empty()) {
+            if h.namespace != "host" && h.namespace.strip_prefix("container:").is_none_or(|c| c.is_empty()) {
                 return Err(err("namespace", 0, "handoff.namespace", format!(
                     "`{}`: use `host` or `container:<name>`",
                     h.namespace
@@ -399,24 +399,47 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let (num, tail) = rest.split_at(digits);
         let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let value: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
-        let secs = match unit {
-            "ms" => value / 1000.0,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
+        let unit_nanos: u128 = match unit {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             _ => return Err(format!("`{s}`: unknown unit `{unit}`; use ms, s, m or h")),
         };
-        total += Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))?;
+        let part = decimal_nanos(num, unit_nanos).ok_or_else(|| format!("`{s}` is not a duration"))?;
+        // `+=` panics on overflow; the parts may each fit while their sum does not.
+        total = total.checked_add(part).ok_or_else(|| format!("`{s}` is out of range"))?;
         rest = tail;
     }
     Ok(total)
 }
 
-/// Format a duration the way [`parse_duration`] reads it.
+/// `num` (digits with at most one '.') times `unit_nanos`, exactly, to the nanosecond.
+/// Decimal, not f64, so that [`format_duration`]'s output reads back to the same value
+/// (the state file stores durations as text); `None` if malformed or out of range.
+fn decimal_nanos(num: &str, unit_nanos: u128) -> Option<Duration> {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+        return None;
+    }
+    let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    // A unit is at most 3.6e12 ns, so digits past the 13th are below a nanosecond.
+    let frac = &frac[..frac.len().min(13)];
+    let scale = 10u128.pow(u32::try_from(frac.len()).ok()?);
+    let frac: u128 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    let nanos = int.checked_mul(unit_nanos)?.checked_add(frac * unit_nanos / scale)?;
+    let secs = u64::try_from(nanos / 1_000_000_000).ok()?;
+    Some(Duration::new(secs, u32::try_from(nanos % 1_000_000_000).ok()?))
+}
+
+/// Format a duration the way [`parse_duration`] reads it back, exactly.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    let below_ms = d.subsec_nanos() % 1_000_000;
+    if below_ms != 0 {
+        let frac = format!("{below_ms:06}");
+        format!("{ms}.{}ms", frac.trim_end_matches('0'))
+    } else if ms % 1000 != 0 {
         format!("{ms}ms")
     } else {
         format!("{}s", ms / 1000)
@@ -577,6 +600,41 @@ network: bridge           # optional Docker network
         assert!(parse_duration("2 weeks").is_err());
         assert!(parse_duration("s").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn durations_read_back_exactly_as_the_state_file_writes_them() {
+        // Caught by the manifest fuzz target's round trip: `interval: 0.5ms` passed
+        // validation but was stored as `0ms`, so after a restart the health check slept 0
+        // between probes; and whole seconds past 2^53 came back different (or not at all)
+        // through f64.
+        for d in [
+            Duration::from_micros(500),
+            Duration::from_nanos(1),
+            Duration::new(1, 1),
+            Duration::from_millis(1500),
+            Duration::from_secs((1 << 53) + 1),
+            Duration::from_secs(u64::MAX),
+            Duration::new(u64::MAX, 999_999_999),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{}", format_duration(d));
+        }
+        assert_eq!(format_duration(Duration::from_micros(500)), "0.5ms");
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration(".5s").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("1.2.3s").is_err());
+        assert!(parse_duration(".s").is_err());
+        let m = parse(&FULL.replace("interval: 1s", "interval: 0.5ms")).unwrap();
+        let stored = serde_json::to_vec(&m).unwrap();
+        assert_eq!(serde_json::from_slice::<Manifest>(&stored).unwrap(), m);
+    }
+
+    #[test]
+    fn a_duration_whose_parts_overflow_together_is_refused_not_a_panic() {
+        // Each part fits in a Duration, their sum does not (`+=` used to panic).
+        assert!(parse_duration("18446744073709549568s18446744073709549568s").is_err());
+        let msg = message(&FULL.replace("drain_timeout: 30s", "drain_timeout: 10000000000000000000s10000000000000000000s"));
+        assert!(msg.contains("out of range"), "{msg}");
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl ServiceState {
     /// kept (they are what `rollback` goes to), not the highest numbers.
     pub fn beyond_keep(&self) -> Vec<u32> {
         let mut stopped: Vec<&Release> = self.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).collect();
-        stopped.sort_unstable_by(|a, b| (b.stopped_at, b.number).cmp(&(a.stopped_at, a.number)));
+        stopped.sort_unstable_by_key(|r| std::cmp::Reverse((r.stopped_at, r.number)));
         stopped.into_iter().skip(self.manifest.keep as usize).map(|r| r.number).collect()
     }
 }

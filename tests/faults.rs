@@ -33,7 +33,7 @@ fn status_json(daemon: &Daemon, service: &str) -> serde_json::Value {
 }
 
 fn running_containers(ids: &Ids) -> Vec<String> {
-    let out = run(&mut std::process::Command::new(DOCKER).args([
+    let out = run(std::process::Command::new(DOCKER).args([
         "ps",
         "-q",
         "--filter",

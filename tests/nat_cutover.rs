@@ -4,6 +4,7 @@
 //! Each test has its own daemon, table, mark, Docker network (with its own Linux bridge),
 //! images, namespaces and ports (see `common::Ids`), so they run in parallel; the kit's
 //! guards remove everything even when a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -146,7 +147,7 @@ fn clients_in_another_container_reach_the_host_port() {
     // A client container on the same bridge calls the host's address on that bridge:
     // without the hairpin masquerade the replies would bypass the NAT and be dropped.
     let client = client_container(&ids, &v1, Some(&net.name));
-    let gateway = run(&mut std::process::Command::new(DOCKER).args([
+    let gateway = run(std::process::Command::new(DOCKER).args([
         "network",
         "inspect",
         "-f",
