@@ -159,6 +159,10 @@ pub struct DaemonArgs {
     /// Docker engine socket.
     #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477.
+    /// Unauthenticated: bind a loopback or private address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Test hook: hang at this step of every release (starting, healthy, switched,
     /// draining, stopped) so a test can kill the daemon there.
     #[arg(long, hide = true, value_parser = parse_phase)]

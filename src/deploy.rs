@@ -158,6 +158,8 @@ pub struct Releaser {
     busy: StdMutex<HashSet<String>>,
     /// Brokers of handoff-mode services (see `handoff_mode`); None: such services are refused.
     handoff: Option<Arc<dyn crate::handoff::brokers::ServiceBrokers>>,
+    /// metrics hook: where outcomes and timings are recorded (`--metrics`); None: nowhere.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Marks a service busy for the lifetime of the guard.
@@ -198,7 +200,21 @@ impl Releaser {
             switching: Mutex::new(()),
             busy: StdMutex::new(HashSet::new()),
             handoff: None,
+            metrics: None, // metrics hook
         })
+    }
+
+    /// metrics hook: record outcomes and timings into `metrics` (`daemon --metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Releaser {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// metrics hook: a no-op when the daemon serves no metrics.
+    fn observe(&self, record: impl FnOnce(&crate::metrics::Metrics)) {
+        if let Some(m) = &self.metrics {
+            record(m);
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -476,6 +492,7 @@ impl Releaser {
                 }
             })
             .await?;
+            self.observe(|m| m.release(name, op.kind, "undone")); // metrics hook
             Ok(format!("{name}: undid the interrupted {:?} to release {} (it had not been switched)", op.kind, op.to))
         } else {
             if let Some(from) = &from {
@@ -511,6 +528,7 @@ impl Releaser {
                 }
             })
             .await?;
+            self.observe(|m| m.release(name, op.kind, "finished_after_restart")); // metrics hook
             Ok(format!("{name}: finished the interrupted {:?} to release {}", op.kind, op.to))
         }
     }
@@ -830,6 +848,7 @@ impl Releaser {
             return Err(ReleaseError::Unhealthy { service: service.into(), release: to, reason, logs });
         }
         let health_ms = ms(health_started.elapsed());
+        self.observe(|m| m.health_wait(service, Duration::from_millis(health_ms))); // metrics hook
         self.set_phase(service, Phase::Healthy).await?;
         self.emit(progress, service, to, "healthy", format!("release {to} is healthy after {health_ms} ms"));
 
@@ -866,6 +885,7 @@ impl Releaser {
         })
         .await?;
         drop(switch_guard);
+        self.observe(|m| m.switched(service, switched)); // metrics hook
         self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
         self.checkpoint(service, Phase::Switched).await;
 
@@ -878,6 +898,7 @@ impl Releaser {
                 return self.switch_back(service, kind, &old, to, &info, &reason, progress).await;
             }
             drain_ms = Some(ms(started.elapsed()));
+            self.observe(|m| m.drained(service, started.elapsed())); // metrics hook
             if manifest.ports.iter().any(|p| p.protocol == Protocol::Udp) {
                 if let Some(addr) = old.addr {
                     for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
@@ -936,6 +957,7 @@ impl Releaser {
                 tracing::warn!(service, error = %e, "pruning an old release failed");
             }
         }
+        self.observe(|m| m.release(service, kind, "switched")); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome {
             service: service.to_string(),
@@ -1063,6 +1085,7 @@ impl Releaser {
                 udp_busy = udp_busy.saturating_add(busy);
             }
             let open = tcp_open.saturating_add(udp_busy);
+            self.observe(|m| m.draining(service, old.number, (open != usize::MAX).then_some(open))); // metrics hook
             let elapsed = started.elapsed();
             let _ = progress.send(Progress {
                 service: service.to_string(),
@@ -1147,6 +1170,7 @@ impl Releaser {
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
         tracing::error!(service, release = to, reason, "the new release failed after the switch; switching back");
+        self.observe(|m| m.release(service, kind, "reverted")); // metrics hook
         let switch_guard = self.switching.lock().await;
         let state = self.snapshot().await;
         let desired = self.desired(&state, Some((service, old.number))).await?;
@@ -1243,6 +1267,7 @@ impl Releaser {
         outcome: &str,
         reason: &str,
     ) -> Result<(), ReleaseError> {
+        self.observe(|m| m.release(service, kind, outcome)); // metrics hook: refused / failed
         let svc = self.snapshot().await.services.get(service).cloned();
         if let Some(rel) = svc.as_ref().and_then(|s| s.release(to)) {
             let id = if rel.container_id.is_empty() { rel.container.clone() } else { rel.container_id.clone() };

@@ -21,6 +21,7 @@ pub mod health;
 pub mod host;
 pub mod loadgen;
 pub mod manifest;
+pub mod metrics;
 pub mod nat;
 pub mod netns;
 pub mod plan;

@@ -39,9 +39,18 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
     // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
     let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
-    let releaser = Arc::new(
-        Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks), settings, store)?.with_handoff(brokers),
-    );
+    let mut releaser = Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks), settings, store)?.with_handoff(brokers);
+    // Bound before READY, so a taken address fails the start instead of going unnoticed.
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr).await?;
+            let metrics = Arc::new(crate::metrics::Metrics::new());
+            releaser = releaser.with_metrics(metrics.clone());
+            Some((listener, metrics))
+        }
+        None => None,
+    };
+    let releaser = Arc::new(releaser);
     notify("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;
     for n in notes {
@@ -64,6 +73,19 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     tracing::info!(socket = %socket.display(), table = %args.table, services, "cutover daemon ready");
     notify(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
 
+    // Dropping `stop_metrics` stops the metrics server.
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some((listener, metrics)) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics on /metrics");
+        let source = releaser.clone();
+        let scrape = move || {
+            let source = source.clone();
+            async move { crate::metrics::Scrape::of_state(&source.snapshot().await) }
+        };
+        tokio::spawn(crate::metrics::serve(listener, metrics, scrape, async move {
+            let _ = metrics_stopped.await;
+        }));
+    }
     let watcher = releaser.clone();
     tokio::spawn(async move { watcher.watch_engine().await });
 
@@ -76,6 +98,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         }
     };
     crate::daemon::serve(listener, releaser, Access { allow_gid: args.allow_group }, shutdown).await;
+    drop(stop_metrics);
     notify("STOPPING=1");
     tracing::info!("cutover daemon stopping; the rules stay in place");
     let _ = std::fs::remove_file(&socket);
