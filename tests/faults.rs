@@ -292,3 +292,8 @@ fn soak_deploy_rollback_cycles_under_load() {
     }
     assert!(requests > 0);
 }
+
+#[test]
+fn kill9_after_the_old_release_stopped_finishes_the_release() {
+    kill_at("kill9_after_the_old_release_stopped", "stopped", 2, "finished_after_restart");
+}

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::docker::ImageCommand;
@@ -317,6 +317,13 @@ impl Releaser {
             self.set_phase(service, Phase::Stopped).await?;
         }
         self.handoff_record(service, kind, from, to, health_ms, drain_ms).await?;
+        self.observe(|m| {
+            m.health_wait(service, Duration::from_millis(health_ms));
+            if let Some(d) = drain_ms {
+                m.drained(service, Duration::from_millis(d));
+            }
+            m.release(service, kind, "switched");
+        }); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome { service: service.to_string(), from, to, outcome: "switched".into(), health_ms: Some(health_ms), switch_us: None, drain_ms })
     }
