@@ -115,9 +115,11 @@ def switch_part(ev):
             continue
         rows = []
         for line in text.splitlines():
-            f = line.split(",", 4)
-            if len(f) == 5:
-                rows.append((f[0], int(f[1]), int(f[2]), f[3], f[4]))
+            # kind, due (us), sent (us), latency (us), outcome, body; rows are
+            # (kind, due, latency, outcome, body, sent).
+            f = line.split(",", 5)
+            if len(f) == 6:
+                rows.append((f[0], int(f[1]), int(f[3]), f[4], f[5], int(f[2])))
         new = sorted((r for r in rows if r[0] == "new"), key=lambda r: r[1])
         ka = [r for r in rows if r[0] == "ka"]
         start, end = ev.get(f"{way}.switch_start"), ev.get(f"{way}.switch_end")
@@ -127,13 +129,16 @@ def switch_part(ev):
         lat = sorted(r[2] for r in new if r[3] == "ok" and start and end and start <= r[1] <= end)
         # All new connections on v2 from t_conv on: the request after the last one that
         # was not a v2 answer.
+        # By the time each request was really sent (a saturated machine sends late; the
+        # due time would credit the switch with the client's delay).
+        by_sent = sorted(new, key=lambda r: r[5])
         t_conv = None
-        last_bad = max((i for i, r in enumerate(new) if not (r[3] == "ok" and r[4] == "v2")), default=None)
-        if any(r[4] == "v2" for r in new):
+        last_bad = max((i for i, r in enumerate(by_sent) if not (r[3] == "ok" and r[4] == "v2")), default=None)
+        if any(r[4] == "v2" for r in by_sent):
             if last_bad is None:
-                t_conv = new[0][1]
-            elif last_bad + 1 < len(new):
-                t_conv = new[last_bad + 1][1]
+                t_conv = by_sent[0][5]
+            elif last_bad + 1 < len(by_sent):
+                t_conv = by_sent[last_bad + 1][5]
         bad = [r[1] for r in new if r[3] != "ok"]
         outage_ms = (bad[-1] - bad[0]) / 1000 if bad else 0
         lg = {}
@@ -202,14 +207,16 @@ def parse_wrk(text):
 
 def datapath_part():
     runs = defaultdict(list)
+    by_round = {}
     d = path("wrk")
     for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        m = re.match(r"(.+)\.(ns|host)\.(keepalive|close)\.r\d+\.txt$", name)
+        m = re.match(r"(.+)\.(ns|host)\.(keepalive|close)\.r(\d+)\.txt$", name)
         if not m:
             continue
         w = parse_wrk(read("wrk", name) or "")
         if w:
-            runs[m.groups()].append(w)
+            runs[m.groups()[:3]].append(w)
+            by_round[m.groups()] = w
     res = {}
     for (label, origin, mode), ws in runs.items():
         med = lambda k: statistics.median([w[k] for w in ws if w.get(k) is not None]) if any(w.get(k) is not None for w in ws) else None
@@ -219,9 +226,19 @@ def datapath_part():
             "errors": sum(w["errors"] for w in ws), "client_cpu_pct": med("client_cpu_pct"),
             "machine_busy_pct": med("machine_busy_pct"),
         }
+    # Paired by round: each path's requests/s over the direct path's of the same round
+    # (measured seconds apart), so drift in the machine's load cancels; the median of
+    # those ratios, and their range as the resolution of this run.
     for v in res.values():
-        base = res.get(f"direct|{v['origin']}|{v['mode']}")
-        v["ratio"] = v["rps"] / base["rps"] if base and base["rps"] else None
+        ratios = []
+        for (label, origin, mode, rnd), w in by_round.items():
+            if (label, origin, mode) == (v["path"], v["origin"], v["mode"]):
+                base = by_round.get(("direct", origin, mode, rnd))
+                if base and base["rps"]:
+                    ratios.append(w["rps"] / base["rps"])
+        v["ratio"] = statistics.median(ratios) if ratios else None
+        v["ratio_min"] = min(ratios) if ratios else None
+        v["ratio_max"] = max(ratios) if ratios else None
     return res
 
 
@@ -264,7 +281,11 @@ def scale_part():
 
 
 def handoff_part():
-    res = {"connections": {}, "listener": None}
+    res = {"connections": {}, "listener": None, "skipped": {}}
+    for line in (read("handoff_skipped.txt") or "").splitlines():
+        f = line.split()
+        if len(f) == 3 and f[0] == "skipped":
+            res["skipped"][int(f[1])] = f[2]
     for line in (read("handoff.txt") or "").splitlines():
         f = line.split()
         if len(f) == 4 and f[0].isdigit():
@@ -336,7 +357,7 @@ def table(params, sw, dp, sc, ho, gl):
         L.append("")
         L.append(f"cutover deploy reported: outcome {c.get('outcome')}, health {c.get('health_ms')} ms, switch {c.get('switch_us')} us, drain {c.get('drain_ms')} ms.")
     L.append("")
-    L.append("### 2. Steady-state data path (wrk -t1 -c16, median of rounds; ratio = requests/s over the direct path from the same origin and mode)")
+    L.append(f"### 2. Steady-state data path (wrk -t1 -c16, {params.get('rounds')} rounds of {params.get('wrk_secs')} s; req/s and latencies: median over rounds; ratio: median over rounds of req/s over the direct path's in the same round (min-max of those ratios))")
     L.append("")
     L.append("| path | origin | mode | req/s | ratio to direct | p50 (ms) | p99 (ms) | errors | wrk CPU % | machine busy % |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -347,7 +368,7 @@ def table(params, sw, dp, sc, ho, gl):
                 v = dp.get(f"{p}|{origin}|{mode}")
                 if not v:
                     continue
-                ratio = "n/a" if v["ratio"] is None else f"{100 * v['ratio']:.1f}%"
+                ratio = "n/a" if v["ratio"] is None else f"{100 * v['ratio']:.1f}%" + ("" if v["rounds"] < 2 or v["path"] == "direct" else f" ({100 * v['ratio_min']:.0f}-{100 * v['ratio_max']:.0f}%)")
                 on = "other namespace" if origin == "ns" else "host"
                 L.append(f"| {PATH_LABEL.get(p, p)} | {on} | {'keep-alive' if mode == 'keepalive' else 'new conn/request'} | {v['rps']:.0f} | {ratio} | "
                          f"{fmt_ms(v['p50_us'], 2)} | {fmt_ms(v['p99_us'], 2)} | {v['errors']} | "
@@ -387,6 +408,8 @@ def table(params, sw, dp, sc, ho, gl):
     L.append("|---|---|---|---|")
     for n, v in sorted(ho["connections"].items()):
         L.append(f"| {n} | {v['sender_ms']:.1f} | {v['end_to_end_ms']:.1f} | {v['us_per_conn']:.2f} |")
+    for n, hard in sorted(ho["skipped"].items()):
+        L.append(f"| {n} | not run: needs about {n} fds, the hard RLIMIT_NOFILE here is {hard} and raising it needs CAP_SYS_RESOURCE | | |")
     if ho["listener"]:
         li = ho["listener"]
         L.append("")

@@ -6,11 +6,12 @@
 //!         --duration-s 10 --timeout-ms 2000 --out requests.csv
 //!     bench_load probe --target IP:PORT --expect v2 --interval-ms 5 --timeout-s 60
 //!
-//! `run` writes one CSV line per request, `kind,sched_us,lat_us,outcome,body`:
+//! `run` writes one CSV line per request, `kind,sched_us,sent_us,lat_us,outcome,body`:
 //! - kind `new` (own connection, `Connection: close`) or `ka` (a keep-alive connection);
 //! - sched_us: unix time in microseconds the request was due (new) or sent (ka); the
 //!   latency of `new` requests counts from the due time, so a client that falls behind
-//!   does not hide the stall (no coordinated omission);
+//!   does not hide the stall (no coordinated omission); sent_us: when it really started
+//!   (later than due when the machine is saturated);
 //! - outcome `ok`, `connect`, `write`, `read`, `timeout`, `status` (non-2xx), or
 //!   `ka_closed` (a request sent on a keep-alive connection that the server had closed:
 //!   no byte came back; clients retry those, but it is counted as failed here). Like real
@@ -36,6 +37,7 @@ use tokio::sync::mpsc;
 struct Record {
     kind: &'static str,
     sched_us: u64,
+    sent_us: u64,
     lat_us: u64,
     outcome: &'static str,
     body: String,
@@ -144,11 +146,12 @@ async fn new_connections(target: SocketAddr, rate: f64, until: Instant, timeout:
         let tx = tx.clone();
         let started = due;
         tokio::spawn(async move {
+            let sent_us = unix_us();
             let (outcome, body) = match tokio::time::timeout(timeout, one_shot(target, req)).await {
                 Ok(r) => r,
                 Err(_) => ("timeout", String::new()),
             };
-            let _ = tx.send(Record { kind: "new", sched_us, lat_us: started.elapsed().as_micros() as u64, outcome, body });
+            let _ = tx.send(Record { kind: "new", sched_us, sent_us, lat_us: started.elapsed().as_micros() as u64, outcome, body });
         });
         due += period;
     }
@@ -166,18 +169,12 @@ async fn keep_alive(target: SocketAddr, interval: Duration, offset: Duration, un
         next += interval;
         let sched_us = unix_us();
         let t = Instant::now();
-        // Like the connection pools of real clients (Go's net/http, hyper, urllib3), do not
-        // reuse a connection the server has already closed while it sat idle: that close
-        // was seen by the reactor, so a non-blocking read says EOF (or reset).
-        if let Some(s) = conn.as_ref() {
-            let mut probe = [0u8; 1];
-            match s.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                _ => {
-                    conn = None;
-                    IDLE_CLOSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+        // Like the connection pools of real clients (urllib3's is_connection_dropped, Go's
+        // net/http background reader), do not reuse a connection the server has already
+        // closed while it sat idle.
+        if conn.as_ref().is_some_and(|s| !idle_connection_alive(s)) {
+            conn = None;
+            IDLE_CLOSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let reused = conn.is_some();
         let attempt = async {
@@ -212,8 +209,21 @@ async fn keep_alive(target: SocketAddr, interval: Duration, offset: Duration, un
         if drop_conn {
             conn = None;
         }
-        let _ = tx.send(Record { kind: "ka", sched_us, lat_us: t.elapsed().as_micros() as u64, outcome, body });
+        let _ = tx.send(Record { kind: "ka", sched_us, sent_us: sched_us, lat_us: t.elapsed().as_micros() as u64, outcome, body });
     }
+}
+
+/// Asks the kernel, not tokio's cached readiness (stale when the machine is saturated and
+/// the reactor has not polled yet), whether an idle connection is still open: a peek that
+/// would block means open; EOF, data the server should not have sent, or an error mean
+/// the connection is gone.
+fn idle_connection_alive(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: recv writes at most 1 byte into the local buffer; the fd is owned by `s`,
+    // which outlives the call; MSG_DONTWAIT makes it non-blocking.
+    let n = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n < 0 && matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN))
 }
 
 fn cpu_seconds() -> f64 {
@@ -255,7 +265,7 @@ async fn run(args: &[String]) -> Result<(), String> {
     while let Some(r) = rx.recv().await {
         n += 1;
         failed += u64::from(r.outcome != "ok");
-        writeln!(file, "{},{},{},{},{}", r.kind, r.sched_us, r.lat_us, r.outcome, r.body.replace([',', '\n', '\r'], " ")).map_err(|e| format!("{out}: {e}"))?;
+        writeln!(file, "{},{},{},{},{},{}", r.kind, r.sched_us, r.sent_us, r.lat_us, r.outcome, r.body.replace([',', '\n', '\r'], " ")).map_err(|e| format!("{out}: {e}"))?;
     }
     file.flush().map_err(|e| format!("{out}: {e}"))?;
     let mut lags = sender.await.map_err(|e| e.to_string())?;
