@@ -337,21 +337,22 @@ def table(params, sw, dp, sc, ho, gl):
     L.append("")
     L.append(f"### 1. Release switch under load ({params.get('rate')} new connections/s + {params.get('keepalive')} keep-alive connections, 10 req/s each; wrk -c2 Connection: close alongside)")
     L.append("")
-    L.append("| way | new-conn requests | failed (kind) | failing for (ms) | keep-alive requests | failed (kind) | wrk failed (of requests) | p50 / p99 / max in switch window (ms) | v2 ready -> all new on v2 (ms) | client CPU % / send lag p99 (ms) | machine busy % |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| way | new-conn requests | failed (kind) | failing for (ms) | keep-alive requests | failed (kind) | wrk failed (of requests) | p50 / p99 / max in switch window (ms) | v2 ready -> all new on v2 (ms) | health OK -> switch done (ms) | client CPU % / send lag p99 (ms) | machine busy % |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for way in WAYS:
         s = sw.get(way)
         if not s:
-            L.append(f"| {WAY_LABEL[way]} | skipped | | | | | | | | | |")
+            L.append(f"| {WAY_LABEL[way]} | skipped | | | | | | | | | | |")
             continue
         fk = lambda d: (f"{sum(d.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(d.items())) + ")") if d else "0"
         w = s["wrk"]
         wf = "n/a" if not w else (f"{w['failed']} of {w['requests']}" + (" (" + ", ".join(f"{k} {w[k]}" for k in ("connect", "read", "write", "timeout", "non_2xx") if w[k]) + ")" if w["failed"] else ""))
         conv = s["v2_ready_to_all_new_on_v2_ms"]
         lg = s["loadgen"] or {}
+        hs = "n/a" if s.get("t_health_ok_ms") is None or s.get("t_switched_ms") is None else f"{s['t_switched_ms'] - s['t_health_ok_ms']:.1f}"
         L.append(f"| {WAY_LABEL[way]} | {s['new_requests']} | {fk(s['new_failed'])} | {s['outage_ms']:.0f} | {s['ka_requests']} | {fk(s['ka_failed'])} | {wf} | "
                  f"{fmt_ms(s['window_p50_us'], 2)} / {fmt_ms(s['window_p99_us'], 2)} / {fmt_ms(s['window_max_us'], 1)} | "
-                 f"{('n/a (no overlap)' if way == 'naive' else 'n/a') if conv is None else f'{conv:.0f}'} | {lg.get('client_cpu_pct', 'n/a')} / {fmt_ms(lg.get('send_lag_p99_us'), 2)} | {s['machine_busy_pct']} |")
+                 f"{('n/a (no overlap)' if way == 'naive' else 'n/a') if conv is None else (f'{conv:.0f}' if conv >= 0 else f'0 (observer {-conv:.0f} ms late)')} | {hs} | {lg.get('client_cpu_pct', 'n/a')} / {fmt_ms(lg.get('send_lag_p99_us'), 2)} | {s['machine_busy_pct']} |")
     c = (sw.get("cutover") or {}).get("deploy")
     if c:
         L.append("")

@@ -22,6 +22,8 @@
 //! At the end it prints one JSON line: totals, its own CPU use and how far the sender
 //! lagged behind the schedule (the precondition "the client is not saturated").
 //! `probe` prints the unix time (us) of the first answer with body `--expect`.
+//! `unix-command --socket PATH --command LINE` sends one line to a unix socket (HAProxy's
+//! runtime API) and prints the answer.
 //!
 //! Runs on one thread (current-thread runtime) to leave the other core to the servers.
 
@@ -301,6 +303,20 @@ async fn probe(args: &[String]) -> Result<(), String> {
     Err(format!("{target} did not answer `{expect}` in time"))
 }
 
+/// One line to a unix stream socket (HAProxy's runtime API), the answer to stdout: a
+/// Python or socat start-up would add tens of milliseconds to HAProxy's switch.
+fn unix_command(args: &[String]) -> Result<(), String> {
+    use std::io::Read as _;
+    let path: String = arg(args, "--socket", None)?;
+    let line: String = arg(args, "--command", None)?;
+    let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| format!("{path}: {e}"))?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("{path}: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("{path}: {e}"))?;
+    print!("{out}");
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -313,7 +329,8 @@ fn main() {
     let r = match args.get(1).map(String::as_str) {
         Some("run") => rt.block_on(run(&args[2..])),
         Some("probe") => rt.block_on(probe(&args[2..])),
-        _ => Err("usage: bench_load run --target IP:PORT --out FILE [--rate R] [--keepalive K] [--ka-interval-ms MS] [--duration-s S] [--timeout-ms MS] | probe --target IP:PORT --expect BODY".into()),
+        Some("unix-command") => unix_command(&args[2..]),
+        _ => Err("usage: bench_load run --target IP:PORT --out FILE [--rate R] [--keepalive K] [--ka-interval-ms MS] [--duration-s S] [--timeout-ms MS] | probe --target IP:PORT --expect BODY | unix-command --socket PATH --command LINE".into()),
     };
     if let Err(e) = r {
         eprintln!("bench_load: {e}");
