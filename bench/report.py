@@ -337,7 +337,7 @@ def table(params, sw, dp, sc, ho, gl):
     L.append("")
     L.append(f"### 1. Release switch under load ({params.get('rate')} new connections/s + {params.get('keepalive')} keep-alive connections, 10 req/s each; wrk -c2 Connection: close alongside)")
     L.append("")
-    L.append("| way | new-conn requests | failed (kind) | failing for (ms) | keep-alive requests | failed (kind) | wrk failed (of requests) | p50 / p99 / max in switch window (ms) | v2 ready -> all new on v2 (ms) | health OK -> switch done (ms) | client CPU % / send lag p99 (ms) | machine busy % |")
+    L.append("| way | new-conn requests | failed (kind) | failing for (ms) | keep-alive requests | failed (kind) | wrk failed (of requests) | p50 / p99 / max in switch window (ms) | v2 ready -> all new on v2 (ms) | switch action (ms) | client CPU % / send lag p99 (ms) | machine busy % |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for way in WAYS:
         s = sw.get(way)
@@ -349,7 +349,16 @@ def table(params, sw, dp, sc, ho, gl):
         wf = "n/a" if not w else (f"{w['failed']} of {w['requests']}" + (" (" + ", ".join(f"{k} {w[k]}" for k in ("connect", "read", "write", "timeout", "non_2xx") if w[k]) + ")" if w["failed"] else ""))
         conv = s["v2_ready_to_all_new_on_v2_ms"]
         lg = s["loadgen"] or {}
-        hs = "n/a" if s.get("t_health_ok_ms") is None or s.get("t_switched_ms") is None else f"{s['t_switched_ms'] - s['t_health_ok_ms']:.1f}"
+        # The switch action itself: nginx's config write + `nginx -s reload` (it returns once
+        # signalled; workers start after), HAProxy's runtime-API command, cutover's
+        # switch_us as the daemon reports it (the netlink call, socket close included).
+        if way == "cutover":
+            su = (s.get("deploy") or {}).get("switch_us")
+            hs = "n/a" if su is None else f"{su / 1000:.1f}"
+        elif s.get("t_health_ok_ms") is not None and s.get("t_switched_ms") is not None:
+            hs = f"{s['t_switched_ms'] - s['t_health_ok_ms']:.1f}"
+        else:
+            hs = "n/a (no switch step)"
         L.append(f"| {WAY_LABEL[way]} | {s['new_requests']} | {fk(s['new_failed'])} | {s['outage_ms']:.0f} | {s['ka_requests']} | {fk(s['ka_failed'])} | {wf} | "
                  f"{fmt_ms(s['window_p50_us'], 2)} / {fmt_ms(s['window_p99_us'], 2)} / {fmt_ms(s['window_max_us'], 1)} | "
                  f"{('n/a (no overlap)' if way == 'naive' else 'n/a') if conv is None else (f'{conv:.0f}' if conv >= 0 else f'0 (observer {-conv:.0f} ms late)')} | {hs} | {lg.get('client_cpu_pct', 'n/a')} / {fmt_ms(lg.get('send_lag_p99_us'), 2)} | {s['machine_busy_pct']} |")
@@ -450,64 +459,71 @@ def table(params, sw, dp, sc, ho, gl):
 
 def svg(sw, dp, sc):
     """Three panels: failed requests per way, data-path ratio, switch time vs services."""
-    W, H = 980, 330
+    import math
+    W, H = 1120, 340
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>']
     colors = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1"]
 
-    def panel(x0, title):
-        out.append(f'<text x="{x0 + 150}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{title}</text>')
+    def title(cx, text):
+        out.append(f'<text x="{cx}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{text}</text>')
 
-    # Panel 1: failed requests per way (new + keep-alive + wrk), log-ish via sqrt scale.
-    panel(0, "Failed requests during a release switch")
-    vals = []
-    for way in WAYS:
-        s = sw.get(way)
-        if s:
-            vals.append((way, sum(s["new_failed"].values()) + sum(s["ka_failed"].values()) + ((s["wrk"] or {}).get("failed") or 0)))
+    # Panel 1: failed requests of the project's load client (new connections + keep-alive).
+    title(170, "Failed requests during a release switch")
+    vals = [(way, sum(s["new_failed"].values()) + sum(s["ka_failed"].values())) for way, s in ((w, sw.get(w)) for w in WAYS) if s]
     top = max([v for _, v in vals] + [1])
-    bx, by, bh = 50, 40, 220
-    out.append(f'<line x1="{bx}" y1="{by + bh}" x2="{bx + 250}" y2="{by + bh}" stroke="black"/>')
+    bx, by, bh = 40, 40, 220
+    out.append(f'<line x1="{bx}" y1="{by + bh}" x2="{bx + 270}" y2="{by + bh}" stroke="black"/>')
     for i, (way, v) in enumerate(vals):
         h = bh * (v / top) ** 0.5
-        x = bx + 10 + i * 60
-        out.append(f'<rect x="{x}" y="{by + bh - h:.1f}" width="40" height="{h:.1f}" fill="{colors[i]}"/>')
-        out.append(f'<text x="{x + 20}" y="{by + bh - h - 4:.1f}" text-anchor="middle">{v}</text>')
-        out.append(f'<text x="{x + 20}" y="{by + bh + 14}" text-anchor="middle">{way}</text>')
-    out.append(f'<text x="{bx}" y="{by + bh + 32}" font-size="10">bar height: square root of the count</text>')
+        x = bx + 15 + i * 65
+        out.append(f'<rect x="{x}" y="{by + bh - h:.1f}" width="44" height="{h:.1f}" fill="{colors[i]}"/>')
+        out.append(f'<text x="{x + 22}" y="{by + bh - h - 4:.1f}" text-anchor="middle">{v}</text>')
+        out.append(f'<text x="{x + 22}" y="{by + bh + 14}" text-anchor="middle">{way}</text>')
+    out.append(f'<text x="{bx}" y="{by + bh + 34}" font-size="10">bench_load: new-connection + keep-alive requests;</text>')
+    out.append(f'<text x="{bx}" y="{by + bh + 47}" font-size="10">bar height: square root of the count</text>')
 
-    # Panel 2: data path ratio to direct, keep-alive and new-conn, other namespace and host.
-    x0 = 330
-    panel(x0, "Throughput relative to direct (%)")
-    paths = [p for p in ["cutover", "docker-dnat", "docker-proxy", "nginx", "haproxy"] if any(k.startswith(p + "|") for k in dp)]
+    # Panel 2: throughput ratio to direct. Docker's published port is reached by DNAT from
+    # the namespace and through docker-proxy from the host: one group.
+    x0 = 360
+    title(x0 + 190, "Throughput relative to direct (%)")
+    groups = [("cutover", {"ns": "cutover", "host": "cutover"}), ("Docker -p", {"ns": "docker-dnat", "host": "docker-proxy"}),
+              ("nginx", {"ns": "nginx", "host": "nginx"}), ("HAProxy", {"ns": "haproxy", "host": "haproxy"})]
     series = [("ns", "keepalive"), ("ns", "close"), ("host", "keepalive"), ("host", "close")]
-    bx, by, bh = x0 + 40, 40, 220
-    out.append(f'<line x1="{bx}" y1="{by + bh}" x2="{bx + 270}" y2="{by + bh}" stroke="black"/>')
-    y100 = by + bh - bh * 100 / 120
-    out.append(f'<line x1="{bx}" y1="{y100:.1f}" x2="{bx + 270}" y2="{y100:.1f}" stroke="#999" stroke-dasharray="4,3"/>')
-    out.append(f'<text x="{bx - 4}" y="{y100 + 4:.1f}" text-anchor="end">100</text>')
-    gw = 270 / max(len(paths), 1)
-    for i, p in enumerate(paths):
+    bx, by, bh, bw = x0 + 40, 40, 220, 330
+    scale_top = 160
+    out.append(f'<line x1="{bx}" y1="{by + bh}" x2="{bx + bw}" y2="{by + bh}" stroke="black"/>')
+    for tick in (0, 50, 100, 150):
+        y = by + bh - bh * tick / scale_top
+        dash = ' stroke-dasharray="4,3"' if tick == 100 else ""
+        out.append(f'<line x1="{bx}" y1="{y:.1f}" x2="{bx + bw}" y2="{y:.1f}" stroke="#bbb"{dash}/>')
+        out.append(f'<text x="{bx - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="9">{tick}</text>')
+    gw = bw / len(groups)
+    for i, (name, by_origin) in enumerate(groups):
         for j, (o, m) in enumerate(series):
-            v = dp.get(f"{p}|{o}|{m}")
+            v = dp.get(f"{by_origin[o]}|{o}|{m}")
             if not v or v["ratio"] is None:
                 continue
-            r = min(v["ratio"] * 100, 120)
-            h = bh * r / 120
-            x = bx + i * gw + 4 + j * (gw - 8) / 4
-            out.append(f'<rect x="{x:.1f}" y="{by + bh - h:.1f}" width="{(gw - 8) / 4 - 1:.1f}" height="{h:.1f}" fill="{colors[j]}"><title>{p} {o} {m}: {r:.1f}%</title></rect>')
-        out.append(f'<text x="{bx + i * gw + gw / 2:.1f}" y="{by + bh + 14}" text-anchor="middle">{p}</text>')
-    for j, (o, m) in enumerate(series):
-        out.append(f'<rect x="{bx + j * 68}" y="{by + bh + 24}" width="8" height="8" fill="{colors[j]}"/>')
-        out.append(f'<text x="{bx + j * 68 + 11}" y="{by + bh + 32}" font-size="9">{"netns" if o == "ns" else "host"} {"keep-alive" if m == "keepalive" else "new conn"}</text>')
+            r = min(v["ratio"] * 100, scale_top)
+            h = bh * r / scale_top
+            x = bx + i * gw + 6 + j * (gw - 12) / 4
+            out.append(f'<rect x="{x:.1f}" y="{by + bh - h:.1f}" width="{(gw - 12) / 4 - 2:.1f}" height="{h:.1f}" fill="{colors[j]}"><title>{by_origin[o]} {o} {m}: {r:.1f}%</title></rect>')
+        out.append(f'<text x="{bx + i * gw + gw / 2:.1f}" y="{by + bh + 14}" text-anchor="middle">{name}</text>')
+    labels = ["netns, keep-alive", "netns, new conn", "host, keep-alive", "host, new conn"]
+    for j, lab in enumerate(labels):
+        lx, ly = bx + (j % 2) * 150, by + bh + 26 + (j // 2) * 14
+        out.append(f'<rect x="{lx}" y="{ly}" width="8" height="8" fill="{colors[j]}"/><text x="{lx + 11}" y="{ly + 8}" font-size="9">{lab}</text>')
 
-    # Panel 3: switch transaction time vs services, log-log.
-    import math
-    x0 = 660
-    panel(x0, "Switch transaction time vs services")
-    bx, by, bw, bh = x0 + 50, 40, 250, 220
-    lines = [("cutover", sc["cutover"], colors[0]), ("iptables -R", sc["iptables_replace1"], colors[1]), ("iptables rewrite", sc["iptables_full"], colors[3])]
-    allv = [v["median_us"] for _, d, _ in lines for v in d.values() if v.get("median_us")]
+    # Panel 3: switch time vs services, log-log.
+    x0 = 770
+    title(x0 + 175, "Switch time vs services")
+    bx, by, bw, bh = x0 + 55, 40, 270, 220
+    so = sc["socket"]
+    lines = [("cutover API call", {n: v["median_us"] for n, v in sc["cutover"].items() if v.get("median_us")}, colors[0]),
+             ("cutover commit (ACK)", {n: v["commit_us"] for n, v in so.items()}, colors[2]),
+             ("iptables-restore -R", {n: v["median_us"] for n, v in sc["iptables_replace1"].items()}, colors[1]),
+             ("iptables-restore rewrite", {n: v["median_us"] for n, v in sc["iptables_full"].items()}, colors[3])]
+    allv = [v for _, d, _ in lines for v in d.values() if v]
     if allv:
         lo, hi = math.floor(math.log10(min(allv))), math.ceil(math.log10(max(allv)))
         hi = max(hi, lo + 1)
@@ -516,17 +532,19 @@ def svg(sw, dp, sc):
         out.append(f'<line x1="{bx}" y1="{by + bh}" x2="{bx + bw}" y2="{by + bh}" stroke="black"/><line x1="{bx}" y1="{by}" x2="{bx}" y2="{by + bh}" stroke="black"/>')
         for e in range(lo, hi + 1):
             label = f"{10 ** e / 1000:g} ms" if e >= 3 else f"{10 ** e} us"
+            out.append(f'<line x1="{bx}" y1="{sy(10 ** e):.1f}" x2="{bx + bw}" y2="{sy(10 ** e):.1f}" stroke="#eee"/>')
             out.append(f'<text x="{bx - 4}" y="{sy(10 ** e) + 4:.1f}" text-anchor="end" font-size="9">{label}</text>')
         for n in (1, 10, 100, 1000, 10000):
             out.append(f'<text x="{sx(n):.1f}" y="{by + bh + 14}" text-anchor="middle" font-size="9">{n}</text>')
         for k, (name, d, col) in enumerate(lines):
-            pts = [(sx(n), sy(v["median_us"])) for n, v in sorted(d.items()) if v.get("median_us")]
+            pts = [(sx(n), sy(v)) for n, v in sorted(d.items()) if v]
             if pts:
                 out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}"/>')
                 for x, y in pts:
                     out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{col}"/>')
-            out.append(f'<rect x="{bx + k * 85}" y="{by + bh + 24}" width="8" height="8" fill="{col}"/><text x="{bx + k * 85 + 11}" y="{by + bh + 32}" font-size="9">{name}</text>')
-        out.append(f'<text x="{bx + bw / 2}" y="{by + bh + 46}" text-anchor="middle" font-size="9">services (log), median time (log)</text>')
+            lx, ly = bx + (k % 2) * 140, by + bh + 26 + (k // 2) * 14
+            out.append(f'<rect x="{lx}" y="{ly}" width="8" height="8" fill="{col}"/><text x="{lx + 11}" y="{ly + 8}" font-size="9">{name}</text>')
+        out.append(f'<text x="{bx + bw / 2}" y="{by + bh + 62}" text-anchor="middle" font-size="9">services registered (log); median time (log)</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
