@@ -59,7 +59,7 @@ fn switch_tx(table: &std::ffi::CStr, map: &std::ffi::CStr, key: ElementKey, last
     del.delete(&key);
     tx.add(&del, MsgType::Del, "delete element");
     let mut add = ElementsMsg::new(table, map);
-    add.add(&Element { key, addr: Ipv4Addr::new(10, 232, 255, last), port: 80 });
+    add.add(&Element { key, addr: Ipv4Addr::new(10, 232, 255, last).into(), port: 80 });
     tx.add(&add, MsgType::Add, "add element");
     tx
 }
@@ -75,21 +75,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let table = format!("cbench_sock_{}", std::process::id());
     let _guard = TableGuard { fw: &fw, table: table.clone() };
     let table_c = std::ffi::CString::new(table.clone())?;
-    let map_c = std::ffi::CString::new(plan::DNAT_MAP)?;
-    let key = ElementKey { protocol: Protocol::Tcp, port: 20000 };
+    let key = ElementKey::v4(Protocol::Tcp, 20000);
+    // The IPv4 map by host port, the one a one-port service's switch changes.
+    let map_c = std::ffi::CString::new(key.map())?;
 
     println!("# size commit_med_us close_med_us fresh_total_med_us persistent_med_us persistent_p99_us ({runs} runs)");
     for size in sizes {
-        let targets: Vec<Target> = (0..size)
-            .map(|i| Target {
-                service: format!("s{i}"),
-                release: 1,
-                protocol: Protocol::Tcp,
-                host_port: 20000 + i,
-                addr: Ipv4Addr::new(10, 232, 255, 2),
-                port: 80,
-            })
-            .collect();
+        let targets: Vec<Target> =
+            (0..size).map(|i| Target::new(&format!("s{i}"), 1, Protocol::Tcp, 20000 + i, Ipv4Addr::new(10, 232, 255, 2), 80)).collect();
         fw.sync(&plan::ruleset(&Desired { table: table.clone(), mark: plan::DEFAULT_MARK, targets, bridges: vec![] }))?;
 
         let (mut commit, mut close, mut total) = (Vec::new(), Vec::new(), Vec::new());
