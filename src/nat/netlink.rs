@@ -200,8 +200,13 @@ pub fn table_exists(socket: &Socket, name: &CStr) -> io::Result<bool> {
     }
 }
 
-/// A netfilter netlink socket (closed on drop). Use one per operation.
+/// A netfilter netlink socket (closed on drop).
 pub struct Socket(mnl::Socket);
+
+// SAFETY: the socket is an fd plus libmnl's small struct around it, with no thread-local
+// state; moving it to another thread is sound. It is not `Sync`: callers that share it
+// (the firewall's kept-open commit socket) do so behind a mutex, one transaction at a time.
+unsafe impl Send for Socket {}
 
 impl Socket {
     pub fn open() -> io::Result<Self> {

@@ -20,6 +20,16 @@ const MAP_ID: u32 = 1;
 #[derive(Debug, Clone)]
 pub struct NftFirewall {
     iptables: PathBuf,
+    /// The socket transactions are sent on, kept open: closing a netfilter socket waits
+    /// for nf_tables' deferred release of what the last commit deleted (an RCU grace
+    /// period, ~15 ms here), which would otherwise sit in every switch.
+    commits: std::sync::Arc<std::sync::Mutex<Option<Socket>>>,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("netfilter netlink socket")
+    }
 }
 
 impl Default for NftFirewall {
@@ -32,7 +42,7 @@ impl NftFirewall {
     /// Holds no kernel resource: every operation opens its own netlink socket, so this
     /// never fails; permission problems show up as [`NatError::Socket`] on first use.
     pub fn new() -> Self {
-        NftFirewall { iptables: PathBuf::from(docker_user::DEFAULT_IPTABLES) }
+        NftFirewall { iptables: PathBuf::from(docker_user::DEFAULT_IPTABLES), commits: Default::default() }
     }
 
     /// Use another iptables binary for the DOCKER-USER rule (e.g. `iptables-legacy` on a
@@ -62,6 +72,23 @@ fn open() -> Result<Socket, NatError> {
 fn commit(tx: Transaction, what: &'static str, table: &str) -> Result<(), NatError> {
     let socket = open()?;
     tx.commit(&socket).map_err(|source| NatError::Batch { what, table: table.to_string(), source })
+}
+
+impl NftFirewall {
+    /// Commit on the kept-open socket. After any error the socket is dropped (it may
+    /// hold unread answers) and the next transaction opens a fresh one.
+    fn commit_kept(&self, tx: Transaction, what: &'static str, table: &str) -> Result<(), NatError> {
+        let mut slot = self.commits.lock().map_err(|_| NatError::Socket(std::io::Error::other("socket lock poisoned")))?;
+        let socket = match slot.take() {
+            Some(s) => s,
+            None => open()?,
+        };
+        let result = tx.commit(&socket).map_err(|source| NatError::Batch { what, table: table.to_string(), source });
+        if result.is_ok() {
+            *slot = Some(socket);
+        }
+        result
+    }
 }
 
 /// The sync transaction for `rs` (built without touching the kernel).
@@ -131,7 +158,7 @@ fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
 impl Firewall for NftFirewall {
     fn sync(&self, ruleset: &Ruleset) -> Result<(), NatError> {
         let tx = sync_transaction(ruleset)?;
-        commit(tx, "sync", &ruleset.table)
+        self.commit_kept(tx, "sync", &ruleset.table)
     }
 
     fn apply_ops(&self, table: &str, map: &str, ops: &[ElementOp]) -> Result<(), NatError> {
@@ -164,7 +191,7 @@ impl Firewall for NftFirewall {
                 }
             }
         }
-        commit(tx, "map update", table)
+        self.commit_kept(tx, "map update", table)
     }
 
     fn delete_table(&self, table: &str) -> Result<(), NatError> {
