@@ -109,7 +109,7 @@ pub type OutcomeView = Outcome;
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 
 /// What a completed operation reports.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Outcome {
     pub service: String,
     pub from: Option<u32>,
@@ -118,6 +118,13 @@ pub struct Outcome {
     pub health_ms: Option<u64>,
     pub switch_us: Option<u64>,
     pub drain_ms: Option<u64>,
+    /// Creating and starting (deploy) or restarting (rollback) the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
+    /// The whole operation, as the daemon saw it. `total - start - health` is cutover's
+    /// own cost of a release (plus the drain, when connections were open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
 }
 
 /// Settings of the daemon that shape every release.
@@ -659,6 +666,7 @@ impl Releaser {
                         health_ms: None,
                         switch_us: Some(u64::try_from(took.as_micros()).unwrap_or(u64::MAX)),
                         drain_ms: None,
+                        ..Default::default()
                     })
                 }
             }
@@ -696,6 +704,7 @@ impl Releaser {
 
     /// Start a new release of `service` running `image` and cut over to it.
     async fn release_new(&self, service: &str, image: String, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let begun = Instant::now();
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
@@ -744,7 +753,10 @@ impl Releaser {
         })
         .await?;
         self.emit(progress, service, number, "start", format!("starting release {number} ({image}) as {container}"));
-        let info = match self.engine.run(spec).await {
+        let start_began = Instant::now();
+        let started = self.engine.run(spec).await;
+        let start_ms = ms(start_began.elapsed());
+        let info = match started {
             Ok(info) => info,
             Err(e) => {
                 self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await?;
@@ -761,7 +773,10 @@ impl Releaser {
         })
         .await?;
         self.checkpoint(service, Phase::Starting).await;
-        self.cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await
+        let mut outcome = self.cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await?;
+        outcome.start_ms = Some(start_ms);
+        outcome.total_ms = Some(ms(begun.elapsed()));
+        Ok(outcome)
     }
 
     /// `rollback NAME [--to N]`.
@@ -798,6 +813,7 @@ impl Releaser {
         })
         .await?;
         self.emit(progress, service, number, "start", format!("starting kept release {number} ({})", target.container));
+        let start_began = Instant::now();
         let started = async {
             self.engine.start(target.container_id.clone()).await?;
             self.engine
@@ -806,6 +822,7 @@ impl Releaser {
                 .ok_or_else(|| ReleaseError::Refused(format!("the container of release {number} is gone")))
         }
         .await;
+        let start_ms = ms(start_began.elapsed());
         let info = match started {
             Ok(i) => i,
             Err(e) => {
@@ -823,7 +840,10 @@ impl Releaser {
         .await?;
         self.checkpoint(service, Phase::Starting).await;
         let manifest = target.manifest.clone();
-        self.cut_over(service, OperationKind::Rollback, from, number, &manifest, info, progress).await
+        let mut outcome = self.cut_over(service, OperationKind::Rollback, from, number, &manifest, info, progress).await?;
+        outcome.start_ms = Some(start_ms);
+        outcome.total_ms = Some(ms(start_began.elapsed()));
+        Ok(outcome)
     }
 
     /// Health gate, switch, drain, stop, prune, record.
@@ -967,6 +987,7 @@ impl Releaser {
             health_ms: Some(health_ms),
             switch_us: Some(switch_us),
             drain_ms,
+            ..Default::default()
         })
     }
 
@@ -1366,6 +1387,7 @@ impl Releaser {
             health_ms: None,
             switch_us: None,
             drain_ms: None,
+            ..Default::default()
         })
     }
 

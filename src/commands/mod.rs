@@ -98,6 +98,10 @@ pub fn print_outcomes(data: &serde_json::Value, json: bool) {
         if let Some(d) = o.drain_ms {
             parts.push(format!("drained in {d} ms"));
         }
+        if let (Some(total), Some(start)) = (o.total_ms, o.start_ms) {
+            let own = total.saturating_sub(start).saturating_sub(o.health_ms.unwrap_or(0)).saturating_sub(o.drain_ms.unwrap_or(0));
+            parts.push(format!("{total} ms in all, {own} ms of it cutover's own"));
+        }
         let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
         println!("{}: {}{} {}{}", o.service, from, if o.to == 0 { "-".to_string() } else { format!("release {}", o.to) }, o.outcome, detail);
     }

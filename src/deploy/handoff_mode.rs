@@ -325,7 +325,7 @@ impl Releaser {
             m.release(service, kind, "switched");
         }); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
-        Ok(Outcome { service: service.to_string(), from, to, outcome: "switched".into(), health_ms: Some(health_ms), switch_us: None, drain_ms })
+        Ok(Outcome { service: service.to_string(), from, to, outcome: "switched".into(), health_ms: Some(health_ms), switch_us: None, drain_ms, ..Default::default() })
     }
 
     /// Mark the old release stopped, prune beyond `keep`, close the operation, record it.
