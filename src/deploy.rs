@@ -949,7 +949,7 @@ impl Releaser {
                     r.status = ReleaseStatus::Stopped;
                     r.stopped_at = Some(now());
                 }
-                let beyond = svc.beyond_keep();
+                let beyond = svc.beyond_keep(from);
                 let mut ids = Vec::new();
                 for n in &beyond {
                     if let Some(r) = svc.release_mut(*n) {

@@ -206,10 +206,12 @@ impl ServiceState {
     }
 
     /// Stopped releases beyond `keep`: the ones to prune. The most recently stopped are
-    /// kept (they are what `rollback` goes to), not the highest numbers.
-    pub fn beyond_keep(&self) -> Vec<u32> {
+    /// kept (they are what `rollback` goes to), not the highest numbers; `just_stopped`
+    /// (the release an operation has just replaced) comes first whatever the clock says,
+    /// as stop times are in whole seconds and two stops can share one.
+    pub fn beyond_keep(&self, just_stopped: Option<u32>) -> Vec<u32> {
         let mut stopped: Vec<&Release> = self.releases.iter().filter(|r| r.status == ReleaseStatus::Stopped).collect();
-        stopped.sort_unstable_by_key(|r| std::cmp::Reverse((r.stopped_at, r.number)));
+        stopped.sort_unstable_by_key(|r| std::cmp::Reverse((Some(r.number) == just_stopped, r.stopped_at, r.number)));
         stopped.into_iter().skip(self.manifest.keep as usize).map(|r| r.number).collect()
     }
 }
@@ -340,6 +342,12 @@ mod tests {
         ];
         s.active = Some(3);
         assert_eq!(s.previous_kept().map(|r| r.number), Some(2));
-        assert_eq!(s.beyond_keep(), vec![1]);
+        assert_eq!(s.beyond_keep(None), vec![1]);
+        // Stopped within the same second: the one just replaced is kept.
+        s.manifest.keep = 1;
+        s.releases[0].stopped_at = Some(7);
+        s.releases[1].stopped_at = Some(7);
+        assert_eq!(s.beyond_keep(Some(1)), vec![2]);
+        assert_eq!(s.beyond_keep(Some(2)), vec![1]);
     }
 }

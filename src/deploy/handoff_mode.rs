@@ -353,7 +353,7 @@ impl Releaser {
                     r.stopped_at = Some(now());
                 }
                 let mut ids = Vec::new();
-                for n in svc.beyond_keep() {
+                for n in svc.beyond_keep(from) {
                     if let Some(r) = svc.release_mut(n) {
                         r.status = ReleaseStatus::Removed;
                         ids.push(r.container_id.clone());
