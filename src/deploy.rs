@@ -731,27 +731,7 @@ impl Releaser {
             mounts: Vec::new(),
         };
         // Record the intent first: a crash from here on is undone at restart.
-        let s = service.to_string();
-        let (m, c, img) = (manifest.clone(), container.clone(), image.clone());
-        self.commit(move |st| {
-            if let Some(svc) = st.services.get_mut(&s) {
-                svc.next_release = number + 1;
-                svc.releases.push(Release {
-                    number,
-                    image: img,
-                    container: c,
-                    container_id: String::new(),
-                    status: ReleaseStatus::Starting,
-                    addr: None,
-                    created_at: now(),
-                    activated_at: None,
-                    stopped_at: None,
-                    manifest: m,
-                });
-                svc.operation = Some(Operation { kind: OperationKind::Deploy, from, to: number, phase: Phase::Starting, started_at: now() });
-            }
-        })
-        .await?;
+        self.record_new_release(service, number, from, &manifest, &container, &image).await?;
         self.emit(progress, service, number, "start", format!("starting release {number} ({image}) as {container}"));
         let start_began = Instant::now();
         let started = self.engine.run(spec).await;
@@ -777,6 +757,40 @@ impl Releaser {
         outcome.start_ms = Some(start_ms);
         outcome.total_ms = Some(ms(begun.elapsed()));
         Ok(outcome)
+    }
+
+    /// Record a new release as starting, and the deploy operation, before its container
+    /// exists: a crash from then on is undone at restart.
+    async fn record_new_release(
+        &self,
+        service: &str,
+        number: u32,
+        from: Option<u32>,
+        manifest: &Manifest,
+        container: &str,
+        image: &str,
+    ) -> Result<(), ReleaseError> {
+        let s = service.to_string();
+        let (m, c, img) = (manifest.clone(), container.to_string(), image.to_string());
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.next_release = number + 1;
+                svc.releases.push(Release {
+                    number,
+                    image: img,
+                    container: c,
+                    container_id: String::new(),
+                    status: ReleaseStatus::Starting,
+                    addr: None,
+                    created_at: now(),
+                    activated_at: None,
+                    stopped_at: None,
+                    manifest: m,
+                });
+                svc.operation = Some(Operation { kind: OperationKind::Deploy, from, to: number, phase: Phase::Starting, started_at: now() });
+            }
+        })
+        .await
     }
 
     /// `rollback NAME [--to N]`.

@@ -190,27 +190,7 @@ impl Releaser {
             .map_err(ReleaseError::Invalid)?;
         let container = spec.name.clone();
         // Record the intent first: a crash from here on is undone at restart.
-        let s = service.to_string();
-        let (m, c, img) = (manifest.clone(), container.clone(), image.clone());
-        self.commit(move |st| {
-            if let Some(svc) = st.services.get_mut(&s) {
-                svc.next_release = number + 1;
-                svc.releases.push(Release {
-                    number,
-                    image: img,
-                    container: c,
-                    container_id: String::new(),
-                    status: ReleaseStatus::Starting,
-                    addr: None,
-                    created_at: now(),
-                    activated_at: None,
-                    stopped_at: None,
-                    manifest: m,
-                });
-                svc.operation = Some(Operation { kind: OperationKind::Deploy, from, to: number, phase: Phase::Starting, started_at: now() });
-            }
-        })
-        .await?;
+        self.record_new_release(service, number, from, &manifest, &container, &image).await?;
         self.emit(progress, service, number, "start", format!("starting release {number} ({image}) as {container} under handoff-exec"));
         let info = match self.engine.run(spec).await {
             Ok(info) => info,

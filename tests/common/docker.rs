@@ -43,20 +43,8 @@ pub fn require_docker() {
     }
 }
 
-/// What a demo image is made of. Mirrors `cutover::docker::image::DemoImage` (same
-/// fields) so the switch to the library is a one-place change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DemoImage {
-    /// Image reference to tag, e.g. `ids.image("v1")`.
-    pub tag: String,
-    /// Release name the server answers with (`GET /` -> `<release>\n`).
-    pub release: String,
-    /// Extra environment baked into the image (the server's switches: slow start,
-    /// failing health...).
-    pub env: BTreeMap<String, String>,
-    /// Whether the image has a Docker HEALTHCHECK (manifest `health: {type: docker}`).
-    pub healthcheck: bool,
-}
+/// What a demo image is made of: the library's own description.
+pub use cutover::docker::image::DemoImage;
 
 /// Builds (or rebuilds) demo image `ids.image(release)` answering `<release>\n`; the
 /// image is removed when `ids` (or the test's `Daemon`) is dropped. Returns its reference.
@@ -95,13 +83,7 @@ pub fn build_demo_image(spec: &DemoImage) -> Result<(), String> {
             .negotiate_version()
             .await
             .map_err(|e| e.to_string())?;
-        let image = cutover::docker::image::DemoImage {
-            tag: spec.tag.clone(),
-            release: spec.release.clone(),
-            env: spec.env.clone(),
-            healthcheck: spec.healthcheck,
-        };
-        cutover::docker::image::build_demo_image(&docker, &image).await.map_err(|e| e.to_string())
+        cutover::docker::image::build_demo_image(&docker, spec).await.map_err(|e| e.to_string())
     })
 }
 
