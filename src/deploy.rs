@@ -485,17 +485,7 @@ impl Releaser {
                         };
                     }
                     svc.operation = None;
-                    svc.record(HistoryEntry {
-                        at: now(),
-                        kind: op2.kind,
-                        from: op2.from,
-                        to: op2.to,
-                        outcome: "undone".into(),
-                        message: "the daemon stopped before the switch; undone at restart".into(),
-                        health_ms: None,
-                        switch_us: None,
-                        drain_ms: None,
-                    });
+                    svc.record(HistoryEntry::untimed(op2.kind, op2.from, op2.to, "undone", "the daemon stopped before the switch; undone at restart"));
                 }
             })
             .await?;
@@ -521,17 +511,7 @@ impl Releaser {
                         r.stopped_at = Some(now());
                     }
                     svc.operation = None;
-                    svc.record(HistoryEntry {
-                        at: now(),
-                        kind: op2.kind,
-                        from: op2.from,
-                        to: op2.to,
-                        outcome: "finished_after_restart".into(),
-                        message: "the daemon stopped after the switch; finished at restart".into(),
-                        health_ms: None,
-                        switch_us: None,
-                        drain_ms: None,
-                    });
+                    svc.record(HistoryEntry::untimed(op2.kind, op2.from, op2.to, "finished_after_restart", "the daemon stopped after the switch; finished at restart"));
                 }
             })
             .await?;
@@ -901,23 +881,7 @@ impl Releaser {
             tracing::warn!(service, error = %e, "host settings");
         }
         let switch_us = u64::try_from(switched.as_micros()).unwrap_or(u64::MAX);
-        let s = service.to_string();
-        self.commit(move |st| {
-            if let Some(svc) = st.services.get_mut(&s) {
-                svc.active = Some(to);
-                if let Some(r) = svc.release_mut(to) {
-                    r.status = ReleaseStatus::Active;
-                    r.activated_at = Some(now());
-                }
-                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
-                    r.status = ReleaseStatus::Draining;
-                }
-                if let Some(op) = svc.operation.as_mut() {
-                    op.phase = Phase::Switched;
-                }
-            }
-        })
-        .await?;
+        self.record_switched(service, from, to).await?;
         drop(switch_guard);
         self.observe(|m| m.switched(service, switched)); // metrics hook
         self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
@@ -949,48 +913,7 @@ impl Releaser {
             self.set_phase(service, Phase::Stopped).await?;
         }
 
-        // Established: from now on the engine restarts it after a crash or a reboot.
-        if let Err(e) = self.engine.keep_running(info.id.clone()).await {
-            tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
-        }
-
-        // Prune and record.
-        let s = service.to_string();
-        let pruned = self
-            .commit(move |st| {
-                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
-                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
-                    r.status = ReleaseStatus::Stopped;
-                    r.stopped_at = Some(now());
-                }
-                let beyond = svc.beyond_keep(from);
-                let mut ids = Vec::new();
-                for n in &beyond {
-                    if let Some(r) = svc.release_mut(*n) {
-                        r.status = ReleaseStatus::Removed;
-                        ids.push(r.container_id.clone());
-                    }
-                }
-                svc.operation = None;
-                svc.record(HistoryEntry {
-                    at: now(),
-                    kind,
-                    from,
-                    to,
-                    outcome: "switched".into(),
-                    message: String::new(),
-                    health_ms: Some(health_ms),
-                    switch_us: Some(switch_us),
-                    drain_ms,
-                });
-                ids
-            })
-            .await?;
-        for id in pruned {
-            if let Err(e) = self.engine.remove(id).await {
-                tracing::warn!(service, error = %e, "pruning an old release failed");
-            }
-        }
+        self.finish_release(service, kind, from, to, &info.id, Some(health_ms), Some(switch_us), drain_ms).await?;
         self.observe(|m| m.release(service, kind, "switched")); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome {
@@ -1003,6 +926,86 @@ impl Releaser {
             drain_ms,
             ..Default::default()
         })
+    }
+
+    /// The switch is in effect (both modes): `to` serves, `from` drains. Recorded before
+    /// anything relies on it, so a restart from here on finishes the release instead of
+    /// undoing it.
+    async fn record_switched(&self, service: &str, from: Option<u32>, to: u32) -> Result<(), ReleaseError> {
+        let s = service.to_string();
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.active = Some(to);
+                if let Some(r) = svc.release_mut(to) {
+                    r.status = ReleaseStatus::Active;
+                    r.activated_at = Some(now());
+                }
+                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
+                    r.status = ReleaseStatus::Draining;
+                }
+                if let Some(op) = svc.operation.as_mut() {
+                    op.phase = Phase::Switched;
+                }
+            }
+        })
+        .await
+    }
+
+    /// The old release has stopped (both modes): let the engine restart the new one from
+    /// now on, keep the old one for rollback, prune beyond `keep`, close the operation
+    /// and record it in the history.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_release(
+        &self,
+        service: &str,
+        kind: OperationKind,
+        from: Option<u32>,
+        to: u32,
+        container_id: &str,
+        health_ms: Option<u64>,
+        switch_us: Option<u64>,
+        drain_ms: Option<u64>,
+    ) -> Result<(), ReleaseError> {
+        // Established: from now on the engine restarts it after a crash or a reboot.
+        if let Err(e) = self.engine.keep_running(container_id.to_string()).await {
+            tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
+        }
+        let s = service.to_string();
+        let pruned = self
+            .commit(move |st| {
+                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
+                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
+                    r.status = ReleaseStatus::Stopped;
+                    r.stopped_at = Some(now());
+                }
+                let mut ids = Vec::new();
+                for n in svc.beyond_keep(from) {
+                    if let Some(r) = svc.release_mut(n) {
+                        r.status = ReleaseStatus::Removed;
+                        ids.push(r.container_id.clone());
+                    }
+                }
+                svc.operation = None;
+                svc.record(HistoryEntry {
+                    at: now(),
+                    kind,
+                    from,
+                    to,
+                    outcome: "switched".into(),
+                    message: String::new(),
+                    health_ms,
+                    switch_us,
+                    drain_ms,
+                });
+                ids
+            })
+            .await?;
+        for id in pruned {
+            if let Err(e) = self.engine.remove(id).await {
+                tracing::warn!(service, error = %e, "pruning an old release failed");
+            }
+        }
+        Ok(())
     }
 
     async fn wait_healthy(
@@ -1241,17 +1244,7 @@ impl Releaser {
                     svc.manifest.image = svc.release(from).map(|r| r.image.clone()).unwrap_or_default();
                 }
                 svc.operation = None;
-                svc.record(HistoryEntry {
-                    at: now(),
-                    kind,
-                    from: Some(from),
-                    to,
-                    outcome: "reverted".into(),
-                    message: format!("failed after the switch: {reason_s}; switched back automatically"),
-                    health_ms: None,
-                    switch_us: None,
-                    drain_ms: None,
-                });
+                svc.record(HistoryEntry::untimed(kind, Some(from), to, "reverted", format!("failed after the switch: {reason_s}; switched back automatically")));
             }
         })
         .await?;
@@ -1305,7 +1298,7 @@ impl Releaser {
         self.observe(|m| m.release(service, kind, outcome)); // metrics hook: refused / failed
         let svc = self.snapshot().await.services.get(service).cloned();
         if let Some(rel) = svc.as_ref().and_then(|s| s.release(to)) {
-            let id = if rel.container_id.is_empty() { rel.container.clone() } else { rel.container_id.clone() };
+            let id = ServiceState::container_ref(rel);
             let undone = match kind {
                 OperationKind::Deploy => self.engine.remove(id).await,
                 OperationKind::Rollback => self.engine.stop(id, rel.manifest.stop_timeout).await,
@@ -1325,17 +1318,7 @@ impl Releaser {
                     };
                 }
                 svc.operation = None;
-                svc.record(HistoryEntry {
-                    at: now(),
-                    kind,
-                    from,
-                    to,
-                    outcome,
-                    message: reason,
-                    health_ms: None,
-                    switch_us: None,
-                    drain_ms: None,
-                });
+                svc.record(HistoryEntry::untimed(kind, from, to, &outcome, reason));
             }
         })
         .await

@@ -146,6 +146,23 @@ pub struct ServiceState {
     pub history: Vec<HistoryEntry>,
 }
 
+impl HistoryEntry {
+    /// An entry without timings (refusals, undone and finished operations), dated now.
+    pub fn untimed(kind: OperationKind, from: Option<u32>, to: u32, outcome: &str, message: impl Into<String>) -> Self {
+        HistoryEntry {
+            at: now(),
+            kind,
+            from,
+            to,
+            outcome: outcome.to_string(),
+            message: message.into(),
+            health_ms: None,
+            switch_us: None,
+            drain_ms: None,
+        }
+    }
+}
+
 /// The most history entries kept per service.
 pub const HISTORY_LIMIT: usize = 200;
 

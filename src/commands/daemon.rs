@@ -14,6 +14,7 @@ use crate::cli::DaemonArgs;
 use crate::commands::{Exit, Failure};
 use crate::daemon::{checks::RealChecks, Access};
 use crate::deploy::{Releaser, Settings};
+use crate::handoff::notify::notify_service_manager;
 use crate::docker::DockerEngine;
 use crate::state::StateStore;
 
@@ -51,7 +52,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         None => None,
     };
     let releaser = Arc::new(releaser);
-    notify("STATUS=restoring rules from state");
+    notify_service_manager("STATUS=restoring rules from state");
     let notes = releaser.reconcile().await.context("restoring the rules from state")?;
     for n in notes {
         tracing::warn!("{n}");
@@ -71,7 +72,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set the mode of {} to {mode:o}", socket.display()))?;
     let services = releaser.snapshot().await.services.len();
     tracing::info!(socket = %socket.display(), table = %args.table, services, "cutover daemon ready");
-    notify(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
+    notify_service_manager(&format!("READY=1\nSTATUS=serving {services} services\nMAINPID={}", std::process::id()));
 
     // Dropping `stop_metrics` stops the metrics server.
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -99,7 +100,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     };
     crate::daemon::serve(listener, releaser, Access { allow_gid: args.allow_group }, shutdown).await;
     drop(stop_metrics);
-    notify("STOPPING=1");
+    notify_service_manager("STOPPING=1");
     tracing::info!("cutover daemon stopping; the rules stay in place");
     let _ = std::fs::remove_file(&socket);
     Ok(())
@@ -134,20 +135,4 @@ async fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
         std::fs::remove_file(socket).with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
     }
     Ok(())
-}
-
-/// sd_notify: tell systemd (Type=notify) what the daemon is doing; a no-op elsewhere.
-fn notify(message: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(message.as_bytes(), &addr));
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
 }

@@ -249,23 +249,7 @@ impl Releaser {
 
         // Both releases accept on the same sockets now; from here a restart finishes the
         // release (stops the old one) instead of undoing it.
-        let s = service.to_string();
-        self.commit(move |st| {
-            if let Some(svc) = st.services.get_mut(&s) {
-                svc.active = Some(to);
-                if let Some(r) = svc.release_mut(to) {
-                    r.status = ReleaseStatus::Active;
-                    r.activated_at = Some(now());
-                }
-                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
-                    r.status = ReleaseStatus::Draining;
-                }
-                if let Some(op) = svc.operation.as_mut() {
-                    op.phase = Phase::Switched;
-                }
-            }
-        })
-        .await?;
+        self.record_switched(service, from, to).await?;
         self.emit(progress, service, to, "switched", format!("release {to} accepts on the service's listeners"));
 
         let mut drain_ms = None;
@@ -296,7 +280,7 @@ impl Releaser {
             }
             self.set_phase(service, Phase::Stopped).await?;
         }
-        self.handoff_record(service, kind, from, to, health_ms, drain_ms).await?;
+        self.finish_release(service, kind, from, to, &info.id, Some(health_ms), None, drain_ms).await?;
         self.observe(|m| {
             m.health_wait(service, Duration::from_millis(health_ms));
             if let Some(d) = drain_ms {
@@ -306,60 +290,6 @@ impl Releaser {
         }); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome { service: service.to_string(), from, to, outcome: "switched".into(), health_ms: Some(health_ms), switch_us: None, drain_ms, ..Default::default() })
-    }
-
-    /// Mark the old release stopped, prune beyond `keep`, close the operation, record it.
-    async fn handoff_record(
-        &self,
-        service: &str,
-        kind: OperationKind,
-        from: Option<u32>,
-        to: u32,
-        health_ms: u64,
-        drain_ms: Option<u64>,
-    ) -> Result<(), ReleaseError> {
-        // Established: from now on the engine restarts it after a crash or a reboot.
-        if let Some(id) = self.snapshot().await.services.get(service).and_then(|s| s.release(to)).map(|r| r.container_id.clone()) {
-            if let Err(e) = self.engine.keep_running(id).await {
-                tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
-            }
-        }
-        let s = service.to_string();
-        let pruned = self
-            .commit(move |st| {
-                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
-                if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
-                    r.status = ReleaseStatus::Stopped;
-                    r.stopped_at = Some(now());
-                }
-                let mut ids = Vec::new();
-                for n in svc.beyond_keep(from) {
-                    if let Some(r) = svc.release_mut(n) {
-                        r.status = ReleaseStatus::Removed;
-                        ids.push(r.container_id.clone());
-                    }
-                }
-                svc.operation = None;
-                svc.record(HistoryEntry {
-                    at: now(),
-                    kind,
-                    from,
-                    to,
-                    outcome: "switched".into(),
-                    message: String::new(),
-                    health_ms: Some(health_ms),
-                    switch_us: None,
-                    drain_ms,
-                });
-                ids
-            })
-            .await?;
-        for id in pruned {
-            if let Err(e) = self.engine.remove(id).await {
-                tracing::warn!(service, error = %e, "pruning an old release failed");
-            }
-        }
-        Ok(())
     }
 
     /// Until the release's process tree took the listeners and is ready (see the module

@@ -135,6 +135,14 @@ pub fn sd_notify(state: &str) -> Result<bool, HandoffError> {
     Ok(true)
 }
 
+/// [`sd_notify`] for callers that must not fail on it (the daemon, the supervisor): a
+/// no-op when not started by a service manager; a failure is logged.
+pub fn notify_service_manager(state: &str) {
+    if let Err(e) = sd_notify(state) {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::listeners::{ListenSpec, Listener};
-use super::notify::{sd_notify, NotifyServer};
+use super::notify::{notify_service_manager, NotifyServer};
 use super::procs::{self, Exit, Reaper, Spawn, SpawnError};
 use super::HandoffError;
 
@@ -191,7 +191,7 @@ impl Supervisor {
             Err(reason) => return Err(SupervisorError::FirstGeneration(reason)),
         };
         tracing::info!(phase = "serving", generation = current.number, pid = current.pid, "first generation is ready");
-        systemd_notify(&format!(
+        notify_service_manager(&format!(
             "READY=1\nMAINPID={}\nSTATUS=generation {} (pid {}) serving",
             std::process::id(),
             current.number,
@@ -217,7 +217,7 @@ impl Supervisor {
                 let _ = reply.send(outcome);
             }
         };
-        systemd_notify("STOPPING=1\nSTATUS=stopping");
+        notify_service_manager("STOPPING=1\nSTATUS=stopping");
         if result.is_ok() {
             let drain_timeout = self.config.drain_timeout;
             drains.spawn(drain(current, self.config.stop_signal, drain_timeout));
@@ -237,7 +237,7 @@ impl Supervisor {
                     previous = old.number,
                     "new generation is ready; stopping the previous one"
                 );
-                systemd_notify(&format!("STATUS=generation {} (pid {}) serving", current.number, current.pid));
+                notify_service_manager(&format!("STATUS=generation {} (pid {}) serving", current.number, current.pid));
                 let outcome = ReloadOutcome::Switched {
                     generation: current.number,
                     pid: current.pid,
@@ -447,13 +447,6 @@ fn become_subreaper() {
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc != 0 {
         tracing::warn!("cannot become a child subreaper: {}", std::io::Error::last_os_error());
-    }
-}
-
-/// Reports to systemd when started by it (Type=notify); a no-op otherwise.
-fn systemd_notify(state: &str) {
-    if let Err(e) = sd_notify(state) {
-        tracing::warn!("cannot notify the service manager: {e}");
     }
 }
 
