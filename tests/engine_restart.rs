@@ -47,17 +47,12 @@ fn exclusive_engine_restart_during_a_drain_completes_or_undoes_the_release() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let manifest = daemon.dir().join("svc.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "name: {}\nimage: {v1}\nports: [{{host: {port}, container: 80}}]\nnetwork: {}\n\
-             health: {{type: http, path: /healthz, interval: 200ms, deadline: 30s}}\n\
-             drain_timeout: 40s\nwatch: 0s\nstop_timeout: 2s\n",
-            ids.service, net.name
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let manifest = ServiceYaml::http(&ids.service, &v1, port, &net.name)
+        .set("health", "{type: http, path: /healthz, interval: 200ms, deadline: 30s}")
+        .set("drain_timeout", "40s")
+        .set("watch", "0s")
+        .set("keep", "3")
+        .write(daemon.dir());
     daemon.cli_ok(&["apply", manifest.to_str().unwrap_or_default()]);
     let url = format!("http://{}:{port}/", client.host_addr());
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
@@ -94,15 +89,7 @@ fn exclusive_engine_restart_during_a_drain_completes_or_undoes_the_release() {
         assert_eq!(get_ok(client.at(), &url).trim(), expect.1);
     }
     wait_for("exactly one release to run", Duration::from_secs(30), || {
-        let out = run(Command::new(DOCKER).args([
-            "ps",
-            "-q",
-            "--filter",
-            &format!("label=cutover.instance={}", ids.tag),
-            "--filter",
-            "status=running",
-        ]));
-        let n = out.split_whitespace().count();
+        let n = running_containers_of(&ids).len();
         if n == 1 { Ok(()) } else { Err(format!("{n} running")) }
     });
     assert_eq!(docker_user_rules(&ids.table).len(), 1, "the DOCKER-USER accept is there after the engine restart");

@@ -4,44 +4,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn manifest_for(daemon: &Daemon, service: &str, image: &str, port: u16, network: &str, extra: &str) -> PathBuf {
-    let drain = if extra.contains("drain_timeout") { "" } else { "drain_timeout: 10s\n" };
-    let keep = if extra.contains("keep:") { "" } else { "keep: 2\n" };
-    let text = format!(
-        "name: {service}\nimage: {image}\nports:\n  - host: {port}\n    container: 80\nnetwork: {network}\n\
-         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 20s\n\
-         {drain}stop_timeout: 2s\n{keep}{extra}"
-    );
-    let path = daemon.dir().join(format!("{service}.yaml"));
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write manifest: {e}"));
-    path
-}
-
-fn load(url: &str, at: At, secs: u64) -> WrkRun {
-    Wrk::new(url).at(at).duration(Duration::from_secs(secs)).connections(4).threads(1).timeout(Duration::from_secs(5)).start()
-}
 
 fn status_json(daemon: &Daemon, service: &str) -> serde_json::Value {
     let out = daemon.cli_ok(&["status", service, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {}", out.stdout));
     v[0].clone()
-}
-
-fn running_containers(ids: &Ids) -> Vec<String> {
-    let out = run(std::process::Command::new(DOCKER).args([
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=cutover.instance={}", ids.tag),
-        "--filter",
-        "status=running",
-    ]));
-    out.split_whitespace().map(str::to_string).collect()
 }
 
 /// Kill -9 the daemon while a deploy hangs at `phase` (test hook), restart it: exactly
@@ -57,12 +27,12 @@ fn kill_at(test: &str, phase: &str, expect_active: u64, expect_outcome: &str) {
     let client = ClientHost::new(&ids);
     let mut daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 0s\n");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s").write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     // The hook from now on: the first release is in place.
     daemon.restart_with(&["--pause-at", phase]);
     let url = format!("http://{}:{port}/", client.host_addr());
-    let run = load(&url, client.at(), 14);
+    let run = new_connection_load(&url, client.at(), 14);
 
     std::thread::scope(|scope| {
         let deploy = scope.spawn(|| daemon.cli(&["deploy", &ids.service, "--image", &v2]));
@@ -92,7 +62,7 @@ fn kill_at(test: &str, phase: &str, expect_active: u64, expect_outcome: &str) {
     for _ in 0..10 {
         assert_eq!(get_ok(client.at(), &url).trim(), want);
     }
-    assert_eq!(running_containers(&ids).len(), 1, "exactly one release runs");
+    assert_eq!(running_containers_of(&ids).len(), 1, "exactly one release runs");
     let report = run.wait();
     report.assert_no_failures();
     assert_eq!(docker_user_rules(&ids.table).len(), 1, "one DOCKER-USER accept, not orphaned or doubled");
@@ -135,11 +105,11 @@ fn a_release_crashing_after_the_switch_is_switched_back() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 8s\n");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "8s").write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     let url = format!("http://{}:{port}/", client.host_addr());
     let connections = 4;
-    let run = load(&url, client.at(), 12);
+    let run = new_connection_load(&url, client.at(), 12);
     std::thread::sleep(Duration::from_secs(1));
     let out = daemon.cli_expect(&["deploy", &ids.service, "--image", &v2], 1);
     assert!(out.stderr.contains("traffic is back on release 1"), "{}", out.stderr);
@@ -174,8 +144,8 @@ fn two_deploys_of_one_service_one_runs_the_other_is_busy() {
     let daemon = Daemon::start(&ids);
     let (port_a, port_b) = (ids.port(), ids.port());
     let other = format!("{}-b", &ids.service[..ids.service.len().min(29)]);
-    let a = manifest_for(&daemon, &ids.service, &v1, port_a, &net.name, "");
-    let b = manifest_for(&daemon, &other, &v1, port_b, &net.name, "");
+    let a = ServiceYaml::http(&ids.service, &v1, port_a, &net.name).deadline("20s").write(daemon.dir());
+    let b = ServiceYaml::http(&other, &v1, port_b, &net.name).deadline("20s").write(daemon.dir());
     daemon.cli_ok(&["apply", a.to_str().unwrap_or_default(), b.to_str().unwrap_or_default()]);
 
     std::thread::scope(|scope| {
@@ -262,14 +232,14 @@ fn soak_deploy_rollback_cycles_under_load() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest_for(&daemon, &ids.service, &v1, port, &net.name, "watch: 0s\ndrain_timeout: 3s\nkeep: 1\n");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s").set("drain_timeout", "3s").set("keep", "1").write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     let url = format!("http://{}:{port}/", client.host_addr());
     let pid = daemon.pid().unwrap_or_else(|| panic!("daemon pid"));
     let mut baseline = None;
     let mut requests = 0;
     for cycle in 1..=cycles {
-        let run = load(&url, client.at(), 600);
+        let run = new_connection_load(&url, client.at(), 600);
         daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
         assert_eq!(get_ok(client.at(), &url).trim(), "v2", "cycle {cycle}");
         daemon.cli_ok(&["rollback", &ids.service]);

@@ -92,17 +92,6 @@ fn add_ipv6(client: &ClientHost, link: Ipv6Addr) -> (Ipv6Addr, Ipv6Addr) {
     (host, ns)
 }
 
-fn manifest(daemon: &Daemon, ids: &Ids, image: &str, port: u16, network: &str) -> std::path::PathBuf {
-    let text = format!(
-        "name: {service}\nimage: {image}\nports:\n  - host: {port}\n    container: 80\nnetwork: {network}\n\
-         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
-         drain_timeout: 10s\nstop_timeout: 2s\nkeep: 2\n",
-        service = ids.service
-    );
-    let path = daemon.dir().join("svc.yaml");
-    std::fs::write(&path, text).expect("write manifest");
-    path
-}
 
 #[test]
 fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
@@ -118,7 +107,7 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     let (host6, _) = add_ipv6(&client, ula(&ids, 2));
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name);
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
 
     let table = nft_table_text(&ids.table).expect("table");

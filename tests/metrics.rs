@@ -7,29 +7,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn manifest(daemon: &Daemon, ids: &Ids, image: &str, port: u16, network: &str) -> PathBuf {
-    let text = format!(
-        "name: {service}\n\
-         image: {image}\n\
-         ports:\n  - host: {port}\n    container: 80\n\
-         network: {network}\n\
-         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
-         drain_timeout: 15s\n\
-         stop_timeout: 2s\n\
-         keep: 2\n",
-        service = ids.service
-    );
-    let path = daemon.dir().join(format!("{}.yaml", ids.service));
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-    path
-}
 
 /// One scrape: the body of `GET /metrics`, or why there was none.
 fn scrape(addr: &str) -> Result<String, String> {
@@ -168,7 +151,7 @@ fn a_scrape_during_a_deploy_finds_the_switch() {
     let metrics_addr = format!("127.0.0.1:{}", ids.port());
     let daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name);
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "15s").write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     let url = format!("http://127.0.0.1:{port}/");
     assert_eq!(get_ok(At::Host, &url).trim(), "v1");

@@ -8,32 +8,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Write a manifest for the test's service into the daemon's directory.
-fn manifest(daemon: &Daemon, ids: &Ids, image: &str, port: u16, network: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        "name: {service}\n\
-         image: {image}\n\
-         ports:\n  - host: {port}\n    container: 80\n\
-         network: {network}\n\
-         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
-         drain_timeout: 10s\n\
-         stop_timeout: 2s\n\
-         keep: 2\n{extra}",
-        service = ids.service
-    );
-    let path = daemon.dir().join(format!("{}.yaml", ids.service));
-    std::fs::write(&path, text).expect("write manifest");
-    path
-}
-
-fn load(url: &str, at: At, secs: u64) -> WrkRun {
-    Wrk::new(url).at(at).duration(Duration::from_secs(secs)).connections(4).threads(1).timeout(Duration::from_secs(5)).start()
-}
 
 /// Every new connection after a switch is answered by `release`.
 #[track_caller]
@@ -55,7 +32,7 @@ fn deploy_and_rollback_under_load_from_another_host() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
 
     let url = format!("http://{}:{port}/", client.host_addr());
@@ -64,7 +41,7 @@ fn deploy_and_rollback_under_load_from_another_host() {
     // A slow request in flight across the switch, and a load of new connections.
     let slow = SlowRequest::start(&ids, client.at(), &format!("{url}slow?ms=4000"), Duration::from_secs(30));
     slow.wait_established(Duration::from_secs(10));
-    let run = load(&url, client.at(), 12);
+    let run = new_connection_load(&url, client.at(), 12);
     std::thread::sleep(Duration::from_secs(1));
     let out = daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
     assert!(out.stdout.contains("release 2"), "{out:?}");
@@ -76,7 +53,7 @@ fn deploy_and_rollback_under_load_from_another_host() {
     assert_eq!((status, body.trim()), (200, "v1"), "the request started before the switch finished on v1");
 
     // Rollback under the same load.
-    let run = load(&url, client.at(), 8);
+    let run = new_connection_load(&url, client.at(), 8);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["rollback", &ids.service]);
     all_new_connections_answer(client.at(), &url, "v1");
@@ -105,7 +82,7 @@ fn host_clients_via_loopback_and_host_address() {
     let other = ClientHost::new(&ids); // only for a host address that is not loopback
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     assert!(route_localnet(&net.bridge), "the daemon enables route_localnet on the release's bridge");
 
@@ -116,8 +93,8 @@ fn host_clients_via_loopback_and_host_address() {
 
     let slow = SlowRequest::start(&ids, At::Host, &format!("{loopback}slow?ms=3000"), Duration::from_secs(30));
     slow.wait_established(Duration::from_secs(10));
-    let on_loopback = load(&loopback, At::Host, 10);
-    let on_host_addr = load(&host_addr, At::Host, 10);
+    let on_loopback = new_connection_load(&loopback, At::Host, 10);
+    let on_host_addr = new_connection_load(&host_addr, At::Host, 10);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
     all_new_connections_answer(At::Host, &loopback, "v2");
@@ -141,7 +118,7 @@ fn clients_in_another_container_reach_the_host_port() {
     let v2 = demo_image(&ids, "v2", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
 
     // A client container on the same bridge calls the host's address on that bridge:
@@ -157,7 +134,7 @@ fn clients_in_another_container_reach_the_host_port() {
     let url = format!("http://{}:{port}/", gateway.trim());
     let at = At::container(&client);
     assert_eq!(get_ok(at.clone(), &url).trim(), "v1");
-    let run = load(&url, at.clone(), 10);
+    let run = new_connection_load(&url, at.clone(), 10);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
     all_new_connections_answer(at.clone(), &url, "v2");
@@ -177,13 +154,13 @@ fn a_release_that_never_gets_healthy_is_refused_and_changes_nothing() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let url = format!("http://{}:{port}/", client.host_addr());
 
     let rules_before = nft_table_text(&ids.table).expect("table exists");
     let containers_before = containers_of(&ids);
-    let run = load(&url, client.at(), 20);
+    let run = new_connection_load(&url, client.at(), 20);
     let started = Instant::now();
     let out = daemon.cli_expect(&["deploy", &ids.service, "--image", &bad], 1);
     let took = started.elapsed();
@@ -215,11 +192,11 @@ fn the_daemon_killed_keeps_traffic_and_restart_restores_a_lost_table() {
     let client = ClientHost::new(&ids);
     let mut daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let url = format!("http://{}:{port}/", client.host_addr());
 
-    let run = load(&url, client.at(), 6);
+    let run = new_connection_load(&url, client.at(), 6);
     std::thread::sleep(Duration::from_secs(2));
     daemon.kill9();
     let report = run.wait();
@@ -244,7 +221,7 @@ fn invalid_manifests_exit_2_and_change_nothing() {
     let v1 = demo_image(&ids, "v1", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let good = manifest(&daemon, &ids, &v1, port, &net.name, "");
+    let good = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
     daemon.cli_ok(&["apply", good.to_str().unwrap()]);
     let rules = nft_table_text(&ids.table);
     let state = daemon.cli_ok(&["status", "--json"]).stdout;

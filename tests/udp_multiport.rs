@@ -24,21 +24,13 @@ use common::*;
 const UDP_PORT_IN_CONTAINER: u16 = 53;
 
 /// A service with an HTTP port (health) and a UDP port, both published on the host.
-fn manifest(daemon: &Daemon, ids: &Ids, image: &str, tcp: u16, udp: u16, network: &str, extra: &str) -> PathBuf {
-    let text = format!(
-        "name: {service}\n\
-         image: {image}\n\
-         ports:\n  - host: {tcp}\n    container: 80\n  - host: {udp}\n    container: {UDP_PORT_IN_CONTAINER}\n    protocol: udp\n\
-         network: {network}\n\
-         health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
-         stop_timeout: 2s\n\
-         watch: 1s\n\
-         keep: 3\n{extra}",
-        service = ids.service
-    );
-    let path = daemon.dir().join(format!("{}.yaml", ids.service));
-    std::fs::write(&path, text).expect("write manifest");
-    path
+fn manifest(daemon: &Daemon, ids: &Ids, image: &str, tcp: u16, udp: u16, network: &str, extra: &[(&str, &str)]) -> PathBuf {
+    let ports = format!("\n  - host: {tcp}\n    container: 80\n  - host: {udp}\n    container: {UDP_PORT_IN_CONTAINER}\n    protocol: udp");
+    let mut m = ServiceYaml::http(&ids.service, image, tcp, network).set("ports", &ports).set("watch", "1s").set("keep", "3");
+    for (k, v) in extra {
+        m = m.set(k, v);
+    }
+    m.write(daemon.dir())
 }
 
 fn udp_image(ids: &Ids, release: &str) -> String {
@@ -167,7 +159,7 @@ fn udp_service_switches_under_a_stream_of_datagrams() {
     let daemon = Daemon::start(&ids);
     let (tcp, udp) = (ids.port(), ids.port());
     let drain_timeout = Duration::from_secs(8);
-    let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, "drain_timeout: 8s\nudp_idle: 1s\n");
+    let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, &[("drain_timeout", "8s"), ("udp_idle", "1s")]);
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let to = SocketAddr::from((client.host_addr(), udp));
 
@@ -323,7 +315,7 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let (tcp, udp) = (ids.port(), ids.port());
-    let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, "drain_timeout: 3s\nudp_idle: 1s\n");
+    let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, &[("drain_timeout", "3s"), ("udp_idle", "1s")]);
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let url = format!("http://{}:{tcp}/", client.host_addr());
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");

@@ -98,6 +98,15 @@ pub fn containers_of(ids: &Ids) -> Vec<String> {
     out.split_whitespace().map(str::to_string).collect()
 }
 
+/// Ids of the running containers labelled `cutover.instance=<ids.tag>`.
+pub fn running_containers_of(ids: &Ids) -> Vec<String> {
+    let out = run(&mut cmd(
+        DOCKER,
+        ["ps", "-q", "--filter", &format!("label={INSTANCE_LABEL}={}", ids.tag), "--filter", "status=running"],
+    ));
+    out.split_whitespace().map(str::to_string).collect()
+}
+
 /// A Docker bridge network of one test, with its own Linux bridge `ids.bridge()`, so a
 /// test can set `route_localnet` on it without touching other tests' traffic. Removed on
 /// drop (after the containers on it: create it before the `Daemon`).

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod docker;
 pub mod http;
 pub mod ids;
+pub mod manifest;
 pub mod netns;
 pub mod sysctl;
 pub mod wrk;
@@ -30,14 +31,15 @@ pub use cleanup::{remove_tagged, sweep_stale, INSTANCE_LABEL};
 pub use cmd::{run, try_run, wait_for, Outcome, DOCKER};
 pub use daemon::{CliOutput, Daemon, CUTOVER};
 pub use docker::{
-    containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
+    containers_of, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
     DockerNetwork,
 };
 pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
+pub use manifest::ServiceYaml;
 pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
 pub use sysctl::{route_localnet, set_route_localnet, RouteLocalnetGuard};
-pub use wrk::{Latency, SocketErrors, Wrk, WrkReport, WrkRun};
+pub use wrk::{new_connection_load, Latency, SocketErrors, Wrk, WrkReport, WrkRun};
 
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
 pub fn test_backend() -> Option<String> {

@@ -376,3 +376,9 @@ impl Drop for WrkRun {
         }
     }
 }
+
+/// The acceptance tests' load: one new connection per request (`Connection: close`) at
+/// full speed over 4 connections, 5 s request timeout, for `secs`, started now.
+pub fn new_connection_load(url: &str, at: At, secs: u64) -> WrkRun {
+    Wrk::new(url).at(at).duration(Duration::from_secs(secs)).connections(4).threads(1).timeout(Duration::from_secs(5)).start()
+}
