@@ -341,13 +341,17 @@ impl Releaser {
             for number in svc.active.into_iter().chain(svc.operation.as_ref().map(|o| o.to)) {
                 let Some(rel) = svc.release(number) else { continue };
                 match self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await? {
-                    Some(info) => {
+                    Some(mut info) => {
                         if !info.running && Some(number) == svc.active {
                             self.engine.start(rel.container_id.clone()).await?;
                             notes.push(format!("{name}: started release {number}'s container again"));
+                            // A start hands out the address anew.
+                            info = match self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await? {
+                                Some(i) => i,
+                                None => continue,
+                            };
                         }
-                        let info = self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await?;
-                        let addr = info.and_then(|i| i.addr);
+                        let addr = info.addr;
                         if addr.is_some() && addr != rel.addr {
                             let n = name.clone();
                             self.commit(move |s| {
