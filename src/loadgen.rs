@@ -9,8 +9,8 @@
 //!   the release they first reached until that release closes them.
 //!
 //! A request counts as failed only when it gets no valid answer. A keep-alive connection
-//! that the server closed between two requests (a stopping release closes idle
-//! connections, and answers the last in-flight one with `Connection: close`) is reopened
+//! that the server closed between two requests (a stopping release answers with
+//! `Connection: close`, and closes connections that stay idle) is reopened
 //! and the request sent again once, as every HTTP client does for a request that got
 //! no byte of answer on a reused connection; only if that retry fails is it counted.
 //!

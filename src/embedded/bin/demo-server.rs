@@ -19,8 +19,12 @@
 //! has `X-Release` and `Content-Length`. Keep-alive is the HTTP/1.1 default.
 //!
 //! SIGTERM/SIGINT: accept what is already queued, close the listeners, let in-flight
-//! requests finish, close idle keep-alive connections, exit 0 when none is left or after
-//! 30 s. That is the behaviour cutover's drain phase relies on.
+//! requests finish, answer every request from then on with `Connection: close`, close
+//! keep-alive connections still idle 1 s after the stop, exit 0 when none is left or after
+//! 30 s. That is the behaviour cutover's drain phase relies on. The second of grace is
+//! there because closing an idle keep-alive connection races with a client that is just
+//! sending on it (that client sees a reset or an empty answer); a client that sends within
+//! the grace gets its answer and a clean close instead.
 //!
 //! `demo-server probe http://IP:PORT/path` is a client for Docker's HEALTHCHECK in a
 //! scratch image (no shell, no curl): exit 0 on a 2xx answer, 1 otherwise. Static glibc
@@ -73,6 +77,9 @@ mod sys {
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a connection accepted during the stop may take to send its request.
 const STOPPING_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after the stop an idle keep-alive connection may still bring a request (answered
+/// with `Connection: close`) before the server closes it.
+const STOP_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// The longest a stopping server waits for in-flight requests (same as kamal-proxy's drain).
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Request line and header lines longer than this are refused (400).
@@ -329,6 +336,9 @@ fn serve() -> io::Result<()> {
     // the listeners now refuses only clients that arrive after the stop.
     drop(listeners);
     let deadline = Instant::now() + DRAIN_LIMIT;
+    if shared.wait_drained(Instant::now() + STOP_IDLE_GRACE) > 0 {
+        shared.close_idle();
+    }
     let left = shared.wait_drained(deadline);
     if left > 0 {
         eprintln!("demo-server: stopping with {left} connection(s) still busy after {DRAIN_LIMIT:?}");
@@ -430,6 +440,8 @@ struct Entry {
 #[derive(Default)]
 struct Conns {
     stopping: bool,
+    /// The stop's grace is over: idle keep-alive connections were shut down.
+    idle_closed: bool,
     next_id: u64,
     open: HashMap<u64, Entry>,
 }
@@ -466,14 +478,14 @@ impl Shared {
         }
     }
 
-    /// A request started arriving. False if the server is stopping and this connection
-    /// was idle: the stop already shut it down.
+    /// A request started arriving. False if this connection was idle when the stop's
+    /// grace ended: [`Shared::close_idle`] already shut it down.
     fn mark_busy(&self, id: u64) -> bool {
         let mut c = self.lock();
-        let stopping = c.stopping;
+        let idle_closed = c.idle_closed;
         match c.open.get_mut(&id) {
             Some(e) if e.busy => true,
-            Some(e) if !stopping || !e.answered => {
+            Some(e) if !idle_closed || !e.answered => {
                 e.busy = true;
                 true
             }
@@ -498,12 +510,17 @@ impl Shared {
         self.lock().stopping
     }
 
-    /// Starts the stop: from now on connections close after their current answer, and
-    /// idle keep-alive connections are closed right away. Connections not answered yet
-    /// keep their first request (bounded by the read timeout and the drain limit).
+    /// Starts the stop: from now on connections close after their current answer.
+    /// Connections not answered yet keep their first request (bounded by the read timeout
+    /// and the drain limit); idle keep-alive ones wait for [`Shared::close_idle`].
     fn stop(&self) {
+        self.lock().stopping = true;
+    }
+
+    /// Ends the stop's grace: keep-alive connections idle now are closed.
+    fn close_idle(&self) {
         let mut c = self.lock();
-        c.stopping = true;
+        c.idle_closed = true;
         for e in c.open.values().filter(|e| !e.busy && e.answered) {
             // Wakes the connection thread's read with EOF; it then exits.
             let _ = e.handle.shutdown(Shutdown::Both);
