@@ -314,7 +314,7 @@ def goals(sw, dp, sc, ho):
     if so:
         worst = max(v["commit_us"] for v in so.values())
         g.append(("switch under 1 ms: commit until ACK on a fresh socket, when new connections go to v2 (every size)", f"worst median {worst / 1000:.3f} ms", worst < 1000))
-    for name, src, key in (("API call", sc["cutover"], "median_us"), ("commit", so, "commit_us")):
+    for name, src, key in (("switch call", sc["cutover"], "median_us"), ("fresh-socket commit", so, "commit_us")):
         meds = {n: v[key] for n, v in src.items() if v.get(key)}
         if len(meds) > 1:
             lo, hi = min(meds), max(meds)
