@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
-use crate::manifest::{HealthKind, HealthSpec, Manifest, Protocol};
+use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target};
 use crate::state::{
@@ -75,8 +75,9 @@ pub trait Checks: Send + Sync + 'static {
     /// Open TCP connections on `ports` (local side) inside the network namespace of
     /// `pid`; the release's own outgoing connections (a database pool) do not count.
     fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>>;
-    /// Ports host processes listen on (TCP) or have bound (UDP).
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String>;
+    /// Ports host processes listen on (TCP) or have bound (UDP), each with the address it
+    /// is bound to (`None`: every address).
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String>;
     /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
     /// to `addr`, so their next packets are NAT'd afresh.
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
@@ -554,33 +555,44 @@ impl Releaser {
     /// Refuse host ports other services, other containers or host processes use.
     async fn check_ports(&self, manifest: &Manifest) -> Result<(), ReleaseError> {
         let state = self.snapshot().await;
+        // A port is taken when the protocol and number match and the host addresses overlap
+        // (`host_ip` unset means every address).
+        let clash = |p: &PortSpec, protocol: Protocol, port: u16, addr: Option<std::net::IpAddr>| {
+            p.protocol == protocol && p.host == port && crate::manifest::host_addresses_overlap(p.host_ip, addr)
+        };
+        let at = |p: &PortSpec| p.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default();
         for p in &manifest.ports {
             for (other, svc) in &state.services {
-                if other != &manifest.name
-                    && svc.manifest.ports.iter().any(|q| q.host == p.host && q.protocol == p.protocol)
-                {
+                if other != &manifest.name && svc.manifest.ports.iter().any(|q| clash(p, q.protocol, q.host, q.host_ip)) {
                     return Err(ReleaseError::Conflict(format!(
-                        "host port {}/{} is already used by service `{other}`",
-                        p.host, p.protocol
+                        "host port {}/{}{} is already used by service `{other}`",
+                        p.host,
+                        p.protocol,
+                        at(p)
                     )));
                 }
             }
         }
         let published = self.engine.published().await?;
         for p in &manifest.ports {
-            if let Some(c) = published.iter().find(|x| x.port == p.host && x.protocol == p.protocol) {
+            if let Some(c) = published.iter().find(|x| clash(p, x.protocol, x.port, x.host_ip)) {
                 return Err(ReleaseError::Conflict(format!(
-                    "host port {}/{} is published by container `{}`; pick another port or unpublish it",
-                    p.host, p.protocol, c.container
+                    "host port {}/{}{} is published by container `{}`; pick another port or unpublish it",
+                    p.host,
+                    p.protocol,
+                    at(p),
+                    c.container
                 )));
             }
         }
         let listening = self.checks.host_ports().map_err(ReleaseError::Refused)?;
         for p in &manifest.ports {
-            if listening.contains(&(p.protocol, p.host)) {
+            if listening.iter().any(|(protocol, port, addr)| clash(p, *protocol, *port, *addr)) {
                 return Err(ReleaseError::Conflict(format!(
-                    "host port {}/{} is in use by a process on this host (see `ss -lntup`); pick another port",
-                    p.host, p.protocol
+                    "host port {}/{}{} is in use by a process on this host (see `ss -lntup`); pick another port",
+                    p.host,
+                    p.protocol,
+                    at(p)
                 )));
             }
         }

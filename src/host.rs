@@ -92,10 +92,11 @@ pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
 /// TCP socket state LISTEN in /proc/net/tcp.
 const TCP_LISTEN: &str = "0A";
 
-/// Local ports of the sockets in one `/proc/net/{tcp,udp}[6]` table. For TCP only LISTEN
-/// sockets count; for UDP every socket does (a connected UDP socket also receives on its
-/// port, and a DNAT of that port would steal its replies).
-pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<u16>, HostError> {
+/// Local ports of the sockets in one `/proc/net/{tcp,udp}[6]` table, each with the address
+/// it is bound to (`None`: every address, `0.0.0.0` or `::`). For TCP only LISTEN sockets
+/// count; for UDP every socket does (a connected UDP socket also receives on its port, and
+/// a DNAT of that port would steal its replies).
+pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<(u16, Option<IpAddr>)>, HostError> {
     let mut ports = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         if line.trim().is_empty() {
@@ -111,11 +112,30 @@ pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<u16>, Ho
         if tcp && state != TCP_LISTEN {
             continue;
         }
-        let port = local.rsplit_once(':').ok_or_else(|| bad("local address without `:port`"))?.1;
+        let (addr, port) = local.rsplit_once(':').ok_or_else(|| bad("local address without `:port`"))?;
         let port = u16::from_str_radix(port, 16).map_err(|_| bad("local port is not hexadecimal"))?;
-        ports.push(port);
+        let addr = proc_net_addr(addr).ok_or_else(|| bad("local address is not 8 or 32 hexadecimal digits"))?;
+        ports.push((port, Some(addr).filter(|a| !a.is_unspecified())));
     }
     Ok(ports)
+}
+
+/// An address as `/proc/net` prints it: the 32-bit words of the address, each in the
+/// host's byte order. IPv4-mapped IPv6 addresses come back as IPv4.
+fn proc_net_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
+    match hex.len() {
+        8 => Some(IpAddr::from(word(0)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(i)?);
+            }
+            let v6 = std::net::Ipv6Addr::from(octets);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
 }
 
 /// Ports processes of the host's network namespace listen on (TCP) or are bound to (UDP),
@@ -125,6 +145,11 @@ pub fn parse_proc_net(text: &str, tcp: bool, path: &Path) -> Result<Vec<u16>, Ho
 /// `/proc/net` follows the network namespace of the process's main thread; call this from
 /// a daemon whose main thread never `setns`-es.
 pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
+    Ok(listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
+}
+
+/// [`listening_ports`] with the address each socket is bound to (`None`: every address).
+pub fn listening_sockets() -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError> {
     let tables = [
         ("/proc/net/tcp", Protocol::Tcp, false),
         ("/proc/net/tcp6", Protocol::Tcp, true),
@@ -140,8 +165,8 @@ pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound && ipv6 => continue,
             Err(source) => return Err(HostError::Read { path: path.to_path_buf(), source }),
         };
-        for port in parse_proc_net(&text, proto == Protocol::Tcp, path)? {
-            out.insert((proto, port));
+        for (port, addr) in parse_proc_net(&text, proto == Protocol::Tcp, path)? {
+            out.insert((proto, port, addr));
         }
     }
     Ok(out)
@@ -287,13 +312,35 @@ mod tests {
 
     #[test]
     fn tcp_counts_only_listen_sockets() {
-        assert_eq!(parse_proc_net(TCP, true, Path::new("tcp")).unwrap(), vec![8080, 3306]);
-        assert_eq!(parse_proc_net(TCP6, true, Path::new("tcp6")).unwrap(), vec![22]);
+        let ports = |t, tcp, p| parse_proc_net(t, tcp, Path::new(p)).unwrap().into_iter().map(|(port, _)| port).collect::<Vec<_>>();
+        assert_eq!(ports(TCP, true, "tcp"), vec![8080, 3306]);
+        assert_eq!(ports(TCP6, true, "tcp6"), vec![22]);
     }
 
     #[test]
     fn udp_counts_every_bound_socket() {
-        assert_eq!(parse_proc_net(UDP, false, Path::new("udp")).unwrap(), vec![53, 40000]);
+        let got = parse_proc_net(UDP, false, Path::new("udp")).unwrap();
+        let want: Vec<(u16, Option<IpAddr>)> =
+            vec![(53, Some("127.0.0.53".parse().unwrap())), (40000, Some("192.168.0.2".parse().unwrap()))];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn bound_addresses_are_read_and_wildcards_are_none() {
+        let got = parse_proc_net(TCP, true, Path::new("tcp")).unwrap();
+        assert_eq!(got[0], (8080, None));
+        let v6 = "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A
+   1: 000080FE00000000FF0000020100000A:1F90 00000000000000000000000000000000:0000 0A
+   2: 0000000000000000FFFF00000100007F:0050 00000000000000000000000000000000:0000 0A
+";
+        let got = parse_proc_net(v6, true, Path::new("tcp6")).unwrap();
+        let want: Vec<(u16, Option<IpAddr>)> = vec![
+            (22, None),
+            (8080, Some("fe80::200:ff:a00:1".parse().unwrap())),
+            (80, Some("127.0.0.1".parse().unwrap())),
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

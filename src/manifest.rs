@@ -119,6 +119,16 @@ pub struct PortSpec {
     pub host_ip: Option<IpAddr>,
 }
 
+/// Do two bindings of one port overlap? `None` is every local address, so it overlaps
+/// everything; two addresses overlap only when equal. Two services (or a service and a
+/// host process) may share a port on different host addresses.
+pub fn host_addresses_overlap(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
+    match (a, b) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {

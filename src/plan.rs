@@ -350,8 +350,7 @@ pub fn conflicts<'a>(existing: &'a [Target], new: &[Target]) -> Vec<&'a Target> 
                 n.protocol == e.protocol
                     && n.host_port == e.host_port
                     && n.service != e.service
-                    // Two services may share a port on different host addresses.
-                    && (n.host_ip.is_none() || e.host_ip.is_none() || n.host_ip == e.host_ip)
+                    && crate::manifest::host_addresses_overlap(n.host_ip, e.host_ip)
             })
         })
         .collect()

@@ -393,4 +393,29 @@ fn a_port_with_host_ip_is_served_on_that_address_only() {
         assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v2");
     }
     assert!(curl_within(other.at(), &on_other, Duration::from_secs(3)).is_err());
+
+    // The same port on the other address belongs to another service; on every address
+    // it is refused, since it would overlap the first service's binding.
+    let second = format!("second-{}", &ids.service[ids.service.len().saturating_sub(12)..]);
+    let manifest = |host_ip: Option<std::net::Ipv4Addr>| {
+        let bind = host_ip.map(|ip| format!("    host_ip: {ip}\n")).unwrap_or_default();
+        format!(
+            "name: {second}\nimage: {v1}\nports:\n  - host: {port}\n    container: 80\n{bind}network: {network}\n\
+             health:\n  type: http\n  path: /healthz\n  interval: 200ms\n  timeout: 1s\n  deadline: 15s\n\
+             drain_timeout: 5s\nstop_timeout: 2s\n",
+            network = net.name
+        )
+    };
+    let everywhere = daemon.dir().join("second-everywhere.yaml");
+    std::fs::write(&everywhere, manifest(None)).expect("manifest");
+    let refused = daemon.cli(&["apply", everywhere.to_str().unwrap()]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains(&format!("already used by service `{}`", ids.service)), "{refused:?}");
+    let on_other_only = daemon.dir().join("second.yaml");
+    std::fs::write(&on_other_only, manifest(Some(other.host_addr()))).expect("manifest");
+    daemon.cli_ok(&["apply", on_other_only.to_str().unwrap()]);
+    for _ in 0..5 {
+        assert_eq!(get_ok(other.at(), &on_other).trim(), "v1", "the second service answers on its address");
+        assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v2", "the first keeps its address");
+    }
 }

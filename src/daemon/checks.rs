@@ -32,8 +32,8 @@ impl Checks for RealChecks {
         })
     }
 
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
-        crate::host::listening_ports().map_err(|e| e.to_string())
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+        crate::host::listening_sockets().map_err(|e| e.to_string())
     }
 
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: Ipv4Addr) -> Result<(), String> {

@@ -104,7 +104,12 @@ impl Engine for FakeEngine {
         Box::pin(async { Ok("listening\nhealth check failing\n".to_string()) })
     }
     fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
-        Box::pin(async { Ok(vec![Published { protocol: Protocol::Tcp, port: 9999, container: "someone-else".into() }]) })
+        Box::pin(async {
+            Ok(vec![
+                Published { protocol: Protocol::Tcp, port: 9999, host_ip: None, container: "someone-else".into() },
+                Published { protocol: Protocol::Tcp, port: 9998, host_ip: Some([10, 0, 0, 9].into()), container: "on-one-address".into() },
+            ])
+        })
     }
     fn bridge(&self, _network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
         Box::pin(async { Ok(None) })
@@ -206,8 +211,8 @@ impl Checks for FakeChecks {
     fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
-        Ok(BTreeSet::from([(Protocol::Tcp, 22)]))
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+        Ok(BTreeSet::from([(Protocol::Tcp, 22, None), (Protocol::Tcp, 53, Some([127, 0, 0, 53].into()))]))
     }
     fn forget_flows(&self, _protocol: Protocol, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
         Ok(())
@@ -381,9 +386,53 @@ async fn port_conflicts_are_refused() {
     let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
     assert!(err.contains("published by container `someone-else`"), "{err}");
     m.ports[0].host = 22;
-    let err = w.releaser.apply(m, &w.tx).await.unwrap_err().to_string();
+    let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
     assert!(err.contains("in use by a process"), "{err}");
+    // Bound to one address, a process or a published port takes the port there only.
+    m.ports[0].host = 53;
+    let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("in use by a process"), "{err}");
+    m.ports[0].host = 9998;
+    let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("published by container `on-one-address`"), "{err}");
+    // A process listening on every address takes the port on each of them.
+    m.ports[0].host = 22;
+    m.ports[0].host_ip = Some([10, 0, 0, 8].into());
+    let err = w.releaser.apply(m.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("host port 22/tcp on 10.0.0.8 is in use by a process"), "{err}");
     assert!(w.releaser.snapshot().await.services.is_empty());
+}
+
+#[tokio::test]
+async fn a_port_is_shared_on_different_host_addresses_only() {
+    let w = world();
+    let mut web = manifest("web:1", 3);
+    web.ports[0].host = 8443;
+    web.ports[0].host_ip = Some([10, 0, 0, 1].into());
+    w.releaser.apply(web.clone(), &w.tx).await.unwrap();
+    // A process bound to 127.0.0.53:53 and a container published on 10.0.0.9:9998 do not
+    // hold those ports on other addresses.
+    let mut other = manifest("web:1", 3);
+    other.name = "other".into();
+    other.ports[0].host = 8443;
+    other.ports[0].host_ip = Some([10, 0, 0, 2].into());
+    w.releaser.apply(other.clone(), &w.tx).await.unwrap();
+    let mut third = other.clone();
+    third.name = "third".into();
+    third.ports[0].host_ip = Some([10, 0, 0, 1].into());
+    let err = w.releaser.apply(third.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("host port 8443/tcp on 10.0.0.1 is already used by service `web`"), "{err}");
+    third.ports[0].host_ip = None;
+    let err = w.releaser.apply(third.clone(), &w.tx).await.unwrap_err().to_string();
+    assert!(err.contains("already used by service"), "every address overlaps both: {err}");
+    third.ports[0].host = 53;
+    third.ports[0].host_ip = Some([10, 0, 0, 3].into());
+    w.releaser.apply(third.clone(), &w.tx).await.unwrap();
+    let mut fourth = third.clone();
+    fourth.name = "fourth".into();
+    fourth.ports[0].host = 9998;
+    w.releaser.apply(fourth, &w.tx).await.unwrap();
+    assert_eq!(w.releaser.snapshot().await.services.len(), 4);
 }
 
 #[tokio::test]

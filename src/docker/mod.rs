@@ -101,6 +101,8 @@ pub struct ImageCommand {
 pub struct Published {
     pub protocol: Protocol,
     pub port: u16,
+    /// The host address the port is published on (`None`: every address).
+    pub host_ip: Option<std::net::IpAddr>,
     pub container: String,
 }
 
@@ -390,7 +392,9 @@ impl Engine for DockerEngine {
                         Some(bollard::models::PortSummaryTypeEnum::TCP) => Protocol::Tcp,
                         _ => continue,
                     };
-                    out.push(Published { protocol, port, container: name.clone().unwrap_or_default() });
+                    // "0.0.0.0" or "::" (or nothing): every host address.
+                    let host_ip = p.ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()).filter(|ip| !ip.is_unspecified());
+                    out.push(Published { protocol, port, host_ip, container: name.clone().unwrap_or_default() });
                 }
             }
             Ok(out)

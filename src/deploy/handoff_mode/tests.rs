@@ -204,7 +204,7 @@ impl Checks for NoChecks {
     fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16)>, String> {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
         Ok(BTreeSet::new())
     }
     fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
