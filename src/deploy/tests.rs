@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 
 use super::*;
 use crate::docker::Published;
-use crate::plan::{Element, ElementKey, ElementOp};
+use crate::plan::{Element, ElementKey, ElementOp, Traffic};
 
 #[derive(Debug, Clone)]
 struct FakeContainer {
@@ -120,6 +120,8 @@ impl Engine for FakeEngine {
 #[derive(Default)]
 struct FakeFirewall {
     table: Mutex<Option<BTreeMap<ElementKey, Element>>>,
+    /// What the counting rules hold: a sync starts them at zero, as the kernel does.
+    counts: Mutex<BTreeMap<String, Traffic>>,
     batches: Mutex<Vec<String>>,
     accept: AtomicBool,
     fail: AtomicBool,
@@ -144,6 +146,8 @@ impl Firewall for FakeFirewall {
             return Err(NatError::Socket(std::io::Error::other("injected")));
         }
         *self.table.lock().unwrap() = Some(ruleset.elements.iter().map(|e| (e.key, e.clone())).collect());
+        *self.counts.lock().unwrap() =
+            ruleset.counted_services().into_iter().map(|s| (s.to_string(), Traffic::default())).collect();
         self.batches.lock().unwrap().push("sync".into());
         Ok(())
     }
@@ -168,7 +172,11 @@ impl Firewall for FakeFirewall {
     }
     fn delete_table(&self, _table: &str) -> Result<(), NatError> {
         *self.table.lock().unwrap() = None;
+        self.counts.lock().unwrap().clear();
         Ok(())
+    }
+    fn counters(&self, _table: &str) -> Result<BTreeMap<String, Traffic>, NatError> {
+        Ok(self.counts.lock().unwrap().clone())
     }
     fn table_exists(&self, _table: &str) -> Result<bool, NatError> {
         Ok(self.table.lock().unwrap().is_some())
