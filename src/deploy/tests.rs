@@ -285,6 +285,42 @@ async fn deploy_switches_with_one_element_change_and_keeps_the_old_release_stopp
 }
 
 #[tokio::test]
+async fn traffic_counts_survive_switches_and_whole_table_syncs() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let count = |packets: u64| {
+        let mut c = w.firewall.counts.lock().unwrap();
+        *c.get_mut("web").unwrap() += Traffic { packets, bytes: 100 * packets };
+    };
+    count(10);
+    assert_eq!(w.releaser.traffic().await.unwrap()["web"], Traffic { packets: 10, bytes: 1000 });
+    // A switch changes map elements only: the kernel's counts stay.
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    count(5);
+    assert_eq!(w.releaser.traffic().await.unwrap()["web"].packets, 15);
+    // Another service changes the counting rules: a whole-table sync starts the kernel's
+    // counts at zero, and what they held is carried.
+    let api = Manifest::parse(
+        Path::new("api.yaml"),
+        "name: api\nimage: api:1\nports: [{host: 9090, container: 80}]\n\
+         health: {type: http, path: /healthz, interval: 10ms, deadline: 200ms}\ndrain_timeout: 50ms\nwatch: 20ms\n",
+    )
+    .unwrap();
+    w.releaser.apply(api, &w.tx).await.unwrap();
+    assert_eq!(w.firewall.batches(), vec!["sync", "ops:2", "sync"]);
+    assert_eq!(w.firewall.counts.lock().unwrap()["web"].packets, 0);
+    count(1);
+    let t = w.releaser.traffic().await.unwrap();
+    assert_eq!(t["web"], Traffic { packets: 16, bytes: 1600 });
+    assert_eq!(t["api"], Traffic::default());
+    // A removed service's counts go with it.
+    w.releaser.remove("api").await.unwrap();
+    let t = w.releaser.traffic().await.unwrap();
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(t["web"].packets, 16);
+}
+
+#[tokio::test]
 async fn an_unhealthy_release_is_refused_and_changes_nothing() {
     let w = world();
     w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
