@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Mutex};
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
 use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol};
 use crate::nat::{Firewall, NatError};
-use crate::plan::{self, Bridge, Desired, Ruleset, Target};
+use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
 use crate::state::{
     now, HistoryEntry, Operation, OperationKind, Phase, Release, ReleaseStatus, ServiceState, State, StateError,
     StateStore,
@@ -149,6 +149,9 @@ struct Dataplane {
     /// IPv6 address per container, with the IPv4 address it was read alongside: state
     /// records only IPv4, and a changed IPv4 address (engine restart) means re-read.
     addr6: BTreeMap<String, (std::net::Ipv4Addr, Option<std::net::Ipv6Addr>)>,
+    /// Per service, what the counting rules had counted when a whole-table sync started
+    /// them at zero again: added to the kernel's counts, so exported counters only grow.
+    carried: BTreeMap<String, Traffic>,
 }
 
 /// The release engine of one daemon.
@@ -315,10 +318,19 @@ impl Releaser {
         };
         // A table someone deleted is rebuilt whole. The check is a netlink round trip of
         // its own, so it stays out of the reported switch time, which is the transaction.
-        let rebuild = structural_change || !self.firewall.table_exists(&next.table)?;
+        let exists = self.firewall.table_exists(&next.table)?;
+        let rebuild = structural_change || !exists;
+        // A sync starts the counting rules at zero: read what they hold first (outside the
+        // timed part), to carry it. Packets counted between this read and the commit are lost.
+        let counted = if rebuild && exists { self.counts_before_sync(&next.table) } else { BTreeMap::new() };
         let started = Instant::now();
         if rebuild {
             self.firewall.sync(&next)?;
+            for (service, traffic) in counted {
+                *dp.carried.entry(service).or_default() += traffic;
+            }
+            let services = next.counted_services();
+            dp.carried.retain(|service, _| services.contains(service.as_str()));
         } else if let Some(cur) = &dp.applied {
             let ops = plan::element_ops(&cur.elements, &next.elements);
             if !ops.is_empty() {
@@ -328,6 +340,37 @@ impl Releaser {
         let took = started.elapsed();
         dp.applied = Some(next);
         Ok(took)
+    }
+
+    /// The kernel's counts per service, or none (with a warning) when they cannot be read:
+    /// losing them must not stop a sync.
+    fn counts_before_sync(&self, table: &str) -> BTreeMap<String, Traffic> {
+        self.firewall.counters(table).unwrap_or_else(|e| {
+            tracing::warn!(table, error = %e, "cannot read the traffic counters before rewriting the table; what they counted is lost");
+            BTreeMap::new()
+        })
+    }
+
+    /// Packets and bytes of each NAT-mode service's forwarded connections, both directions:
+    /// the kernel's counts plus what earlier whole-table syncs carried. Never decreases
+    /// while the daemon runs and the service exists (a restart carries what the kernel
+    /// still holds, at the first sync).
+    pub async fn traffic(&self) -> Result<BTreeMap<String, Traffic>, ReleaseError> {
+        let dp = self.dataplane.lock().await;
+        let Some(applied) = &dp.applied else { return Ok(BTreeMap::new()) };
+        let services = applied.counted_services();
+        let mut out: BTreeMap<String, Traffic> = services.iter().map(|s| (s.to_string(), Traffic::default())).collect();
+        for (service, traffic) in self.firewall.counters(&applied.table)? {
+            if let Some(total) = out.get_mut(&service) {
+                *total += traffic;
+            }
+        }
+        for (service, traffic) in &dp.carried {
+            if let Some(total) = out.get_mut(service) {
+                *total += *traffic;
+            }
+        }
+        Ok(out)
     }
 
     /// After a restart: rebuild the rules from state (one atomic transaction, so
@@ -1382,7 +1425,10 @@ impl Releaser {
             if let Err(e) = self.firewall.delete_table(&self.settings.table) {
                 errors.push(e.to_string());
             }
-            self.dataplane.lock().await.applied = None;
+            let mut dp = self.dataplane.lock().await;
+            dp.applied = None;
+            dp.carried.clear();
+            drop(dp);
             for (ifname, before) in restore {
                 if let Err(e) = crate::host::set_route_localnet(&ifname, before) {
                     errors.push(e.to_string());

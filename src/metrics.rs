@@ -16,11 +16,12 @@
 //! - `cutover_active_release{service}` gauge: the active release number (0: none);
 //! - `cutover_open_connections{service,release}` gauge: the last connection count of the
 //!   release that drained last (one series per service, so stopped releases do not pile up);
+//! - `cutover_packets_total{service}`, `cutover_bytes_total{service}` counters: packets
+//!   and bytes (IP packet lengths) of the service's forwarded connections, both
+//!   directions, counted by the kernel's counting rules (see `plan`) and read at scrape
+//!   time; carried across whole-table syncs, so they only grow while the daemon runs and
+//!   the service exists (deploy and rollback do not touch them);
 //! - `cutover_build_info{version}` gauge, always 1.
-//!
-//! Not here (yet): per-service packet and byte counters. The nat chains see only the
-//! first packet of a flow and carry no counters; see the "Metrics" section of
-//! docs/operations.md for the rule change that would make them cheap to read.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::plan::Traffic;
 use crate::state::{OperationKind, State};
 
 /// The Content-Type of the text exposition format.
@@ -180,20 +182,31 @@ impl Metrics {
         for (service, active) in &scrape.active {
             sample(&mut out, "cutover_active_release", &[("service", service)], f64::from(active.unwrap_or(0)));
         }
+
+        header(&mut out, "cutover_packets_total", "counter", "Packets of a service's forwarded connections, both directions, counted by the kernel.");
+        for (service, t) in &scrape.traffic {
+            sample(&mut out, "cutover_packets_total", &[("service", service)], t.packets as f64);
+        }
+        header(&mut out, "cutover_bytes_total", "counter", "Bytes (IP packet lengths) of a service's forwarded connections, both directions, counted by the kernel.");
+        for (service, t) in &scrape.traffic {
+            sample(&mut out, "cutover_bytes_total", &[("service", service)], t.bytes as f64);
+        }
         out
     }
 }
 
-/// What a scrape reads from the daemon's state at scrape time.
+/// What a scrape reads from the daemon's state and the kernel at scrape time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scrape {
     /// service -> its active release.
     pub active: BTreeMap<String, Option<u32>>,
+    /// service -> its traffic (NAT-mode services only).
+    pub traffic: BTreeMap<String, Traffic>,
 }
 
 impl Scrape {
     pub fn of_state(state: &State) -> Scrape {
-        Scrape { active: state.services.iter().map(|(name, svc)| (name.clone(), svc.active)).collect() }
+        Scrape { active: state.services.iter().map(|(name, svc)| (name.clone(), svc.active)).collect(), traffic: BTreeMap::new() }
     }
 }
 
@@ -404,7 +417,7 @@ mod tests {
         m.release("web", OperationKind::Deploy, "switched");
         m.release("web", OperationKind::Rollback, "reverted");
         m.release("api", OperationKind::Deploy, "refused");
-        let text = m.render(&Scrape { active: BTreeMap::from([("web".into(), Some(3)), ("api".into(), None)]) });
+        let text = m.render(&Scrape { active: BTreeMap::from([("web".into(), Some(3)), ("api".into(), None)]), ..Scrape::default() });
         assert_exposition(&text);
         assert!(text.contains("cutover_releases_total{service=\"web\",kind=\"deploy\",outcome=\"switched\"} 2\n"), "{text}");
         assert!(text.contains("cutover_releases_total{service=\"web\",kind=\"rollback\",outcome=\"reverted\"} 1\n"), "{text}");
@@ -424,6 +437,19 @@ mod tests {
         let text = m.render(&Scrape::default());
         assert!(!text.contains("release=\"1\""), "{text}");
         assert!(text.contains("cutover_open_connections{service=\"web\",release=\"2\"} 0\n"), "{text}");
+    }
+
+    #[test]
+    fn traffic_is_two_counter_families_per_service() {
+        let scrape = Scrape {
+            traffic: BTreeMap::from([("web".into(), Traffic { packets: 12, bytes: 3456 }), ("api".into(), Traffic::default())]),
+            ..Scrape::default()
+        };
+        let text = Metrics::new().render(&scrape);
+        assert_exposition(&text);
+        assert!(text.contains("# TYPE cutover_packets_total counter\ncutover_packets_total{service=\"api\"} 0\ncutover_packets_total{service=\"web\"} 12\n"), "{text}");
+        assert!(text.contains("# TYPE cutover_bytes_total counter\n"), "{text}");
+        assert!(text.contains("cutover_bytes_total{service=\"web\"} 3456\n"), "{text}");
     }
 
     #[test]

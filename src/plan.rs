@@ -18,7 +18,15 @@
 //!   is DNAT'd to the active release;
 //! - chain `postrouting` (nat, srcnat - 5): marked traffic from 127.0.0.0/8 (clients on
 //!   the host via loopback) and marked traffic that leaves through the bridge it came
-//!   from (hairpin) is masqueraded so the replies come back through the NAT.
+//!   from (hairpin) is masqueraded so the replies come back through the NAT;
+//! - chains `count_prerouting` and `count_output` (filter, dstnat + 10, so after the NAT
+//!   of a connection's first packet): one rule per service host port, `ct status dnat
+//!   meta l4proto P ct original proto-dst PORT counter comment "<service>"`. Every packet
+//!   of a forwarded connection, both directions, passes exactly one of the two hooks
+//!   (remote and container clients: prerouting both ways; host clients over loopback:
+//!   output out, prerouting back), and its original tuple names the host port both ways,
+//!   so each packet is counted once. Keyed by service, not release: a switch changes no
+//!   rule and keeps the counts.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,6 +52,11 @@ pub const DNAT6_MAP_ADDR: &str = "dnat6_addr";
 pub const DNAT_PRIORITY: i32 = -105;
 /// Priority of the masquerade chain: `srcnat - 5`.
 pub const SNAT_PRIORITY: i32 = 95;
+/// Priority of the counting chains: `dstnat + 10`, after every DNAT of the hook, so the
+/// first packet of a connection already has `ct status dnat`.
+pub const COUNT_PRIORITY: i32 = -90;
+/// The counting chains (names of the table's chains whose rules carry a service comment).
+pub const COUNT_CHAINS: [&str; 2] = ["count_prerouting", "count_output"];
 
 /// IP version of a map, a rule or an element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -139,6 +152,20 @@ impl Hook {
     }
 }
 
+/// Packets and bytes counted for one service, both directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Traffic) {
+        self.packets = self.packets.saturating_add(other.packets);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+}
+
 /// The rules cutover writes; `nat` turns each into netlink expressions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Rule {
@@ -150,11 +177,32 @@ pub enum Rule {
     MasqueradeLoopback { mark: u32 },
     /// Marked IPv4 from `subnet` leaving through `ifname`: masquerade (hairpin).
     MasqueradeHairpin { mark: u32, ifname: String, subnet: Ipv4Addr, prefix: u8 },
+    /// Packets of connections DNAT'd from `protocol` host port `port` (on host address
+    /// `daddr` only, when given): count them for `service`, whose name is the rule's
+    /// comment. No verdict.
+    CountService { service: String, protocol: Protocol, port: u16, daddr: Option<IpAddr> },
+}
+
+/// The type of a base chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ChainKind {
+    Nat,
+    Filter,
+}
+
+impl ChainKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainKind::Nat => "nat",
+            ChainKind::Filter => "filter",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Chain {
     pub name: String,
+    pub kind: ChainKind,
     pub hook: Hook,
     pub priority: i32,
     pub rules: Vec<Rule>,
@@ -256,6 +304,7 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
     let mut bridges = desired.bridges.clone();
     bridges.sort();
     bridges.dedup();
+    let count = count_rules(&desired.targets);
     let mut post = vec![Rule::MasqueradeLoopback { mark }];
     post.extend(bridges.into_iter().map(|b| Rule::MasqueradeHairpin {
         mark,
@@ -269,12 +318,42 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
         map: DNAT_MAP.to_string(),
         maps,
         chains: vec![
-            Chain { name: "prerouting".into(), hook: Hook::Prerouting, priority: DNAT_PRIORITY, rules: dnat.clone() },
-            Chain { name: "output".into(), hook: Hook::Output, priority: DNAT_PRIORITY, rules: dnat },
-            Chain { name: "postrouting".into(), hook: Hook::Postrouting, priority: SNAT_PRIORITY, rules: post },
+            Chain { name: "prerouting".into(), kind: ChainKind::Nat, hook: Hook::Prerouting, priority: DNAT_PRIORITY, rules: dnat.clone() },
+            Chain { name: "output".into(), kind: ChainKind::Nat, hook: Hook::Output, priority: DNAT_PRIORITY, rules: dnat },
+            Chain { name: "postrouting".into(), kind: ChainKind::Nat, hook: Hook::Postrouting, priority: SNAT_PRIORITY, rules: post },
+            count_chain(COUNT_CHAINS[0], Hook::Prerouting, count.clone()),
+            count_chain(COUNT_CHAINS[1], Hook::Output, count),
         ],
         elements: elements(&desired.targets),
         notes: notes(&desired.targets),
+    }
+}
+
+fn count_chain(name: &str, hook: Hook, rules: Vec<Rule>) -> Chain {
+    Chain { name: name.into(), kind: ChainKind::Filter, hook, priority: COUNT_PRIORITY, rules }
+}
+
+/// One counting rule per service host port (per protocol and bound address), sorted.
+/// Independent of releases and their addresses, so a switch never changes them.
+pub fn count_rules(targets: &[Target]) -> Vec<Rule> {
+    let keys: std::collections::BTreeSet<(&str, Protocol, u16, Option<IpAddr>)> =
+        targets.iter().map(|t| (t.service.as_str(), t.protocol, t.host_port, t.host_ip)).collect();
+    keys.into_iter()
+        .map(|(service, protocol, port, daddr)| Rule::CountService { service: service.to_string(), protocol, port, daddr })
+        .collect()
+}
+
+impl Ruleset {
+    /// The services the table counts traffic for.
+    pub fn counted_services(&self) -> std::collections::BTreeSet<&str> {
+        self.chains
+            .iter()
+            .flat_map(|c| &c.rules)
+            .filter_map(|r| match r {
+                Rule::CountService { service, .. } => Some(service.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -377,6 +456,15 @@ impl fmt::Display for Rule {
                 f,
                 "meta nfproto ipv4 meta mark & {mark:#010x} == {mark:#010x} oifname \"{ifname}\" ip saddr {subnet}/{prefix} masquerade"
             ),
+            Rule::CountService { service, protocol, port, daddr } => {
+                f.write_str("ct status dnat ")?;
+                match daddr {
+                    Some(IpAddr::V4(a)) => write!(f, "meta nfproto ipv4 ct original ip daddr {a} ")?,
+                    Some(IpAddr::V6(a)) => write!(f, "meta nfproto ipv6 ct original ip6 daddr {a} ")?,
+                    None => {}
+                }
+                write!(f, "meta l4proto {protocol} ct original proto-dst {port} counter comment \"{service}\"")
+            }
         }
     }
 }
@@ -418,7 +506,7 @@ impl fmt::Display for Ruleset {
         for chain in &self.chains {
             writeln!(f)?;
             writeln!(f, "\tchain {} {{", chain.name)?;
-            writeln!(f, "\t\ttype nat hook {} priority {}; policy accept;", chain.hook.name(), chain.priority)?;
+            writeln!(f, "\t\ttype {} hook {} priority {}; policy accept;", chain.kind.name(), chain.hook.name(), chain.priority)?;
             for rule in &chain.rules {
                 writeln!(f, "\t\t{rule}")?;
             }
@@ -468,7 +556,12 @@ mod tests {
             _ => "?",
         }).collect();
         assert_eq!(order, [DNAT_MAP_ADDR, DNAT_MAP, DNAT6_MAP_ADDR, DNAT6_MAP]);
-        assert_eq!(hooks, vec![(Hook::Prerouting, -105), (Hook::Output, -105), (Hook::Postrouting, 95)]);
+        assert_eq!(
+            hooks,
+            vec![(Hook::Prerouting, -105), (Hook::Output, -105), (Hook::Postrouting, 95), (Hook::Prerouting, -90), (Hook::Output, -90)]
+        );
+        let kinds: Vec<_> = rs.chains.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, [ChainKind::Nat, ChainKind::Nat, ChainKind::Nat, ChainKind::Filter, ChainKind::Filter]);
         assert_eq!(rs.elements.len(), 1);
         let text = rs.to_string();
         assert!(text.contains("tcp . 8080 : 172.17.0.2 . 80"), "{text}");
@@ -487,6 +580,34 @@ mod tests {
         assert_eq!(ops.len(), 2, "{ops:?}");
         assert!(matches!(ops[0], ElementOp::Delete(ElementKey { port: 8080, .. })));
         assert!(matches!(&ops[1], ElementOp::Add(e) if e.addr == IpAddr::from([172, 17, 0, 3])));
+    }
+
+    #[test]
+    fn each_service_port_is_counted_on_both_hooks_and_a_switch_keeps_the_rules() {
+        let mut bound = target("api", 1, 9090, [172, 17, 0, 4]);
+        bound.host_ip = Some("192.0.2.10".parse().unwrap());
+        let mut udp = target("web", 1, 8080, [172, 17, 0, 2]);
+        udp.protocol = Protocol::Udp;
+        let v1 = ruleset(&desired(vec![target("web", 1, 8080, [172, 17, 0, 2]), udp.clone(), bound.clone()]));
+        let text = v1.to_string();
+        assert!(
+            text.contains(
+                "\tchain count_prerouting {\n\t\ttype filter hook prerouting priority -90; policy accept;\n\
+                 \t\tct status dnat meta nfproto ipv4 ct original ip daddr 192.0.2.10 meta l4proto tcp ct original proto-dst 9090 counter comment \"api\"\n\
+                 \t\tct status dnat meta l4proto tcp ct original proto-dst 8080 counter comment \"web\"\n\
+                 \t\tct status dnat meta l4proto udp ct original proto-dst 8080 counter comment \"web\"\n\t}"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\tchain count_output {\n\t\ttype filter hook output priority -90; policy accept;\n"), "{text}");
+        assert_eq!(v1.counted_services().into_iter().collect::<Vec<_>>(), ["api", "web"]);
+        // A switch moves the release, not the port: the rules (and so their counters) stay.
+        let mut udp2 = udp;
+        udp2.release = 2;
+        udp2.addr = [172, 17, 0, 3].into();
+        let v2 = ruleset(&desired(vec![target("web", 2, 8080, [172, 17, 0, 3]), udp2, bound]));
+        assert_eq!(v1.chains, v2.chains);
+        assert_eq!(element_ops(&v1.elements, &v2.elements).len(), 4);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Acceptance of the daemon's Prometheus endpoint (issue 4, item 5), as root against the
 //! real Docker engine and nftables: a scraper polls `GET /metrics` over TCP from another
-//! thread while a release is deployed, as Prometheus would, and finds the switch.
+//! thread while a release is deployed, as Prometheus would, and finds the switch; the
+//! per-service packet and byte counters grow with real clients' traffic (another host,
+//! the host itself) and survive a deploy and a whole-table rewrite. With
+//! `CUTOVER_TEST_BACKEND=iptables` the same runs against the iptables backend.
 
 mod common;
 
@@ -256,4 +259,91 @@ fn metrics_address_in_use_fails_the_start() {
     let stderr = &out.stderr;
     assert!(!out.success(), "the daemon started although {addr} is taken: {stderr}");
     assert!(stderr.contains(&format!("cannot listen for metrics on {addr}")), "{stderr}");
+}
+
+/// `cutover_packets_total` and `cutover_bytes_total` of `service` in one scrape; both
+/// series must be there.
+#[track_caller]
+fn traffic(addr: &str, service: &str) -> (f64, f64) {
+    let text = scrape(addr).unwrap_or_else(|e| panic!("scrape: {e}"));
+    let samples = parse(&text).unwrap_or_else(|e| panic!("not the exposition format: {e}\n{text}"));
+    let labels: BTreeMap<String, String> = BTreeMap::from([("service".to_string(), service.to_string())]);
+    let get = |name: &str| {
+        samples.get(&(name.to_string(), labels.clone())).copied().unwrap_or_else(|| panic!("no {name} for {service} in:\n{text}"))
+    };
+    (get("cutover_packets_total"), get("cutover_bytes_total"))
+}
+
+/// `n` requests, each on a new connection, answered by `release`.
+#[track_caller]
+fn requests(at: At, url: &str, n: usize, release: &str) {
+    for i in 0..n {
+        assert_eq!(get_ok(at.clone(), url).trim(), release, "request {i} to {url}");
+    }
+}
+
+/// A request on a fresh TCP connection is about ten packets in both directions
+/// (handshake, request, answer, acks, closing); counted twice, it would be about twenty.
+#[track_caller]
+fn assert_counted_once(packets: f64, bytes: f64, n: usize, path: &str) {
+    let per_request = packets / n as f64;
+    assert!((5.0..=15.0).contains(&per_request), "{path}: {per_request} packets per request ({packets} for {n})");
+    assert!(bytes >= 40.0 * packets, "{path}: {bytes} bytes for {packets} packets, each has 40 bytes of headers at least");
+}
+
+#[test]
+fn packet_and_byte_counters_grow_with_a_services_traffic() {
+    let ids = Ids::new("packet_and_byte_counters_grow_with_a_services_traffic");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let v2 = demo_image(&ids, "v2", &[]);
+    let client = ClientHost::new(&ids);
+    let metrics_addr = format!("127.0.0.1:{}", ids.port());
+    let daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
+    let port = ids.port();
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s").write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    let service = ids.service.as_str();
+    const N: usize = 10;
+
+    // Health checks go to the container's own address, not through the host port.
+    let (p0, b0) = traffic(&metrics_addr, service);
+    assert_eq!((p0, b0), (0.0, 0.0), "nothing has used the host port yet");
+
+    // Clients on another host: both directions pass prerouting.
+    let remote = format!("http://{}:{port}/", client.host_addr());
+    requests(client.at(), &remote, N, "v1");
+    let (p1, b1) = traffic(&metrics_addr, service);
+    assert_counted_once(p1 - p0, b1 - b0, N, "another host");
+
+    // A deploy changes one map element: the counters go on.
+    daemon.cli_ok(&["deploy", service, "--image", &v2]);
+    let (p2, b2) = traffic(&metrics_addr, service);
+    assert!(p2 >= p1 && b2 >= b1, "a deploy does not reset the counters: {p1} -> {p2} packets, {b1} -> {b2} bytes");
+
+    // Clients on the host over loopback: requests pass output, answers prerouting.
+    let local = format!("http://127.0.0.1:{port}/");
+    requests(At::Host, &local, N, "v2");
+    let (p3, b3) = traffic(&metrics_addr, service);
+    assert_counted_once(p3 - p2, b3 - b2, N, "the host over loopback");
+
+    // A second service changes the counting rules, so the whole table is rewritten (its
+    // counters start at zero in the kernel): what they had counted is carried.
+    let other = format!("b-{}", ids.tag);
+    let file = ServiceYaml::http(&other, &v1, ids.port(), &net.name).write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    let (p4, b4) = traffic(&metrics_addr, service);
+    assert!(p4 >= p3 && b4 >= b3, "a whole-table sync does not reset the counters: {p3} -> {p4} packets, {b3} -> {b4} bytes");
+    assert_eq!(traffic(&metrics_addr, &other), (0.0, 0.0), "the new service is counted from zero, on its own");
+    requests(client.at(), &remote, N, "v2");
+    let (p5, b5) = traffic(&metrics_addr, service);
+    assert_counted_once(p5 - p4, b5 - b4, N, "another host, after the rewrite");
+
+    // A rollback, too, leaves them growing.
+    daemon.cli_ok(&["rollback", service]);
+    requests(client.at(), &remote, 1, "v1");
+    let (p6, b6) = traffic(&metrics_addr, service);
+    assert!(p6 > p5 && b6 > b5, "{p5} -> {p6} packets, {b5} -> {b6} bytes");
 }

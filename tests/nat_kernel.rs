@@ -166,6 +166,8 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert_eq!(
         chains,
         vec![
+            ("count_output".into(), "output".into(), -90, "filter".into(), "accept".into()),
+            ("count_prerouting".into(), "prerouting".into(), -90, "filter".into(), "accept".into()),
             ("output".into(), "output".into(), -105, "nat".into(), "accept".into()),
             ("postrouting".into(), "postrouting".into(), 95, "nat".into(), "accept".into()),
             ("prerouting".into(), "prerouting".into(), -105, "nat".into(), "accept".into()),
@@ -177,7 +179,11 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert_eq!(map["map"], "ipv4_addr . inet_service");
     assert_eq!(map_elements(&table), vec!["tcp . 41080 : 10.231.254.2 . 80", "udp . 41053 : 10.231.254.2 . 53"]);
     let rules = objs.iter().filter(|o| o.get("rule").is_some()).count();
-    assert_eq!(rules, 10, "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades");
+    assert_eq!(
+        rules,
+        14,
+        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades, a counting rule per port in each counting chain"
+    );
     // `nft` reads our rules back as the plan describes them.
     let text = sh(&["nft", "list", "table", "inet", &table]);
     assert!(text.contains("dnat ip to meta l4proto . th dport map @dnat4"), "{text}");
@@ -188,6 +194,11 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert!(text.contains(&format!("meta mark set meta mark | {MARK:#010x}")), "{text}");
     assert!(text.contains("oifname \"br-test0\" ip saddr 10.231.254.0/24 masquerade"), "{text}");
     assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
+    assert!(text.contains("ct status dnat meta l4proto tcp ct original proto-dst 41080 counter packets 0 bytes 0 comment \"svc41080tcp\""), "{text}");
+    assert!(text.contains("ct status dnat meta l4proto udp ct original proto-dst 41053 counter packets 0 bytes 0 comment \"svc41053udp\""), "{text}");
+    let counts = fw.counters(&table).unwrap();
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["svc41053udp", "svc41080tcp"], "both services are counted, from zero");
+    assert!(counts.values().all(|t| *t == plan::Traffic::default()), "{counts:?}");
 
     // sync twice: same content.
     let before = without_handles(&Value::Array(nft_json(&table)));
@@ -473,6 +484,15 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(udp_who(&udp), "A");
+    // Each packet of the flow is counted once, both directions, under the UDP port's
+    // service: a "who" (3 bytes) and its answer (1 byte), each with 28 bytes of headers.
+    let udp_service = format!("svc{port}udp");
+    let udp_traffic = || fw.counters(&table).unwrap().get(&udp_service).copied().unwrap_or_default();
+    let before = udp_traffic();
+    assert_eq!(udp_who(&udp), "A");
+    let after = udp_traffic();
+    assert_eq!((after.packets - before.packets, after.bytes - before.bytes), (2, 31 + 29), "{before:?} -> {after:?}");
+    assert!(fw.counters(&table).unwrap()[&format!("svc{port}tcp")].packets >= 5, "the TCP connection so far was counted");
 
     // The cutover.
     let ops = plan::element_ops(
@@ -509,6 +529,15 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
     assert!(!host::set_route_localnet(&rel_b.host_if, true).unwrap());
     assert!(host::route_localnet(&rel_b.host_if).unwrap());
     assert_eq!(who_from(None, lo).unwrap(), "B");
+    // A host client over loopback: the request is counted at output, the answer at
+    // prerouting, each once.
+    let before = udp_traffic();
+    let local = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+    local.set_read_timeout(Some(FAIL_TIMEOUT)).unwrap();
+    local.connect(lo).unwrap();
+    assert_eq!(udp_who(&local), "B");
+    let after = udp_traffic();
+    assert_eq!((after.packets - before.packets, after.bytes - before.bytes), (2, 31 + 29), "{before:?} -> {after:?}");
 
     // The host port is not a listening socket of the host (only a DNAT).
     assert!(!host::listening_ports().unwrap().contains(&(Protocol::Tcp, port)));

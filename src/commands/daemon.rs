@@ -81,7 +81,15 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         let source = releaser.clone();
         let scrape = move || {
             let source = source.clone();
-            async move { crate::metrics::Scrape::of_state(&source.snapshot().await) }
+            async move {
+                let mut scrape = crate::metrics::Scrape::of_state(&source.snapshot().await);
+                match source.traffic().await {
+                    Ok(traffic) => scrape.traffic = traffic,
+                    // The scrape still answers; the counter series are left out of it.
+                    Err(e) => tracing::warn!(error = %e, "cannot read the traffic counters for a scrape"),
+                }
+                scrape
+            }
         };
         tokio::spawn(crate::metrics::serve(listener, metrics, scrape, async move {
             let _ = metrics_stopped.await;

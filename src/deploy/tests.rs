@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 
 use super::*;
 use crate::docker::Published;
-use crate::plan::{Element, ElementKey, ElementOp};
+use crate::plan::{Element, ElementKey, ElementOp, Traffic};
 
 #[derive(Debug, Clone)]
 struct FakeContainer {
@@ -125,6 +125,8 @@ impl Engine for FakeEngine {
 #[derive(Default)]
 struct FakeFirewall {
     table: Mutex<Option<BTreeMap<ElementKey, Element>>>,
+    /// What the counting rules hold: a sync starts them at zero, as the kernel does.
+    counts: Mutex<BTreeMap<String, Traffic>>,
     batches: Mutex<Vec<String>>,
     accept: AtomicBool,
     fail: AtomicBool,
@@ -149,6 +151,8 @@ impl Firewall for FakeFirewall {
             return Err(NatError::Socket(std::io::Error::other("injected")));
         }
         *self.table.lock().unwrap() = Some(ruleset.elements.iter().map(|e| (e.key, e.clone())).collect());
+        *self.counts.lock().unwrap() =
+            ruleset.counted_services().into_iter().map(|s| (s.to_string(), Traffic::default())).collect();
         self.batches.lock().unwrap().push("sync".into());
         Ok(())
     }
@@ -173,7 +177,11 @@ impl Firewall for FakeFirewall {
     }
     fn delete_table(&self, _table: &str) -> Result<(), NatError> {
         *self.table.lock().unwrap() = None;
+        self.counts.lock().unwrap().clear();
         Ok(())
+    }
+    fn counters(&self, _table: &str) -> Result<BTreeMap<String, Traffic>, NatError> {
+        Ok(self.counts.lock().unwrap().clone())
     }
     fn table_exists(&self, _table: &str) -> Result<bool, NatError> {
         Ok(self.table.lock().unwrap().is_some())
@@ -279,6 +287,42 @@ async fn deploy_switches_with_one_element_change_and_keeps_the_old_release_stopp
     assert_eq!(svc.manifest.image, "web:2");
     assert!(svc.operation.is_none());
     assert_eq!(svc.history.last().unwrap().outcome, "switched");
+}
+
+#[tokio::test]
+async fn traffic_counts_survive_switches_and_whole_table_syncs() {
+    let w = world();
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let count = |packets: u64| {
+        let mut c = w.firewall.counts.lock().unwrap();
+        *c.get_mut("web").unwrap() += Traffic { packets, bytes: 100 * packets };
+    };
+    count(10);
+    assert_eq!(w.releaser.traffic().await.unwrap()["web"], Traffic { packets: 10, bytes: 1000 });
+    // A switch changes map elements only: the kernel's counts stay.
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    count(5);
+    assert_eq!(w.releaser.traffic().await.unwrap()["web"].packets, 15);
+    // Another service changes the counting rules: a whole-table sync starts the kernel's
+    // counts at zero, and what they held is carried.
+    let api = Manifest::parse(
+        Path::new("api.yaml"),
+        "name: api\nimage: api:1\nports: [{host: 9090, container: 80}]\n\
+         health: {type: http, path: /healthz, interval: 10ms, deadline: 200ms}\ndrain_timeout: 50ms\nwatch: 20ms\n",
+    )
+    .unwrap();
+    w.releaser.apply(api, &w.tx).await.unwrap();
+    assert_eq!(w.firewall.batches(), vec!["sync", "ops:2", "sync"]);
+    assert_eq!(w.firewall.counts.lock().unwrap()["web"].packets, 0);
+    count(1);
+    let t = w.releaser.traffic().await.unwrap();
+    assert_eq!(t["web"], Traffic { packets: 16, bytes: 1600 });
+    assert_eq!(t["api"], Traffic::default());
+    // A removed service's counts go with it.
+    w.releaser.remove("api").await.unwrap();
+    let t = w.releaser.traffic().await.unwrap();
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["web"]);
+    assert_eq!(t["web"].packets, 16);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! pure so unit tests pin the register layout without root.
 
 use std::ffi::{c_void, CStr, CString};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::ptr::NonNull;
 
 use nftnl::expr::Expression;
@@ -32,12 +32,17 @@ pub const NFT_REG_2: u32 = libc::NFT_REG_2 as u32;
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 /// `NFTA_FIB_F_DADDR`: look up the destination address.
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
+/// `IPS_DST_NAT` of `enum ip_conntrack_status`: the connection's destination was NAT'd.
+pub const IPS_DST_NAT: u32 = 1 << 5;
+/// `IP_CT_DIR_ORIGINAL`: the tuple of the direction that opened the connection.
+const IP_CT_DIR_ORIGINAL: u8 = 0;
 /// Maximum interface name length including the NUL (`IFNAMSIZ`).
 pub const IFNAMSIZ: usize = 16;
 
 /// One attribute value of a [`RawExpr`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attr {
+    U8(u8),
     U32(u32),
     Bytes(Vec<u8>),
     Str(CString),
@@ -82,6 +87,9 @@ impl Expression for RawExpr {
             match value {
                 // SAFETY: `expr` is a live expression we own; libnftnl copies the value.
                 Attr::U32(v) => unsafe { sys::nftnl_expr_set_u32(expr.as_ptr(), attr, *v) },
+                // SAFETY: as above; a u8 attribute (the ct direction) is set with its own
+                // width, libnftnl copies exactly one byte.
+                Attr::U8(v) => unsafe { sys::nftnl_expr_set_u8(expr.as_ptr(), attr, *v) },
                 Attr::Bytes(bytes) => {
                     // SAFETY: the pointer and length describe `bytes`, which outlives the
                     // call; libnftnl copies at most `len` bytes into the expression.
@@ -125,16 +133,40 @@ pub fn meta_set(key: i32, sreg: u32) -> RawExpr {
     )
 }
 
-/// `cmp eq reg <sreg> <data>`
-pub fn cmp_eq(sreg: u32, data: &[u8]) -> RawExpr {
+/// `cmp <op> reg <sreg> <data>`
+fn cmp(op: i32, sreg: u32, data: &[u8]) -> RawExpr {
     RawExpr::new(
         c"cmp",
         vec![
             attr(sys::NFTNL_EXPR_CMP_SREG, sreg),
-            attr(sys::NFTNL_EXPR_CMP_OP, libc::NFT_CMP_EQ as u32),
+            attr(sys::NFTNL_EXPR_CMP_OP, op as u32),
             (sys::NFTNL_EXPR_CMP_DATA, Attr::Bytes(data.to_vec())),
         ],
     )
+}
+
+/// `cmp eq reg <sreg> <data>`
+pub fn cmp_eq(sreg: u32, data: &[u8]) -> RawExpr {
+    cmp(libc::NFT_CMP_EQ, sreg, data)
+}
+
+/// `cmp neq reg <sreg> <data>`
+pub fn cmp_neq(sreg: u32, data: &[u8]) -> RawExpr {
+    cmp(libc::NFT_CMP_NEQ, sreg, data)
+}
+
+/// `ct load <key> [, dir original] => reg <dreg>`
+pub fn ct_load(key: i32, original: bool, dreg: u32) -> RawExpr {
+    let mut attrs = vec![attr(sys::NFTNL_EXPR_CT_KEY, key as u32), attr(sys::NFTNL_EXPR_CT_DREG, dreg)];
+    if original {
+        attrs.push((sys::NFTNL_EXPR_CT_DIR, Attr::U8(IP_CT_DIR_ORIGINAL)));
+    }
+    RawExpr::new(c"ct", attrs)
+}
+
+/// `counter` (starting at zero).
+pub fn counter() -> RawExpr {
+    RawExpr::new(c"counter", Vec::new())
 }
 
 /// `fib daddr type => reg <dreg>`
@@ -331,6 +363,31 @@ pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
             out.extend(saddr_in(*subnet, *prefix)?);
             out.push(masquerade());
         }
+        Rule::CountService { protocol, port, daddr, .. } => {
+            // ct status dnat: first, it sends every packet that is not ours on at once.
+            out.push(ct_load(libc::NFT_CT_STATUS, false, NFT_REG_1));
+            out.push(bitwise32(NFT_REG_1, NFT_REG_1, IPS_DST_NAT.to_ne_bytes(), [0; 4]));
+            out.push(cmp_neq(NFT_REG_1, &[0; 4]));
+            match daddr {
+                Some(IpAddr::V4(a)) => {
+                    out.extend(nfproto(Family::Ipv4));
+                    out.push(ct_load(libc::NFT_CT_DST_IP, true, NFT_REG_1));
+                    out.push(cmp_eq(NFT_REG_1, &a.octets()));
+                }
+                Some(IpAddr::V6(a)) => {
+                    out.extend(nfproto(Family::Ipv6));
+                    out.push(ct_load(libc::NFT_CT_DST_IP6, true, NFT_REG_1));
+                    out.push(cmp_eq(NFT_REG_1, &a.octets()));
+                }
+                None => {}
+            }
+            out.push(meta_load(libc::NFT_META_L4PROTO, NFT_REG_1));
+            out.push(cmp_eq(NFT_REG_1, &[protocol.number()]));
+            // The original tuple's destination port is the host port in both directions.
+            out.push(ct_load(libc::NFT_CT_PROTO_DST, true, NFT_REG_1));
+            out.push(cmp_eq(NFT_REG_1, &port.to_be_bytes()));
+            out.push(counter());
+        }
     }
     Ok(out)
 }
@@ -384,6 +441,29 @@ mod tests {
         assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_BITWISE_MASK), [255, 255, 240, 0]);
         assert_eq!(bytes_attr(&e[9], sys::NFTNL_EXPR_CMP_DATA), [172, 17, 0, 0]);
         assert_eq!(e.last().unwrap().name(), "masq");
+    }
+
+    #[test]
+    fn count_rule_matches_dnat_status_and_the_original_tuple() {
+        let rule = Rule::CountService {
+            service: "web".into(),
+            protocol: crate::manifest::Protocol::Udp,
+            port: 8080,
+            daddr: Some("192.0.2.10".parse().unwrap()),
+        };
+        let e = rule_exprs(&rule, 0).unwrap();
+        let names: Vec<_> = e.iter().map(RawExpr::name).collect();
+        assert_eq!(names, ["ct", "bitwise", "cmp", "meta", "cmp", "ct", "cmp", "meta", "cmp", "ct", "cmp", "counter"]);
+        assert_eq!(u32_attr(&e[0], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_STATUS as u32);
+        assert_eq!(e[0].attr(sys::NFTNL_EXPR_CT_DIR), None, "status has no direction");
+        assert_eq!(bytes_attr(&e[1], sys::NFTNL_EXPR_BITWISE_MASK), 0x20u32.to_ne_bytes());
+        assert_eq!(u32_attr(&e[2], sys::NFTNL_EXPR_CMP_OP), libc::NFT_CMP_NEQ as u32);
+        assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_DST_IP as u32);
+        assert_eq!(e[5].attr(sys::NFTNL_EXPR_CT_DIR), Some(&Attr::U8(0)));
+        assert_eq!(bytes_attr(&e[6], sys::NFTNL_EXPR_CMP_DATA), [192, 0, 2, 10]);
+        assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_CMP_DATA), [17]);
+        assert_eq!(u32_attr(&e[9], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_PROTO_DST as u32);
+        assert_eq!(bytes_attr(&e[10], sys::NFTNL_EXPR_CMP_DATA), 8080u16.to_be_bytes());
     }
 
     #[test]

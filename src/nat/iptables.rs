@@ -11,6 +11,14 @@
 //! iptables has no maps: a rule pair (mark, DNAT) per element, by-address elements first
 //! so they win, and a cutover rewrites our chains in one restore. The cost grows with the
 //! number of ports, unlike the nftables backend; that is the price of iptables.
+//!
+//! Traffic per service is counted in one more chain per family, `<table>-cnt` in the
+//! `filter` table, jumped to first from INPUT, FORWARD and OUTPUT (tagged like the
+//! others): one rule per service port, `-p P -m conntrack --ctstate DNAT --ctorigdstport
+//! PORT -m comment --comment <service>`, no target. Every packet of a DNAT'd connection
+//! passes exactly one of those three chains (forwarded, delivered to the host, sent by
+//! it), after the nat table's DNAT, so each is counted once. Only a sync rewrites it (and
+//! so starts its counters at zero); a switch rewrites the nat chains only.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,10 +29,13 @@ use std::sync::Mutex;
 
 use super::docker_user;
 use super::{Firewall, NatError};
-use crate::plan::{Element, ElementOp, Family, Hook, Rule, Ruleset};
+use crate::plan::{Element, ElementOp, Family, Hook, Rule, Ruleset, Traffic, COUNT_CHAINS};
 
 /// iptables refuses chain names longer than this (`XT_EXTENSION_MAXNAMELEN - 1`).
 pub const MAX_CHAIN_NAME: usize = 28;
+
+/// The built-in `filter` chains that jump to the counting chain.
+const COUNT_HOOKS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
 
 /// The binaries of one family.
 #[derive(Debug, Clone)]
@@ -94,6 +105,17 @@ impl IptablesFirewall {
         }
         Ok(())
     }
+
+    /// Our jumps to the counting chain in the built-in `filter` chains of `family`.
+    fn count_jumps_present(&self, family: Family, table: &str) -> Result<Vec<&'static str>, NatError> {
+        let chain = count_chain_name(table)?;
+        let mut present = Vec::new();
+        for builtin in COUNT_HOOKS {
+            let out = run(&self.tools(family).list, &["-w", "-t", "filter", "-S", builtin], None)?;
+            present.extend(out.lines().filter(|l| is_jump_to(l, builtin, &chain, table)).map(|_| builtin));
+        }
+        Ok(present)
+    }
 }
 
 /// The built-in chain a hook's jump sits in.
@@ -133,14 +155,91 @@ fn jump_spec(table: &str, hook: Hook) -> Result<String, NatError> {
     Ok(format!("{local}-m comment --comment cutover:{table} -j {chain}"))
 }
 
-/// Is `line` (from `iptables -S <BUILTIN>`) our jump for `hook`? iptables quotes the
-/// comment (`--comment "cutover:t"`), so quotes are ignored.
+/// Is `line` (from `iptables -S <BUILTIN>`) our jump for `hook`?
 fn is_our_jump(line: &str, hook: Hook, table: &str) -> bool {
     let Ok(chain) = chain_name(table, hook) else { return false };
+    is_jump_to(line, builtin(hook), &chain, table)
+}
+
+/// Is `line` (from `iptables -S <builtin>`) a jump of `table`'s to `chain`? iptables
+/// quotes the comment (`--comment "cutover:t"`), so quotes are ignored.
+fn is_jump_to(line: &str, builtin: &str, chain: &str, table: &str) -> bool {
     let line = line.replace('"', "");
-    line.starts_with(&format!("-A {} ", builtin(hook)))
+    line.starts_with(&format!("-A {builtin} "))
         && line.ends_with(&format!(" -j {chain}"))
         && line.contains(&format!("--comment cutover:{table} "))
+}
+
+/// The counting chain of `table` (in the `filter` table).
+pub fn count_chain_name(table: &str) -> Result<String, NatError> {
+    // Validates the table name; `-cnt` is no longer than the longest other suffix.
+    chain_name(table, Hook::Postrouting)?;
+    Ok(format!("{table}-cnt"))
+}
+
+/// The jump to the counting chain (after `-I/-D <BUILTIN>`).
+fn count_jump_spec(table: &str) -> Result<String, NatError> {
+    Ok(format!("-m comment --comment cutover:{table} -j {}", count_chain_name(table)?))
+}
+
+/// The `iptables-restore --noflush` script that makes the counting chain of `family`
+/// exactly `rs`'s counting rules and adds the jumps not in `present`.
+pub fn count_script(rs: &Ruleset, family: Family, present: &[&str]) -> Result<String, NatError> {
+    let t = &rs.table;
+    let chain = count_chain_name(t)?;
+    let mut s = format!("*filter\n:{chain} - [0:0]\n");
+    // The plan has the same rules in both counting chains; iptables needs them once.
+    let rules = rs.chains.iter().filter(|c| c.name == COUNT_CHAINS[0]).flat_map(|c| &c.rules);
+    for rule in rules {
+        let Rule::CountService { service, protocol, port, daddr } = rule else { continue };
+        if service.is_empty() || !service.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(NatError::InvalidRule(format!("service name `{service}` cannot be an iptables comment")));
+        }
+        let orig = match daddr {
+            Some(d) if Family::of(d) != family => continue,
+            Some(d) => format!(" --ctorigdst {d}"),
+            None => String::new(),
+        };
+        s.push_str(&format!(
+            "-A {chain} -p {protocol} -m conntrack --ctstate DNAT{orig} --ctorigdstport {port} -m comment --comment {service}\n"
+        ));
+    }
+    for builtin in COUNT_HOOKS {
+        if !present.contains(&builtin) {
+            // First, so no ACCEPT (Docker's in FORWARD) ends the packet's way before it.
+            s.push_str(&format!("-I {builtin} 1 {}\n", count_jump_spec(t)?));
+        }
+    }
+    s.push_str("COMMIT\n");
+    Ok(s)
+}
+
+/// The script that removes our jumps to the counting chain (those in `present`) and it.
+pub fn count_delete_script(table: &str, present: &[&str]) -> Result<String, NatError> {
+    let chain = count_chain_name(table)?;
+    let mut s = String::from("*filter\n");
+    for builtin in present {
+        s.push_str(&format!("-D {builtin} {}\n", count_jump_spec(table)?));
+    }
+    s.push_str(&format!(":{chain} - [0:0]\n-X {chain}\nCOMMIT\n"));
+    Ok(s)
+}
+
+/// Per service (the rule's comment), the counters of `iptables -S <chain> -v` lines
+/// (`-A <chain> ... --comment web -c PACKETS BYTES`).
+pub fn parse_counts(text: &str, chain: &str) -> BTreeMap<String, Traffic> {
+    let mut out: BTreeMap<String, Traffic> = BTreeMap::new();
+    let prefix = format!("-A {chain} ");
+    for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |flag: &str| words.iter().position(|w| *w == flag).map(|i| &words[i + 1..]);
+        let service = after("--comment").and_then(|w| w.first()).map(|w| w.trim_matches('"').to_string());
+        let counts = after("-c").and_then(|w| Some((w.first()?.parse::<u64>().ok()?, w.get(1)?.parse::<u64>().ok()?)));
+        if let (Some(service), Some((packets, bytes))) = (service, counts) {
+            *out.entry(service).or_default() += Traffic { packets, bytes };
+        }
+    }
+    out
 }
 
 fn proto(e: &Element) -> String {
@@ -190,7 +289,7 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
                     Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => s.push_str(&format!(
                         "-A {post} -s {subnet}/{prefix} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
                     )),
-                    Rule::DnatLocal { .. } => {}
+                    Rule::DnatLocal { .. } | Rule::CountService { .. } => {}
                 }
             }
         }
@@ -265,6 +364,10 @@ fn apply_to(elements: &[Element], ops: &[ElementOp]) -> Vec<Element> {
 impl Firewall for IptablesFirewall {
     fn sync(&self, ruleset: &Ruleset) -> Result<(), NatError> {
         self.write_chains(ruleset, &[Family::Ipv4, Family::Ipv6])?;
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let present = self.count_jumps_present(family, &ruleset.table)?;
+            self.restore(family, &count_script(ruleset, family, &present)?)?;
+        }
         self.applied()?.insert(ruleset.table.clone(), ruleset.clone());
         Ok(())
     }
@@ -299,6 +402,10 @@ impl Firewall for IptablesFirewall {
 
     fn delete_table(&self, table: &str) -> Result<(), NatError> {
         for family in [Family::Ipv4, Family::Ipv6] {
+            // The counting chain first: what is left after a failure is still found by
+            // `table_exists` (the nat chains) and removed by the next delete.
+            let present = self.count_jumps_present(family, table)?;
+            self.restore(family, &count_delete_script(table, &present)?)?;
             let present = self.jumps_present(family, table)?;
             self.restore(family, &delete_script(table, &present)?)?;
         }
@@ -314,6 +421,22 @@ impl Firewall for IptablesFirewall {
             .output()
             .map_err(NatError::IptablesMissing)?;
         Ok(out.status.success())
+    }
+
+    fn counters(&self, table: &str) -> Result<BTreeMap<String, Traffic>, NatError> {
+        let chain = count_chain_name(table)?;
+        let mut out: BTreeMap<String, Traffic> = BTreeMap::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let text = match run(&self.tools(family).list, &["-w", "-t", "filter", "-S", &chain, "-v"], None) {
+                Ok(text) => text,
+                Err(NatError::Iptables { stderr, .. }) if stderr.contains("No chain") => continue,
+                Err(e) => return Err(e),
+            };
+            for (service, traffic) in parse_counts(&text, &chain) {
+                *out.entry(service).or_default() += traffic;
+            }
+        }
+        Ok(out)
     }
 
     fn ensure_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError> {
@@ -394,6 +517,46 @@ COMMIT
         let d = delete_script("cutover", &[Hook::Prerouting]).unwrap();
         assert!(d.starts_with(&format!("*nat\n-D PREROUTING {}\n", ours.trim_start_matches("-A PREROUTING "))), "{d}");
         assert!(d.contains(":cutover-post - [0:0]\n-X cutover-post\n"), "{d}");
+    }
+
+    #[test]
+    fn counting_chain_has_a_rule_per_service_port_of_the_family_and_jumps_first() {
+        let rs = ruleset();
+        let s = count_script(&rs, Family::Ipv4, &["OUTPUT"]).unwrap();
+        let expected = "*filter
+:cutover-cnt - [0:0]
+-A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdst 192.0.2.10 --ctorigdstport 8080 -m comment --comment api
+-A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -m comment --comment web
+-A cutover-cnt -p udp -m conntrack --ctstate DNAT --ctorigdstport 53 -m comment --comment web
+-I INPUT 1 -m comment --comment cutover:cutover -j cutover-cnt
+-I FORWARD 1 -m comment --comment cutover:cutover -j cutover-cnt
+COMMIT
+";
+        assert_eq!(s, expected);
+        let s6 = count_script(&rs, Family::Ipv6, &COUNT_HOOKS).unwrap();
+        assert!(!s6.contains("192.0.2.10") && !s6.contains("-I "), "{s6}");
+        assert!(s6.contains("--ctorigdstport 53 -m comment --comment web\n"), "{s6}");
+        let jump = "-A FORWARD -m comment --comment \"cutover:cutover\" -j cutover-cnt";
+        assert!(is_jump_to(jump, "FORWARD", "cutover-cnt", "cutover"));
+        assert!(!is_jump_to(jump, "FORWARD", "cutover-cnt", "other"));
+        assert_eq!(
+            count_delete_script("cutover", &["FORWARD"]).unwrap(),
+            "*filter\n-D FORWARD -m comment --comment cutover:cutover -j cutover-cnt\n:cutover-cnt - [0:0]\n-X cutover-cnt\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn counts_are_read_per_service_from_iptables_s_v() {
+        let text = "-N cutover-cnt
+-A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdst 192.0.2.10 --ctorigdstport 8080 -m comment --comment api -c 3 180
+-A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -m comment --comment web -c 10 1000
+-A cutover-cnt -p udp -m conntrack --ctstate DNAT --ctorigdstport 53 -m comment \"web\" -c 2 100
+-A other-cnt -p udp -m comment --comment web -c 99 99
+";
+        let got = parse_counts(text, "cutover-cnt");
+        assert_eq!(got["api"], Traffic { packets: 3, bytes: 180 });
+        assert_eq!(got["web"], Traffic { packets: 10, bytes: 1000 }, "the line without --comment is not counted");
+        assert_eq!(got.len(), 2);
     }
 
     #[test]

@@ -24,12 +24,15 @@
 //! ack; [`expr`] builds the rule expressions nftnl lacks; [`map`] writes the DNAT map and
 //! its elements; [`docker_user`] owns the DOCKER-USER accept.
 //!
+//! Per-service traffic is counted by the table's own counting chains (see `plan`) and
+//! read back with one rule dump ([`Firewall::counters`]); nothing here keeps counts.
+//!
 //! The mark is set in a nat chain, so only the first packet of a connection carries it:
 //! the DOCKER-USER accept lets that packet through, and Docker's own per-bridge
 //! `RELATED,ESTABLISHED` accept the rest. A release behind an interface Docker does not
 //! manage needs its own ESTABLISHED accept in FORWARD.
 
-use crate::plan::{ElementOp, Ruleset};
+use crate::plan::{ElementOp, Ruleset, Traffic};
 
 pub mod docker_fw;
 pub mod docker_user;
@@ -130,6 +133,10 @@ pub trait Firewall: Send + Sync + 'static {
     fn delete_table(&self, table: &str) -> Result<(), NatError>;
     /// Does the table exist?
     fn table_exists(&self, table: &str) -> Result<bool, NatError>;
+    /// Packets and bytes of each service's forwarded connections, both directions, as
+    /// the counting rules saw them since [`Firewall::sync`] last wrote them (a sync starts
+    /// them at zero; map changes keep them). Empty when the table does not exist.
+    fn counters(&self, table: &str) -> Result<std::collections::BTreeMap<String, Traffic>, NatError>;
     /// Let forwarded traffic that carries `mark` past Docker's FORWARD DROP: an ACCEPT in
     /// DOCKER-USER tagged with a comment naming `table`. Idempotent; a no-op (Ok) when
     /// the host has no DOCKER-USER chain.

@@ -110,6 +110,7 @@ impl Transaction {
         let bytes: Vec<u8> = finalized.iter().flatten().copied().collect();
 
         socket.ensure_sndbuf(bytes.len())?;
+        socket.ensure_rcvbuf(seqs.len())?;
         socket.send(&bytes)?;
 
         let mut pending: BTreeMap<u32, ()> = seqs.clone().map(|s| (s, ())).collect();
@@ -261,6 +262,20 @@ impl Socket {
         self.setsockopt(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)
     }
 
+    /// The kernel queues the acknowledgement of every message of a batch before we read
+    /// the first, so a batch of thousands of messages (a sync with a counting rule per
+    /// service port) overflows the default receive buffer (ENOBUFS) and its answers are
+    /// lost. Grow it to about 1 KiB per message, as `nft` does (SO_RCVBUFFORCE: we are root).
+    fn ensure_rcvbuf(&self, messages: usize) -> io::Result<()> {
+        const DEFAULT_ENOUGH: usize = 128;
+        const PER_ACK: usize = 1024;
+        if messages <= DEFAULT_ENOUGH {
+            return Ok(());
+        }
+        let size = c_int::try_from(messages.saturating_mul(PER_ACK)).unwrap_or(c_int::MAX);
+        self.setsockopt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size)
+    }
+
     fn send(&self, bytes: &[u8]) -> io::Result<()> {
         let sent = self.0.send(bytes)?;
         if sent != bytes.len() {
@@ -322,33 +337,196 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
+fn malformed() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "malformed netlink message from nftables")
+}
+
+/// One netlink message of a datagram: type, flags, sequence number, and the whole
+/// message (header included).
+struct Frame<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    msg: &'a [u8],
+}
+
 /// Split a datagram into netlink messages. Reads fields by value, so the buffer needs no
 /// particular alignment.
-fn parse_messages(mut b: &[u8]) -> impl Iterator<Item = io::Result<Received>> + '_ {
+fn frames(mut b: &[u8]) -> impl Iterator<Item = io::Result<Frame<'_>>> + '_ {
     std::iter::from_fn(move || {
         if b.len() < NLMSG_HDRLEN {
             return None;
         }
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink message from nftables");
         let (Some(len), Some(ty), Some(flags), Some(seq)) = (u32_at(b, 0), u16_at(b, 4), u16_at(b, 6), u32_at(b, 8))
         else {
-            return Some(Err(bad()));
+            return Some(Err(malformed()));
         };
         let len = len as usize;
         if len < NLMSG_HDRLEN || len > b.len() {
             b = &[];
-            return Some(Err(bad()));
+            return Some(Err(malformed()));
         }
         let msg = &b[..len];
         b = b.get((len + 3) & !3..).unwrap_or(&[]);
-        if ty != libc::NLMSG_ERROR as u16 {
-            return Some(Ok(Received { seq, is_ack: false, error: None, ext_msg: None }));
-        }
-        let Some(code) = u32_at(msg, NLMSG_HDRLEN) else { return Some(Err(bad())) };
-        let errno = -(code as i32);
-        let ext_msg = if flags & NLM_F_ACK_TLVS != 0 { ext_ack_message(msg, flags) } else { None };
-        Some(Ok(Received { seq, is_ack: true, error: (errno != 0).then_some(errno), ext_msg }))
+        Some(Ok(Frame { ty, flags, seq, msg }))
     })
+}
+
+/// The positive errno of an NLMSG_ERROR message (0: an ACK).
+fn errno_of(msg: &[u8]) -> io::Result<i32> {
+    u32_at(msg, NLMSG_HDRLEN).map(|code| -(code as i32)).ok_or_else(malformed)
+}
+
+/// What [`Transaction::commit`] needs of each message of a datagram.
+fn parse_messages(b: &[u8]) -> impl Iterator<Item = io::Result<Received>> + '_ {
+    frames(b).map(|frame| {
+        let Frame { ty, flags, seq, msg } = frame?;
+        if ty != libc::NLMSG_ERROR as u16 {
+            return Ok(Received { seq, is_ack: false, error: None, ext_msg: None });
+        }
+        let errno = errno_of(msg)?;
+        let ext_msg = if flags & NLM_F_ACK_TLVS != 0 { ext_ack_message(msg, flags) } else { None };
+        Ok(Received { seq, is_ack: true, error: (errno != 0).then_some(errno), ext_msg })
+    })
+}
+
+/// The counter of one rule, as a rule dump reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub chain: String,
+    /// The rule's comment (nftnl userdata), if it has one.
+    pub comment: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// Not in the libc crate (linux/netfilter/nf_tables.h, nfnetlink.h, netlink.h).
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFGENMSG_LEN: usize = 4;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+/// `NFTNL_UDATA_RULE_COMMENT`: the type of the comment TLV in a rule's userdata.
+const UDATA_RULE_COMMENT: u8 = 0;
+/// The kernel's ruleset changed while it answered a dump: ask again.
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const DUMP_ATTEMPTS: usize = 5;
+
+/// The netlink attributes of `b`: (type without the nested/byte-order flags, payload).
+fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = u16_at(b, 0)? as usize;
+        let ty = u16_at(b, 2)? & 0x3fff;
+        let value = b.get(4..len)?;
+        b = b.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((ty, value))
+    })
+}
+
+fn attr_str(value: &[u8]) -> String {
+    String::from_utf8_lossy(value.split(|c| *c == 0).next().unwrap_or_default()).into_owned()
+}
+
+fn be64(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.try_into().ok()?))
+}
+
+/// The comment TLV of a rule's userdata (`type u8, len u8, value`).
+fn udata_comment(mut b: &[u8]) -> Option<String> {
+    while let [ty, len, rest @ ..] = b {
+        let value = rest.get(..usize::from(*len))?;
+        if *ty == UDATA_RULE_COMMENT {
+            return Some(attr_str(value));
+        }
+        b = &rest[usize::from(*len)..];
+    }
+    None
+}
+
+/// A NEWRULE message of a dump, if it belongs to `table` and has a counter expression.
+fn rule_counter(msg: &[u8], table: &str) -> Option<RuleCounter> {
+    let (mut in_table, mut chain, mut comment, mut counter) = (false, None, None, None);
+    for (ty, value) in attrs(msg.get(NLMSG_HDRLEN + NFGENMSG_LEN..)?) {
+        match ty {
+            NFTA_RULE_TABLE => in_table = attr_str(value) == table,
+            NFTA_RULE_CHAIN => chain = Some(attr_str(value)),
+            NFTA_RULE_USERDATA => comment = udata_comment(value),
+            NFTA_RULE_EXPRESSIONS => {
+                for (_, expr) in attrs(value).filter(|(t, _)| *t == NFTA_LIST_ELEM) {
+                    let name = attrs(expr).find(|(t, _)| *t == NFTA_EXPR_NAME).map(|(_, v)| attr_str(v));
+                    let Some(data) = attrs(expr).find(|(t, _)| *t == NFTA_EXPR_DATA).map(|(_, v)| v) else { continue };
+                    if name.as_deref() == Some("counter") {
+                        let field = |want| attrs(data).find(|(t, _)| *t == want).and_then(|(_, v)| be64(v));
+                        counter = Some((field(NFTA_COUNTER_PACKETS)?, field(NFTA_COUNTER_BYTES)?));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let (packets, bytes) = counter?;
+    in_table.then(|| RuleCounter { chain: chain.unwrap_or_default(), comment, packets, bytes })
+}
+
+/// The GETRULE dump request for the rules of inet table `table`.
+fn rule_dump_request(table: &CStr, seq: u32) -> Vec<u8> {
+    let name = table.to_bytes_with_nul();
+    let attr_len = 4 + name.len();
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + ((attr_len + 3) & !3);
+    let mut b = Vec::with_capacity(len);
+    b.extend((len as u32).to_ne_bytes());
+    b.extend(((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETRULE as u16).to_ne_bytes());
+    b.extend(((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    b.extend(seq.to_ne_bytes());
+    b.extend(0u32.to_ne_bytes());
+    // nfgenmsg: family, version, resource id (big endian)
+    b.extend([ProtoFamily::Inet as u8, libc::NFNETLINK_V0 as u8, 0, 0]);
+    b.extend((attr_len as u16).to_ne_bytes());
+    b.extend(NFTA_RULE_TABLE.to_ne_bytes());
+    b.extend(name);
+    b.resize(len, 0);
+    b
+}
+
+/// The counters of every rule of inet table `table` that has one (none when the table
+/// does not exist), read with one NFT_MSG_GETRULE dump.
+pub fn rule_counters(socket: &Socket, table: &CStr) -> io::Result<Vec<RuleCounter>> {
+    let name = table.to_string_lossy();
+    let mut buf = RecvBuf::new();
+    for seq in 1..=DUMP_ATTEMPTS as u32 {
+        socket.send(&rule_dump_request(table, seq))?;
+        let mut out = Vec::new();
+        let mut interrupted = false;
+        'dump: loop {
+            let n = socket.recv(&mut buf, false)?;
+            for frame in frames(&buf.bytes()[..n]) {
+                let frame = frame?;
+                if frame.seq != seq {
+                    continue;
+                }
+                interrupted |= frame.flags & NLM_F_DUMP_INTR != 0;
+                match frame.ty {
+                    t if t == libc::NLMSG_DONE as u16 => break 'dump,
+                    t if t == libc::NLMSG_ERROR as u16 => match errno_of(frame.msg)? {
+                        0 => break 'dump,
+                        libc::ENOENT => return Ok(Vec::new()),
+                        errno => return Err(io::Error::from_raw_os_error(errno)),
+                    },
+                    _ => out.extend(rule_counter(frame.msg, &name)),
+                }
+            }
+        }
+        if !interrupted {
+            return Ok(out);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::Interrupted, format!("the ruleset kept changing during {DUMP_ATTEMPTS} rule dumps")))
 }
 
 /// The NLMSGERR_ATTR_MSG text of an extended ACK.
@@ -414,6 +592,49 @@ mod tests {
                 Received { seq: 5, is_ack: false, error: None, ext_msg: None },
             ]
         );
+    }
+
+    fn attr(ty: u16, value: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend(((4 + value.len()) as u16).to_ne_bytes());
+        v.extend(ty.to_ne_bytes());
+        v.extend(value);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    const NESTED: u16 = 0x8000;
+
+    #[test]
+    fn a_dumped_rule_gives_its_chain_comment_and_counter() {
+        let counter = [
+            attr(NFTA_EXPR_NAME, b"counter\0"),
+            attr(
+                NFTA_EXPR_DATA | NESTED,
+                &[attr(3, &[0; 4]), attr(NFTA_COUNTER_BYTES, &1234u64.to_be_bytes()), attr(NFTA_COUNTER_PACKETS, &17u64.to_be_bytes())]
+                    .concat(),
+            ),
+        ]
+        .concat();
+        let cmp = [attr(NFTA_EXPR_NAME, b"cmp\0"), attr(NFTA_EXPR_DATA | NESTED, &attr(1, &[1, 0, 0, 0]))].concat();
+        let exprs = [attr(NFTA_LIST_ELEM | NESTED, &cmp), attr(NFTA_LIST_ELEM | NESTED, &counter)].concat();
+        let payload = [
+            vec![1, 0, 0, 0],
+            attr(NFTA_RULE_TABLE, b"cutover\0"),
+            attr(NFTA_RULE_CHAIN, b"count_output\0"),
+            attr(NFTA_RULE_EXPRESSIONS | NESTED, &exprs),
+            attr(NFTA_RULE_USERDATA, &[0, 4, b'w', b'e', b'b', 0]),
+        ]
+        .concat();
+        let msg = nlmsg((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_NEWRULE as u16, 2, 1, &payload);
+        let got = rule_counter(&msg, "cutover").unwrap();
+        assert_eq!(got, RuleCounter { chain: "count_output".into(), comment: Some("web".into()), packets: 17, bytes: 1234 });
+        assert_eq!(rule_counter(&msg, "other"), None, "rules of another table are not ours");
+        let request = rule_dump_request(c"cutover", 7);
+        assert_eq!(request.len(), 16 + 4 + 12);
+        assert_eq!(&request[20..], &attr(NFTA_RULE_TABLE, b"cutover\0")[..]);
     }
 
     #[test]

@@ -10,7 +10,9 @@ use super::expr::rule_exprs;
 use super::map::{ElementsMsg, MapMsg, ELEMENTS_PER_MESSAGE};
 use super::netlink::{self, Socket, Transaction};
 use super::{Firewall, NatError};
-use crate::plan::{Element, ElementOp, Hook, Rule, Ruleset};
+use std::collections::BTreeMap;
+
+use crate::plan::{ChainKind, Element, ElementOp, Hook, Rule, Ruleset, Traffic, COUNT_CHAINS};
 
 /// Id of the first map inside a sync batch (the others follow), so rules can name a map
 /// before it is committed.
@@ -131,13 +133,16 @@ fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
     for c in &rs.chains {
         let chain_name = name("chain", &c.name)?;
         let mut chain = nftnl::Chain::new(&chain_name, &table);
-        chain.set_type(ChainType::Nat);
+        chain.set_type(match c.kind {
+            ChainKind::Nat => ChainType::Nat,
+            ChainKind::Filter => ChainType::Filter,
+        });
         chain.set_hook(hook(c.hook), c.priority);
         chain.set_policy(Policy::Accept);
         tx.add(
             &chain,
             MsgType::Add,
-            format!("create chain {} (nat hook {} priority {})", c.name, c.hook.name(), c.priority),
+            format!("create chain {} ({} hook {} priority {})", c.name, c.kind.name(), c.hook.name(), c.priority),
         );
         for r in &c.rules {
             let mut rule = nftnl::Rule::new(&chain);
@@ -149,10 +154,26 @@ fn sync_transaction(rs: &Ruleset) -> Result<Transaction, NatError> {
             for e in rule_exprs(r, map_id)? {
                 rule.add_expr(&e);
             }
+            // The service a counter belongs to, for `counters` (and `nft list`) to read.
+            if let Rule::CountService { service, .. } = r {
+                rule.set_comment(name("comment", service)?)
+                    .map_err(|e| NatError::InvalidRule(format!("comment {service:?}: {e}")))?;
+            }
             tx.add(&rule, MsgType::Add, format!("add rule to chain {}: {r}", c.name));
         }
     }
     Ok(tx)
+}
+
+/// The counts of the counting chains' rules, summed per service (their comment).
+fn per_service(rules: Vec<netlink::RuleCounter>) -> BTreeMap<String, Traffic> {
+    let mut out: BTreeMap<String, Traffic> = BTreeMap::new();
+    for r in rules {
+        if let (true, Some(service)) = (COUNT_CHAINS.contains(&r.chain.as_str()), r.comment) {
+            *out.entry(service).or_default() += Traffic { packets: r.packets, bytes: r.bytes };
+        }
+    }
+    out
 }
 
 impl Firewall for NftFirewall {
@@ -211,6 +232,14 @@ impl Firewall for NftFirewall {
             .map_err(|source| NatError::Read { table: table.to_string(), source })
     }
 
+    fn counters(&self, table: &str) -> Result<BTreeMap<String, Traffic>, NatError> {
+        let table_name = name("table", table)?;
+        let socket = open()?;
+        let rules = netlink::rule_counters(&socket, &table_name)
+            .map_err(|source| NatError::Read { table: table.to_string(), source })?;
+        Ok(per_service(rules))
+    }
+
     fn ensure_forward_accept(&self, table: &str, mark: u32) -> Result<(), NatError> {
         docker_user::ensure_forward_accept(&self.iptables, table, mark)
     }
@@ -233,8 +262,33 @@ mod tests {
             .collect();
         let rs = plan::ruleset(&Desired { table: "t".into(), mark: 1, targets, bridges: vec![] });
         let tx = sync_transaction(&rs).unwrap();
-        // 3 table messages, 4 maps, 6 element chunks of 512, 3 chains, 4 + 4 + 1 rules.
-        assert_eq!(tx.len(), 3 + 4 + 6 + 3 + 9);
+        // 3 table messages, 4 maps, 6 element chunks of 512, 5 chains, 4 + 4 + 1 rules,
+        // and a counting rule per service port in each of the two counting chains.
+        assert_eq!(tx.len(), 3 + 4 + 6 + 5 + 9 + 2 * 3000);
+    }
+
+    #[test]
+    fn counts_of_both_counting_chains_add_up_per_service() {
+        let rule = |chain: &str, comment: Option<&str>, packets, bytes| netlink::RuleCounter {
+            chain: chain.into(),
+            comment: comment.map(Into::into),
+            packets,
+            bytes,
+        };
+        let got = per_service(vec![
+            rule("count_prerouting", Some("web"), 3, 300),
+            rule("count_output", Some("web"), 2, 100),
+            rule("count_prerouting", Some("api"), 1, 60),
+            rule("prerouting", Some("web"), 50, 5000),
+            rule("count_output", None, 7, 700),
+        ]);
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("api".to_string(), Traffic { packets: 1, bytes: 60 }),
+                ("web".to_string(), Traffic { packets: 5, bytes: 400 }),
+            ])
+        );
     }
 
     #[test]

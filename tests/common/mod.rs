@@ -77,27 +77,28 @@ pub fn iptables_chains_text(table: &str) -> Option<String> {
     Some(text)
 }
 
-/// `nft -j list table inet <table>` as JSON (the independent oracle of what cutover
-/// installed), or `None` if the table does not exist. With the iptables backend: the
-/// text of our chains as a JSON string.
+/// `nft -s -j list table inet <table>` as JSON (the independent oracle of what cutover
+/// installed; stateless: without counter values), or `None` if the table does not exist.
+/// With the iptables backend: the text of our chains as a JSON string.
 pub fn nft_table_json(table: &str) -> Option<serde_json::Value> {
     if iptables_backend() {
         return iptables_chains_text(table).map(serde_json::Value::String);
     }
-    let out = cmd::output(&mut cmd::cmd("nft", ["-j", "list", "table", "inet", table])).ok()?;
+    let out = cmd::output(&mut cmd::cmd("nft", ["-s", "-j", "list", "table", "inet", table])).ok()?;
     if !out.success() {
         return None;
     }
     serde_json::from_str(&out.stdout).ok()
 }
 
-/// `nft list table inet <table>` as text, or `None` if it does not exist. Handles
-/// stripped, so two listings compare equal when the ruleset did not change.
+/// `nft -s list table inet <table>` as text, or `None` if it does not exist. Without
+/// handles and counter values (`-s`: stateless), so two listings compare equal when the
+/// ruleset did not change, whatever traffic passed.
 pub fn nft_table_text(table: &str) -> Option<String> {
     if iptables_backend() {
         return iptables_chains_text(table);
     }
-    let out = cmd::output(&mut cmd::cmd("nft", ["list", "table", "inet", table])).ok()?;
+    let out = cmd::output(&mut cmd::cmd("nft", ["-s", "list", "table", "inet", table])).ok()?;
     out.success().then_some(out.stdout)
 }
 

@@ -187,6 +187,9 @@ impl Firewall for NoFirewall {
     fn table_exists(&self, _table: &str) -> Result<bool, NatError> {
         Ok(true)
     }
+    fn counters(&self, _table: &str) -> Result<std::collections::BTreeMap<String, crate::plan::Traffic>, NatError> {
+        Ok(Default::default())
+    }
     fn ensure_forward_accept(&self, _table: &str, _mark: u32) -> Result<(), NatError> {
         Ok(())
     }
