@@ -15,28 +15,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// `net.ipv6.conf.all.forwarding` on for the test's lifetime, restored on drop.
-struct Ipv6Forwarding(String);
-
-const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
-
-impl Ipv6Forwarding {
-    fn on() -> Ipv6Forwarding {
-        let before = std::fs::read_to_string(FORWARDING).expect("read ipv6 forwarding").trim().to_string();
-        std::fs::write(FORWARDING, "1\n").expect("enable ipv6 forwarding");
-        Ipv6Forwarding(before)
-    }
-}
-
-impl Drop for Ipv6Forwarding {
-    fn drop(&mut self) {
-        // Another IPv6 test still running keeps it on: only restore "0" when we set it.
-        if self.0 == "0" {
-            let _ = std::fs::write(FORWARDING, "0\n");
-        }
-    }
-}
-
 /// Unique ULA /64s of this test: one for the Docker network, one for the client link.
 fn ula(ids: &Ids, which: u16) -> Ipv6Addr {
     let h = common::ids::fnv1a(&ids.tag);
@@ -98,7 +76,7 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     let ids = Ids::new("ipv6_clients_reach_v1_then_v2_across_a_deploy");
     require_root();
     require_docker();
-    let _forwarding = Ipv6Forwarding::on();
+    let _forwarding = ipv6_forwarding_on();
     let net = V6Network::new(&ids, ula(&ids, 1));
     // The server must listen on IPv6 too; `[::]` also takes IPv4 (v4-mapped).
     let v1 = demo_image(&ids, "v1", &[("LISTEN", "[::]:80")]);

@@ -8,7 +8,7 @@
 //!   client runs (host, namespace, a container's namespace);
 //! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`]: real clients and their results;
 //! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
-//! - [`set_route_localnet`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
+//! - [`set_route_localnet`], [`ipv6_forwarding_on`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
 //!
 //! It must not touch anything that does not carry the test's tag: other tables, other
 //! DOCKER-USER rules, other containers.
@@ -39,7 +39,7 @@ pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
 pub use manifest::ServiceYaml;
 pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
-pub use sysctl::{route_localnet, set_route_localnet, RouteLocalnetGuard};
+pub use sysctl::{ipv6_forwarding_on, route_localnet, set_route_localnet, Ipv6ForwardingGuard, RouteLocalnetGuard};
 pub use udp::{ask_from_port, assert_idle_flow_moves, lost, summary, Answer, DeployUnderDatagrams, UdpClient};
 pub use wrk::{new_connection_load, Latency, SocketErrors, Wrk, WrkReport, WrkRun};
 
