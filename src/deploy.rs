@@ -8,6 +8,7 @@
 //! not know how rules or containers are made: that is `nat` and `docker`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -79,11 +80,12 @@ pub trait Checks: Send + Sync + 'static {
     /// is bound to (`None`: every address).
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String>;
     /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
-    /// to `addr`, so their next packets are NAT'd afresh.
-    fn forget_flows(&self, protocol: Protocol, port: u16, addr: std::net::Ipv4Addr) -> Result<(), String>;
-    /// UDP flows to host `port` answered by `addr` that carried a packet within `idle`:
-    /// they keep an old release draining. Defaults to none for fakes without UDP.
-    fn busy_udp_flows(&self, _port: u16, _addr: std::net::Ipv4Addr, _idle: Duration) -> Result<usize, String> {
+    /// to `addr` (either family), so their next packets are NAT'd afresh.
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String>;
+    /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
+    /// within `idle`: they keep an old release draining. Defaults to none for fakes
+    /// without UDP.
+    fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, String> {
         Ok(0)
     }
 }
@@ -282,6 +284,14 @@ impl Releaser {
         let v6 = info.and_then(|i| i.addr6);
         self.dataplane.lock().await.addr6.insert(release.container_id.clone(), (addr, v6));
         Ok(v6)
+    }
+
+    /// The addresses `release`'s flows were NAT'd to: its IPv4 address and, on a
+    /// dual-stack network, its IPv6 address (conntrack keys each family apart).
+    async fn flow_addrs(&self, release: &Release) -> Result<Vec<IpAddr>, ReleaseError> {
+        let Some(addr) = release.addr else { return Ok(Vec::new()) };
+        let addr6 = self.addr6_of(release, addr).await?;
+        Ok(std::iter::once(IpAddr::V4(addr)).chain(addr6.map(IpAddr::V6)).collect())
     }
 
     /// Desired data plane for `state`, with `service` pointed at `release` if given.
@@ -960,9 +970,15 @@ impl Releaser {
             drain_ms = Some(ms(started.elapsed()));
             self.observe(|m| m.drained(service, started.elapsed())); // metrics hook
             if manifest.ports.iter().any(|p| p.protocol == Protocol::Udp) {
-                if let Some(addr) = old.addr {
-                    for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                        if let Err(e) = self.checks.forget_flows(Protocol::Udp, p.host, addr) {
+                let addrs = self.flow_addrs(&old).await.unwrap_or_else(|e| {
+                    // An IPv6 flow left bound to the old release loses its datagrams until
+                    // its entry goes (expiry, or the engine's cleanup once it stopped).
+                    tracing::warn!(service, error = %e, "cannot read the old release's IPv6 address; deleting its IPv4 UDP flows only");
+                    old.addr.map(IpAddr::V4).into_iter().collect()
+                });
+                for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                    for addr in &addrs {
+                        if let Err(e) = self.checks.forget_flows(Protocol::Udp, p.host, *addr) {
                             tracing::warn!(service, error = %e, "could not delete old UDP flows");
                         }
                     }
@@ -1154,6 +1170,15 @@ impl Releaser {
         // for `udp_idle`; then (or at the drain timeout) the caller deletes its entries.
         let udp_ports: Vec<u16> =
             old.manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp).map(|p| p.host).collect();
+        // Both families: an IPv6 flow holds the old release as long as an IPv4 one.
+        // `None`: its flows cannot be found, so only the drain timeout ends the drain.
+        let udp_addrs = if udp_ports.is_empty() {
+            Some(Vec::new())
+        } else {
+            self.flow_addrs(old).await.inspect_err(|e| {
+                tracing::warn!(service, error = %e, "cannot read the old release's addresses; waiting out the drain timeout");
+            }).ok()
+        };
         let mut next_probe = Instant::now();
         // The engine's events tell of a crash within milliseconds; polling alone would
         // leave clients on a dead release for up to a poll interval.
@@ -1176,8 +1201,8 @@ impl Releaser {
                     }
                 },
             };
-            let mut udp_busy = 0usize;
-            for (port, addr) in old.addr.map(|a| udp_ports.iter().map(move |p| (*p, a))).into_iter().flatten() {
+            let mut udp_busy = if udp_addrs.is_some() { 0 } else { usize::MAX };
+            for (port, addr) in udp_ports.iter().flat_map(|p| udp_addrs.iter().flatten().map(move |a| (*p, *a))) {
                 let busy = self.checks.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
                     tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
                     usize::MAX
@@ -1277,7 +1302,8 @@ impl Releaser {
         self.program(&desired).await?;
         // Connections NAT'd to the dead release whose handshake has not completed would
         // keep retrying it: forget them, so their retransmitted SYNs reach the old one.
-        if let Some(addr) = new.addr {
+        let addrs = new.addr.map(IpAddr::V4).into_iter().chain(new.addr6.map(IpAddr::V6));
+        for addr in addrs {
             for p in &old.manifest.ports {
                 if let Err(e) = self.checks.forget_flows(p.protocol, p.host, addr) {
                     tracing::warn!(service, error = %e, "could not delete the failed release's flows");

@@ -5,37 +5,19 @@
 //! --subnet fd..::/64` gives containers a global IPv6 address, and cutover does its own
 //! NAT (Docker's `ip6tables` option only matters for Docker's own port publishing). The
 //! host must forward IPv6; the test turns that on and restores it.
+//!
+//! A dual-stack UDP service: an IPv6 flow holds the old release's drain like an IPv4 one,
+//! and its conntrack entry is deleted before the old release stops, so its next datagram
+//! reaches the new release.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::net::Ipv6Addr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
-
-/// `net.ipv6.conf.all.forwarding` on for the test's lifetime, restored on drop.
-struct Ipv6Forwarding(String);
-
-const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
-
-impl Ipv6Forwarding {
-    fn on() -> Ipv6Forwarding {
-        let before = std::fs::read_to_string(FORWARDING).expect("read ipv6 forwarding").trim().to_string();
-        std::fs::write(FORWARDING, "1\n").expect("enable ipv6 forwarding");
-        Ipv6Forwarding(before)
-    }
-}
-
-impl Drop for Ipv6Forwarding {
-    fn drop(&mut self) {
-        // Another IPv6 test still running keeps it on: only restore "0" when we set it.
-        if self.0 == "0" {
-            let _ = std::fs::write(FORWARDING, "0\n");
-        }
-    }
-}
 
 /// Unique ULA /64s of this test: one for the Docker network, one for the client link.
 fn ula(ids: &Ids, which: u16) -> Ipv6Addr {
@@ -98,7 +80,7 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     let ids = Ids::new("ipv6_clients_reach_v1_then_v2_across_a_deploy");
     require_root();
     require_docker();
-    let _forwarding = Ipv6Forwarding::on();
+    let _forwarding = ipv6_forwarding_on();
     let net = V6Network::new(&ids, ula(&ids, 1));
     // The server must listen on IPv6 too; `[::]` also takes IPv4 (v4-mapped).
     let v1 = demo_image(&ids, "v1", &[("LISTEN", "[::]:80")]);
@@ -140,4 +122,57 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     let report = run.wait();
     report.assert_no_failures();
     assert!(report.count("v1") > 0 && report.count("v2") > 0, "both releases answered IPv6 clients: {:?}", report.bodies);
+}
+
+const UDP_PORT_IN_CONTAINER: u16 = 53;
+
+/// A demo release serving HTTP on `[::]:80` and UDP on `[::]:53` (both families).
+fn dual_stack_udp_image(ids: &Ids, release: &str) -> String {
+    let udp = format!("[::]:{UDP_PORT_IN_CONTAINER}");
+    demo_image(ids, release, &[("LISTEN", "[::]:80"), ("UDP_LISTEN", udp.as_str())])
+}
+
+#[test]
+fn ipv6_udp_flows_drain_and_move_to_the_new_release() {
+    let ids = Ids::new("ipv6_udp_flows_drain_and_move_to_the_new_release");
+    require_root();
+    require_docker();
+    let _forwarding = ipv6_forwarding_on();
+    let net = V6Network::new(&ids, ula(&ids, 1));
+    let v1 = dual_stack_udp_image(&ids, "v1");
+    let v2 = dual_stack_udp_image(&ids, "v2");
+    let v3 = dual_stack_udp_image(&ids, "v3");
+    let client = ClientHost::new(&ids);
+    let (host6, _) = add_ipv6(&client, ula(&ids, 2));
+    let daemon = Daemon::start(&ids);
+    let (tcp, udp) = (ids.port(), ids.port());
+    let drain_timeout = Duration::from_secs(6);
+    let file = ServiceYaml::http(&ids.service, &v1, tcp, &net.name)
+        .udp_port(udp, UDP_PORT_IN_CONTAINER)
+        .set("watch", "1s")
+        .set("keep", "3")
+        .set("drain_timeout", "6s")
+        .set("udp_idle", "1s")
+        .write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let to = SocketAddr::from((host6, udp));
+    // Seen here: a release healthy over IPv4 may leave IPv6 datagrams unanswered for
+    // another second or two (likely its address still in duplicate address detection).
+    wait_for("v1 to answer over IPv6 UDP", Duration::from_secs(10), || match ask_from_port(client.name(), 0, to) {
+        Some(r) if r == "v1" => Ok(()),
+        other => Err(format!("answered by {other:?}")),
+    });
+
+    // 1. A busy IPv6 flow and IPv6 DNS-like queries across the switch: held by the old
+    //    release to the drain timeout, then moved, as over IPv4.
+    let run = DeployUnderDatagrams::run(client.name(), to, || {
+        daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    });
+    run.assert_busy_flow_held_then_moved("v1", "v2", drain_timeout);
+
+    // 2. An idle IPv6 flow (a fixed source port, so a later datagram is the same flow):
+    //    the drain ends after udp_idle, and its next datagram reaches the new release.
+    assert_idle_flow_moves(client.name(), ids.port(), to, ("v2", "v3"), drain_timeout, || {
+        daemon.cli_ok(&["deploy", &ids.service, "--image", &v3]);
+    });
 }

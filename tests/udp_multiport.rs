@@ -11,12 +11,10 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,8 +23,7 @@ const UDP_PORT_IN_CONTAINER: u16 = 53;
 
 /// A service with an HTTP port (health) and a UDP port, both published on the host.
 fn manifest(daemon: &Daemon, ids: &Ids, image: &str, tcp: u16, udp: u16, network: &str, extra: &[(&str, &str)]) -> PathBuf {
-    let ports = format!("\n  - host: {tcp}\n    container: 80\n  - host: {udp}\n    container: {UDP_PORT_IN_CONTAINER}\n    protocol: udp");
-    let mut m = ServiceYaml::http(&ids.service, image, tcp, network).set("ports", &ports).set("watch", "1s").set("keep", "3");
+    let mut m = ServiceYaml::http(&ids.service, image, tcp, network).udp_port(udp, UDP_PORT_IN_CONTAINER).set("watch", "1s").set("keep", "3");
     for (k, v) in extra {
         m = m.set(k, v);
     }
@@ -36,114 +33,6 @@ fn manifest(daemon: &Daemon, ids: &Ids, image: &str, tcp: u16, udp: u16, network
 fn udp_image(ids: &Ids, release: &str) -> String {
     let listen = format!("0.0.0.0:{UDP_PORT_IN_CONTAINER}");
     demo_image(ids, release, &[("UDP_LISTEN", listen.as_str())])
-}
-
-/// One datagram a client sent and what came back (`None`: no answer within the timeout).
-#[derive(Debug, Clone)]
-struct Answer {
-    sent: Instant,
-    release: Option<String>,
-}
-
-/// Clients sending datagrams from inside a namespace until stopped.
-struct UdpClient {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<Answer>>>,
-}
-
-impl UdpClient {
-    /// `fresh_socket`: a new socket (source port) per datagram, as DNS resolvers do;
-    /// otherwise one connected socket for the whole run, a single long-lived flow.
-    fn start(netns: &str, to: SocketAddr, every: Duration, fresh_socket: bool) -> UdpClient {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let path = format!("/run/netns/{netns}");
-        let thread = thread::spawn(move || {
-            cutover::netns::in_netns_path(path, move || run_client(to, every, fresh_socket, &flag))
-                .expect("enter the client namespace")
-        });
-        UdpClient { stop, thread: Some(thread) }
-    }
-
-    fn finish(mut self) -> Vec<Answer> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().expect("client thread").join().expect("client thread panicked")
-    }
-}
-
-impl Drop for UdpClient {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn socket(to: SocketAddr) -> UdpSocket {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind a client socket");
-    s.connect(to).expect("connect the client socket");
-    s.set_read_timeout(Some(Duration::from_millis(300))).expect("read timeout");
-    s
-}
-
-fn run_client(to: SocketAddr, every: Duration, fresh_socket: bool, stop: &AtomicBool) -> Vec<Answer> {
-    let mut answers = Vec::new();
-    let mut long_lived = (!fresh_socket).then(|| socket(to));
-    let mut buf = [0u8; 512];
-    let mut n: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let payload = format!("q{n}");
-        let fresh;
-        let s = match long_lived.as_mut() {
-            Some(s) => &*s,
-            None => {
-                fresh = socket(to);
-                &fresh
-            }
-        };
-        let sent = Instant::now();
-        let mut release = None;
-        if s.send(payload.as_bytes()).is_ok() {
-            // A late answer to an earlier datagram may arrive first: skip it.
-            while sent.elapsed() < Duration::from_millis(300) {
-                match s.recv(&mut buf) {
-                    Ok(len) => {
-                        let text = String::from_utf8_lossy(&buf[..len]).to_string();
-                        if let Some((rel, p)) = text.split_once(' ') {
-                            if p == payload {
-                                release = Some(rel.to_string());
-                                break;
-                            }
-                        }
-                    }
-                    // Timeout, or ICMP port unreachable from a stopped release.
-                    Err(_) => break,
-                }
-            }
-        }
-        answers.push(Answer { sent, release });
-        thread::sleep(every.saturating_sub(sent.elapsed()));
-    }
-    answers
-}
-
-fn summary(answers: &[Answer], t0: Instant) -> String {
-    let mut out = String::new();
-    let mut last: Option<&Option<String>> = None;
-    for a in answers {
-        if last != Some(&a.release) {
-            out.push_str(&format!(
-                "{:>6} ms: {}\n",
-                a.sent.duration_since(t0).as_millis(),
-                a.release.as_deref().unwrap_or("(lost)")
-            ));
-            last = Some(&a.release);
-        }
-    }
-    out
-}
-
-fn lost(answers: &[Answer]) -> usize {
-    answers.iter().filter(|a| a.release.is_none()).count()
 }
 
 #[test]
@@ -163,78 +52,25 @@ fn udp_service_switches_under_a_stream_of_datagrams() {
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let to = SocketAddr::from((client.host_addr(), udp));
 
-    // 1. A busy flow (one socket, a datagram every 20 ms) and DNS-like queries (a new
-    //    source port each) across the switch.
-    let t0 = Instant::now();
-    let stream = UdpClient::start(client.name(), to, Duration::from_millis(20), false);
-    let queries = UdpClient::start(client.name(), to, Duration::from_millis(50), true);
-    thread::sleep(Duration::from_secs(1));
-    let switch_started = Instant::now();
-    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    let deployed = Instant::now();
-    thread::sleep(Duration::from_millis(1500));
-    let stream = stream.finish();
-    let queries = queries.finish();
-    let (s, q) = (summary(&stream, t0), summary(&queries, t0));
-    let context = format!("switch started at {} ms, deploy returned at {} ms\nstream:\n{s}queries:\n{q}",
-        switch_started.duration_since(t0).as_millis(), deployed.duration_since(t0).as_millis());
-
-    // The busy flow was never idle for udp_idle, so the old release kept it until the
-    // drain timeout: the deploy waited for it, and v1 answered it after the switch.
-    assert!(deployed - switch_started >= drain_timeout, "the deploy waited for the busy UDP flow\n{context}");
-    assert!(
-        stream.iter().any(|a| a.sent > switch_started + Duration::from_secs(3) && a.release.as_deref() == Some("v1")),
-        "the busy flow stayed on v1 during the drain\n{context}"
-    );
-    // After the deletion every datagram of both clients is answered by v2.
-    for (what, answers) in [("stream", &stream), ("queries", &queries)] {
-        let after: Vec<_> = answers.iter().filter(|a| a.sent > deployed).collect();
-        assert!(after.len() > 10, "{what} kept sending after the deploy\n{context}");
-        assert!(after.iter().all(|a| a.release.as_deref() == Some("v2")), "{what}: all answered by v2 after the deploy\n{context}");
-    }
-    // New flows (fresh source ports) go to v2 as soon as the map changed; a query lost
-    // only to the instant the old release stopped is the documented window.
-    assert!(
-        queries.iter().any(|a| a.sent < deployed - Duration::from_secs(3) && a.release.as_deref() == Some("v2")),
-        "new flows reached v2 long before the drain ended\n{context}"
-    );
-    assert!(lost(&queries) <= 1, "queries lost: {}\n{context}", lost(&queries));
-    // The busy flow may lose the datagrams in flight at the instant its entry is deleted
-    // (v1's answer then has no NAT binding back): at most a couple of 20 ms slots.
-    assert!(lost(&stream) <= 2, "stream datagrams lost: {}\n{context}", lost(&stream));
+    // 1. A busy flow and DNS-like queries across the switch. The busy flow is never idle
+    //    for udp_idle, so the old release keeps it until the drain timeout.
+    let run = DeployUnderDatagrams::run(client.name(), to, || {
+        daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    });
+    run.assert_busy_flow_held_then_moved("v1", "v2", drain_timeout);
 
     // 2. An idle flow: the old release is done after udp_idle, far before the drain
     //    timeout, and the flow's next datagram reaches the new release.
+    let t0 = Instant::now();
     let idle_socket = UdpClient::start(client.name(), to, Duration::from_millis(20), false);
     thread::sleep(Duration::from_millis(500));
     let before = idle_socket.finish();
     assert!(before.iter().all(|a| a.release.as_deref() == Some("v2")), "{}", summary(&before, t0));
-    // The same source port again later: use a socket bound to a fixed port so the flow
-    // (and its conntrack entry) is the same one.
-    let fixed = ids.port();
-    let same_flow = |netns: &str| -> Option<String> {
-        let path = format!("/run/netns/{netns}");
-        cutover::netns::in_netns_path(path, move || {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, fixed)).expect("bind the fixed client port");
-            s.connect(to).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
-            s.send(b"again").ok()?;
-            let mut buf = [0u8; 64];
-            let n = s.recv(&mut buf).ok()?;
-            String::from_utf8_lossy(&buf[..n]).split_once(' ').map(|(r, _)| r.to_string())
-        })
-        .expect("enter the client namespace")
-    };
-    assert_eq!(same_flow(client.name()).as_deref(), Some("v2"));
-    let started = Instant::now();
-    daemon.cli_ok(&["deploy", &ids.service, "--image", &v3]);
-    let took = started.elapsed();
-    assert!(took < drain_timeout, "an idle UDP flow does not hold the drain ({took:?})");
-    assert_eq!(
-        same_flow(client.name()).as_deref(),
-        Some("v3"),
-        "the idle flow's conntrack entry was deleted, so its next datagram reached v3"
-    );
+    // The same source port again later: a socket bound to a fixed port, so the flow (and
+    // its conntrack entry) is the same one.
+    assert_idle_flow_moves(client.name(), ids.port(), to, ("v2", "v3"), drain_timeout, || {
+        daemon.cli_ok(&["deploy", &ids.service, "--image", &v3]);
+    });
 }
 
 /// `nft monitor` output while it runs, split by the kernel's generation markers.

@@ -2,7 +2,7 @@
 //! conntrack, each delegated to its effect module.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -36,11 +36,11 @@ impl Checks for RealChecks {
         crate::host::listening_sockets().map_err(|e| e.to_string())
     }
 
-    fn forget_flows(&self, protocol: Protocol, port: u16, addr: Ipv4Addr) -> Result<(), String> {
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
         crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
     }
 
-    fn busy_udp_flows(&self, port: u16, addr: Ipv4Addr, idle: Duration) -> Result<usize, String> {
+    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, String> {
         let idle_times = crate::host::udp_flow_idle_times(port, addr).map_err(|e| e.to_string())?;
         Ok(idle_times.into_iter().filter(|t| *t < idle).count())
     }

@@ -2,7 +2,7 @@
 //! what the rules point at, what is left) for each path through a release.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ struct FakeContainer {
 struct FakeEngine {
     containers: Mutex<BTreeMap<String, FakeContainer>>,
     next_ip: AtomicU8,
+    /// Containers also get an IPv6 address (a network created with `--ipv6`).
+    dual_stack: AtomicBool,
 }
 
 impl FakeEngine {
@@ -41,6 +43,10 @@ impl FakeEngine {
     fn fresh_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(172, 17, 0, 2 + self.next_ip.fetch_add(1, Ordering::SeqCst))
     }
+    /// The IPv6 address that goes with `ip` on a dual-stack network.
+    fn ip6_of(&self, ip: Ipv4Addr) -> Option<Ipv6Addr> {
+        self.dual_stack.load(Ordering::SeqCst).then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip.octets()[3])))
+    }
 }
 
 impl Engine for FakeEngine {
@@ -54,13 +60,14 @@ impl Engine for FakeEngine {
                 return Err(DockerError::NoImage(spec.image));
             }
             let id = format!("id-{}", spec.name);
+            let ip = self.fresh_ip();
             let info = ContainerInfo {
                 id: id.clone(),
                 name: spec.name.clone(),
                 running: !spec.image.contains("crash"),
                 pid: Some(100),
-                addr: Some(self.fresh_ip()),
-                addr6: None,
+                addr: Some(ip),
+                addr6: self.ip6_of(ip),
                 exit_code: spec.image.contains("crash").then_some(3),
                 restarts: 0,
                 health: None,
@@ -77,6 +84,7 @@ impl Engine for FakeEngine {
                 c.info.running = true;
                 // Docker may hand out another address on start.
                 c.info.addr = Some(ip);
+                c.info.addr6 = self.ip6_of(ip);
             }
             Ok(())
         })
@@ -196,9 +204,14 @@ impl Firewall for FakeFirewall {
     }
 }
 
+#[derive(Default)]
 struct FakeChecks {
     engine: Arc<FakeEngine>,
     probes: std::sync::atomic::AtomicUsize,
+    /// Every IPv6 UDP flow keeps carrying datagrams (never idle).
+    busy_v6: AtomicBool,
+    /// Flows deleted from conntrack, in order.
+    forgotten: Mutex<Vec<(Protocol, u16, IpAddr)>>,
 }
 
 impl Checks for FakeChecks {
@@ -222,27 +235,32 @@ impl Checks for FakeChecks {
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
         Ok(BTreeSet::from([(Protocol::Tcp, 22, None), (Protocol::Tcp, 53, Some([127, 0, 0, 53].into()))]))
     }
-    fn forget_flows(&self, _protocol: Protocol, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
+        self.forgotten.lock().unwrap().push((protocol, port, addr));
         Ok(())
+    }
+    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, String> {
+        Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
     }
 }
 
 struct World {
     engine: Arc<FakeEngine>,
     firewall: Arc<FakeFirewall>,
+    checks: Arc<FakeChecks>,
     releaser: Releaser,
     tx: ProgressTx,
     _dir: tempfile::TempDir,
 }
 
 fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeFirewall>) -> World {
-    let checks = Arc::new(FakeChecks { engine: engine.clone(), probes: Default::default() });
+    let checks = Arc::new(FakeChecks { engine: engine.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
-    let releaser = Releaser::new(engine.clone(), firewall.clone(), checks, settings, store).unwrap();
+    let releaser = Releaser::new(engine.clone(), firewall.clone(), checks.clone(), settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    World { engine, firewall, releaser, tx, _dir: dir }
+    World { engine, firewall, checks, releaser, tx, _dir: dir }
 }
 
 fn world() -> World {
@@ -545,4 +563,36 @@ async fn a_release_failing_right_after_the_switch_is_switched_back() {
     assert_eq!(svc.manifest.image, "web:1");
     assert_eq!(svc.release(2).unwrap().status, ReleaseStatus::Failed);
     assert_eq!(svc.history.last().unwrap().outcome, "reverted");
+}
+
+#[tokio::test]
+async fn ipv6_udp_flows_hold_the_drain_and_are_forgotten_before_the_old_release_stops() {
+    let engine = Arc::new(FakeEngine { dual_stack: AtomicBool::new(true), ..Default::default() });
+    let w = world_in(tempfile::tempdir().unwrap(), engine, Arc::default());
+    let text = "name: web\nimage: web:1\nports: [{host: 8080, container: 80}, {host: 5353, container: 53, protocol: udp}]\n\
+                health: {type: http, path: /healthz, interval: 10ms, deadline: 200ms}\ndrain_timeout: 200ms\nwatch: 20ms\nudp_idle: 1s\n";
+    w.releaser.apply(Manifest::parse(Path::new("web.yaml"), text).unwrap(), &w.tx).await.unwrap();
+    let old = w.releaser.snapshot().await.services["web"].release(1).unwrap().clone();
+    let old4 = old.addr.unwrap();
+    let old6 = w.engine.ip6_of(old4).unwrap();
+    w.checks.busy_v6.store(true, Ordering::SeqCst);
+
+    let o = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    // Only the IPv6 flow is busy, and it alone kept release 1 until the drain timeout.
+    assert!(o.drain_ms.unwrap() >= 200, "drained in {:?} ms", o.drain_ms);
+    let forgotten = w.checks.forgotten.lock().unwrap().clone();
+    assert_eq!(forgotten, vec![(Protocol::Udp, 5353, IpAddr::V4(old4)), (Protocol::Udp, 5353, IpAddr::V6(old6))]);
+    assert_eq!(w.engine.running(), vec!["cutover-web-2"]);
+}
+
+#[tokio::test]
+async fn switching_back_forgets_the_failed_releases_flows_of_both_families() {
+    let engine = Arc::new(FakeEngine { dual_stack: AtomicBool::new(true), ..Default::default() });
+    let w = world_in(tempfile::tempdir().unwrap(), engine, Arc::default());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:dies-later", &w.tx).await.unwrap_err();
+    let failed = w.releaser.snapshot().await.services["web"].release(2).unwrap().addr.unwrap();
+    let forgotten = w.checks.forgotten.lock().unwrap().clone();
+    let failed6 = w.engine.ip6_of(failed).unwrap();
+    assert_eq!(forgotten, vec![(Protocol::Tcp, 8080, IpAddr::V4(failed)), (Protocol::Tcp, 8080, IpAddr::V6(failed6))]);
 }

@@ -38,6 +38,16 @@ impl ServiceYaml {
         self
     }
 
+    /// Add a UDP port `host` -> `container` to the ports.
+    pub fn udp_port(mut self, host: u16, container: u16) -> ServiceYaml {
+        let udp = format!("\n  - host: {host}\n    container: {container}\n    protocol: udp");
+        match self.fields.iter_mut().find(|(k, _)| k == "ports") {
+            Some(field) => field.1.push_str(&udp),
+            None => self.fields.push(("ports".into(), udp)),
+        }
+        self
+    }
+
     /// The http health check with another deadline.
     pub fn deadline(self, deadline: &str) -> ServiceYaml {
         self.set("health", &health(deadline))

@@ -6,9 +6,9 @@
 //!   subnets, ports), unique across parallel tests; sweeps leftovers of crashed runs;
 //! - [`ClientHost`]: "another host" (a namespace over a veth pair); [`At`]: where a
 //!   client runs (host, namespace, a container's namespace);
-//! - [`Wrk`], [`curl`], [`SlowRequest`]: real clients and their results;
+//! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`]: real clients and their results;
 //! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
-//! - [`set_route_localnet`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
+//! - [`set_route_localnet`], [`ipv6_forwarding_on`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
 //!
 //! It must not touch anything that does not carry the test's tag: other tables, other
 //! DOCKER-USER rules, other containers.
@@ -25,6 +25,7 @@ pub mod ids;
 pub mod manifest;
 pub mod netns;
 pub mod sysctl;
+pub mod udp;
 pub mod wrk;
 
 pub use cleanup::{remove_tagged, sweep_stale, INSTANCE_LABEL};
@@ -38,7 +39,8 @@ pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
 pub use manifest::ServiceYaml;
 pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
-pub use sysctl::{route_localnet, set_route_localnet, RouteLocalnetGuard};
+pub use sysctl::{ipv6_forwarding_on, route_localnet, set_route_localnet, Ipv6ForwardingGuard, RouteLocalnetGuard};
+pub use udp::{ask_from_port, assert_idle_flow_moves, lost, summary, Answer, DeployUnderDatagrams, UdpClient};
 pub use wrk::{new_connection_load, Latency, SocketErrors, Wrk, WrkReport, WrkRun};
 
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).

@@ -3,7 +3,7 @@
 //! does with the listeners.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex as StdMutex;
@@ -210,7 +210,7 @@ impl Checks for NoChecks {
     fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
         Ok(BTreeSet::new())
     }
-    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: Ipv4Addr) -> Result<(), String> {
+    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), String> {
         Ok(())
     }
 }
