@@ -270,29 +270,48 @@ async fn sigterm_finishes_in_flight_request_then_exits_zero() {
     let image = build(&docker, &mut cleanup, &name, "term", false).await;
     let c = run(&docker, &mut cleanup, &image, &name, &[]).await;
 
-    // An idle keep-alive connection, which the stop must close rather than wait for.
-    let mut idle = tokio::task::spawn_blocking(move || {
-        let mut conn = connect(c.ip);
-        assert_eq!(request_on(&mut conn, "/", false).status, 200);
-        conn
-    })
-    .await
-    .unwrap();
-    let slow = tokio::spawn(get_async(c.ip, "/slow?ms=1500"));
+    // Two idle keep-alive connections: one stays silent, one sends a request during the
+    // stop's one-second grace.
+    let keep_alive = || {
+        tokio::task::spawn_blocking(move || {
+            let mut conn = connect(c.ip);
+            assert_eq!(request_on(&mut conn, "/", false).status, 200);
+            conn
+        })
+    };
+    let mut silent = keep_alive().await.unwrap();
+    let mut talker = keep_alive().await.unwrap();
+    let slow = tokio::spawn(get_async(c.ip, "/slow?ms=3000"));
     // Let the slow request reach the server before the signal.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let signalled = Instant::now();
     let kill = KillContainerOptionsBuilder::default().signal("SIGTERM").build();
     docker.kill_container(&name, Some(kill)).await.unwrap();
 
+    // A request on an idle connection during the grace is answered, with the close
+    // announced, and the server then closes the connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (answer, then) = tokio::task::spawn_blocking(move || {
+        let answer = request_on(&mut talker, "/", false);
+        let mut rest = Vec::new();
+        (answer, talker.read_to_end(&mut rest).map(|n| n == 0))
+    })
+    .await
+    .unwrap();
+    assert_eq!((answer.status, answer.headers["connection"].as_str()), (200, "close"), "answered during the grace");
+    assert!(matches!(then, Ok(true)), "closed after that answer: {then:?}");
+
+    // The silent one is closed when the grace ends, not when the slow request finishes.
     let idle_closed = tokio::task::spawn_blocking(move || {
         let mut rest = Vec::new();
-        idle.read_to_end(&mut rest).map(|n| n == 0)
+        silent.read_to_end(&mut rest).map(|n| n == 0)
     })
     .await
     .unwrap();
     assert!(matches!(idle_closed, Ok(true)), "idle keep-alive connection closed on stop: {idle_closed:?}");
-    assert!(signalled.elapsed() < Duration::from_millis(1000), "idle close waited for the slow request");
+    let closed_after = signalled.elapsed();
+    assert!(closed_after >= Duration::from_millis(900), "idle connection closed before the grace ended: {closed_after:?}");
+    assert!(closed_after < Duration::from_millis(2400), "idle close waited for the slow request: {closed_after:?}");
 
     let answer = slow.await.unwrap();
     assert_eq!((answer.status, answer.body.as_str()), (200, "term\n"));
