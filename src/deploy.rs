@@ -2,9 +2,9 @@
 //! reconcile, over the [`Engine`], [`Firewall`] and [`Checks`] traits.
 //!
 //! Owns the order of the steps and what is recorded before each (see `state::Phase`):
-//! start the new release unpublished, gate on health (and on its IPv6 address being
-//! usable, see `dad`), switch the host ports in one
-//! transaction, drain and stop the old release, prune, record. Any failure before the
+//! start the new release unpublished, gate on health (and on its IPv6 path being usable,
+//! see `dad`), switch the host ports in one transaction, drain and stop the old release,
+//! prune, record. Any failure before the
 //! switch undoes the new release and leaves the old one and every rule untouched. Does
 //! not know how rules or containers are made: that is `nat` and `docker`.
 
