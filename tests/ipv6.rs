@@ -15,7 +15,7 @@
 mod common;
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -32,7 +32,16 @@ struct V6Network {
 
 impl V6Network {
     fn new(ids: &Ids, subnet6: Ipv6Addr) -> V6Network {
-        let net = V6Network { name: ids.network() };
+        V6Network::named(ids, ids.network(), ids.bridge(), subnet6)
+    }
+
+    /// A second network of the test (its name and bridge end in `b`).
+    fn second(ids: &Ids, subnet6: Ipv6Addr) -> V6Network {
+        V6Network::named(ids, format!("{}-b", ids.network()), format!("{}b", ids.bridge()), subnet6)
+    }
+
+    fn named(ids: &Ids, name: String, bridge: String, subnet6: Ipv6Addr) -> V6Network {
+        let net = V6Network { name };
         run(std::process::Command::new(DOCKER).args([
             "network",
             "create",
@@ -44,7 +53,7 @@ impl V6Network {
             "--label",
             &format!("{INSTANCE_LABEL}={}", ids.tag),
             "-o",
-            &format!("com.docker.network.bridge.name={}", ids.bridge()),
+            &format!("com.docker.network.bridge.name={bridge}"),
             &net.name,
         ]));
         net
@@ -175,4 +184,61 @@ fn ipv6_udp_flows_drain_and_move_to_the_new_release() {
     assert_idle_flow_moves(client.name(), ids.port(), to, ("v2", "v3"), drain_timeout, || {
         daemon.cli_ok(&["deploy", &ids.service, "--image", &v3]);
     });
+}
+
+/// A new Docker network's bridge runs duplicate address detection on its IPv6 addresses
+/// (the gateway, fe80::1) when its first container joins: for a second or two the host
+/// cannot forward IPv6 to that container, while IPv4 and the health check already work.
+/// cutover holds the switch until the path is usable, so IPv6 clients opening new flows
+/// right after it (fresh-socket UDP queries, TCP connections) all get answers at once:
+/// after the first release on a new network, after a deploy onto another new network,
+/// and after the rollback.
+#[test]
+fn ipv6_new_flows_are_answered_right_after_each_switch() {
+    let ids = Ids::new("ipv6_new_flows_are_answered_right_after_each_switch");
+    require_root();
+    require_docker();
+    let _forwarding = ipv6_forwarding_on();
+    let net_a = V6Network::new(&ids, ula(&ids, 1));
+    let net_b = V6Network::second(&ids, ula(&ids, 3));
+    let v1 = dual_stack_udp_image(&ids, "v1");
+    let v2 = dual_stack_udp_image(&ids, "v2");
+    let client = ClientHost::new(&ids);
+    let (host6, _) = add_ipv6(&client, ula(&ids, 2));
+    let daemon = Daemon::start(&ids);
+    let (tcp, udp) = (ids.port(), ids.port());
+    let service = |image: &str, network: &str| {
+        ServiceYaml::http(&ids.service, image, tcp, network)
+            .udp_port(udp, UDP_PORT_IN_CONTAINER)
+            .set("watch", "1s")
+            .set("drain_timeout", "3s")
+            .set("udp_idle", "1s")
+            .write(daemon.dir())
+    };
+    let (to_udp, to_tcp) = (SocketAddr::from((host6, udp)), SocketAddr::from((host6, tcp)));
+
+    // 1. The first release, on a network no container used before.
+    let file = service(&v1, &net_a.name);
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let switched = Instant::now();
+    let flows = NewFlows::start(client.name(), to_udp, to_tcp);
+    std::thread::sleep(Duration::from_millis(1500));
+    flows.finish().assert_all_answered("right after the first release", switched, "v1");
+
+    // 2. A deploy onto another new network: the switch happens while the clients send.
+    let flows = NewFlows::start(client.name(), to_udp, to_tcp);
+    std::thread::sleep(Duration::from_millis(500));
+    let file = service(&v2, &net_b.name);
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let deployed = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    flows.finish().assert_all_answered("across the deploy onto a new network", deployed, "v2");
+
+    // 3. The rollback to release 1, back on the first network.
+    let flows = NewFlows::start(client.name(), to_udp, to_tcp);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.cli_ok(&["rollback", &ids.service]);
+    let rolled_back = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    flows.finish().assert_all_answered("across the rollback", rolled_back, "v1");
 }
