@@ -219,8 +219,12 @@ fn ipv6_new_flows_are_answered_right_after_each_switch() {
 
     // 1. The first release, on a network no container used before.
     let file = service(&v1, &net_a.name);
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let out = daemon.cli_ok(&["apply", file.to_str().unwrap()]);
     let switched = Instant::now();
+    // The wait was for the new bridge, and the progress said so.
+    let waited = "waiting for IPv6: duplicate address detection of the host's";
+    let bridge = format!(" on {}", ids.bridge());
+    assert!(out.stderr.lines().any(|l| l.contains(waited) && l.contains(&bridge)), "{waited:?}{bridge:?} in:\n{}", out.stderr);
     let flows = NewFlows::start(client.name(), to_udp, to_tcp);
     std::thread::sleep(Duration::from_millis(1500));
     flows.finish().assert_all_answered("right after the first release", switched, "v1");
