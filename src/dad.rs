@@ -218,10 +218,11 @@ pub fn readiness(
                  then take {name} down and up again (or recreate the Docker network)"
             ));
         }
+        let mut tentative = Vec::new();
         for a in host.iter().filter(|a| a.ifindex == link && (on_prefix(a) || is_link_local(a.addr))) {
             match a.state {
                 DadState::Usable => {}
-                DadState::Tentative => waiting.push(format!("duplicate address detection of the host's {} on {name}", a.addr)),
+                DadState::Tentative => tentative.push(a.addr.to_string()),
                 // A failed link-local next to a usable one does not stop the host.
                 DadState::Failed if is_link_local(a.addr) => {}
                 DadState::Failed => {
@@ -234,6 +235,9 @@ pub fn readiness(
                     ));
                 }
             }
+        }
+        if !tentative.is_empty() {
+            waiting.push(format!("duplicate address detection of the host's {} on {name}", tentative.join(", ")));
         }
     }
     if waiting.is_empty() {
@@ -290,7 +294,7 @@ mod tests {
         let Ipv6Readiness::Waiting(what) = readiness(RELEASE, &c, &host(DadState::Tentative, DadState::Tentative), name) else {
             panic!("not waiting")
         };
-        assert!(what.contains("fd00:0:0:1::1 on br7") && what.contains("fe80::1 on br7"), "{what}");
+        assert_eq!(what, "duplicate address detection of the host's fd00:0:0:1::1, fe80::1 on br7");
         assert!(!what.contains("br8"), "{what}");
     }
 
