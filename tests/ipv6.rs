@@ -243,3 +243,43 @@ fn ipv6_new_flows_are_answered_right_after_each_switch() {
     std::thread::sleep(Duration::from_millis(1000));
     flows.finish().assert_all_answered("across the rollback", rolled_back, "v1");
 }
+
+/// The address states cutover waits on and refuses for, read from a real kernel: an
+/// address added with duplicate address detection is tentative at first, then usable; one
+/// that the other end of the link already has fails detection, and the release would be
+/// refused naming it.
+#[test]
+fn duplicate_address_detection_states_are_read_from_the_kernel() {
+    use cutover::dad::{self, DadState, Ipv6Readiness};
+    let ids = Ids::new("duplicate_address_detection_states_are_read_from_the_kernel");
+    require_root();
+    let client = ClientHost::new(&ids);
+    let s = ula(&ids, 4).segments();
+    let (dup, fresh) = (Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 7), Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 8));
+    let ns = format!("/run/netns/{}", client.name());
+    let in_ns = || cutover::netns::in_netns_path(&ns, dad::ipv6_addresses_in_current_netns).unwrap().unwrap();
+    let state = |addrs: &[dad::Ipv6Address], a: Ipv6Addr| addrs.iter().find(|x| x.addr == a).map(|x| x.state);
+    run(std::process::Command::new("ip").args(["-6", "addr", "add", &format!("{dup}/64"), "dev", client.veth(), "nodad"]));
+    run(std::process::Command::new("ip").args(["-n", client.name(), "-6", "addr", "add", &format!("{fresh}/64"), "dev", "eth0"]));
+    let container = in_ns();
+    assert_eq!(state(&container, fresh), Some(DadState::Tentative));
+    let host = dad::ipv6_addresses_in_current_netns().unwrap();
+    let r = dad::readiness(fresh, &container, &host, dad::interface_name);
+    let waiting = format!("duplicate address detection of {fresh} in the container");
+    assert!(matches!(&r, Ipv6Readiness::Waiting(w) if w.starts_with(&waiting)), "{r:?}");
+
+    run(std::process::Command::new("ip").args(["-n", client.name(), "-6", "addr", "add", &format!("{dup}/64"), "dev", "eth0"]));
+    // The host's new veth runs detection on its link-local address too.
+    wait_for("detection to end on both sides", Duration::from_secs(10), || {
+        let c = in_ns();
+        let host = dad::ipv6_addresses_in_current_netns().unwrap();
+        match (dad::readiness(fresh, &c, &host, dad::interface_name), state(&c, dup)) {
+            (Ipv6Readiness::Usable, Some(DadState::Failed)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let container = in_ns();
+    let host = dad::ipv6_addresses_in_current_netns().unwrap();
+    let Ipv6Readiness::Failed(why) = dad::readiness(dup, &container, &host, dad::interface_name) else { panic!("not failed") };
+    assert!(why.contains(&format!("{dup} failed duplicate address detection")), "{why}");
+}
