@@ -4,9 +4,9 @@
 //! Owns the order of the steps and what is recorded before each (see `state::Phase`):
 //! start the new release unpublished, gate on health (and on its IPv6 path being usable,
 //! see `dad`), switch the host ports in one transaction, drain and stop the old release,
-//! prune, record. Any failure before the
-//! switch undoes the new release and leaves the old one and every rule untouched. Does
-//! not know how rules or containers are made: that is `nat` and `docker`.
+//! prune, record. Any failure before the switch undoes the new release and leaves the old
+//! one and every rule untouched. Does not know how rules or containers are made: that is
+//! `nat` and `docker`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -1109,6 +1109,7 @@ impl Releaser {
         let health = &manifest.health;
         let started = Instant::now();
         let deadline = started + health.deadline;
+        let mut healthy = false;
         loop {
             let current = self
                 .engine
@@ -1129,6 +1130,9 @@ impl Releaser {
                     Some(s) => Err(format!("Docker reports it {s}")),
                     None => return Err("health type `docker` but the image has no HEALTHCHECK".into()),
                 },
+                // Passed once: only the IPv6 path is left to wait for, polled faster than
+                // the health endpoint should be.
+                _ if healthy => Ok(()),
                 HealthKind::Http | HealthKind::Tcp => {
                     let addr = current.addr.ok_or_else(|| "it has no IPv4 address on its network".to_string())?;
                     let port = manifest.health_port().ok_or_else(|| "no port to check; set health.port".to_string())?;
@@ -1139,10 +1143,13 @@ impl Releaser {
             // to an address the kernel still drops packets for.
             let (last, waiting, pause) = match verdict {
                 Err(e) => (e, "health", health.interval),
-                Ok(()) => match self.ipv6_unready(&current).await? {
-                    None => return Ok(()),
-                    Some(what) => (what, "IPv6", health.interval.min(IPV6_POLL)),
-                },
+                Ok(()) => {
+                    healthy = true;
+                    match self.ipv6_unready(&current).await? {
+                        None => return Ok(()),
+                        Some(what) => (what, "IPv6", health.interval.min(IPV6_POLL)),
+                    }
+                }
             };
             let now_ = Instant::now();
             if now_ >= deadline {
@@ -1166,7 +1173,7 @@ impl Releaser {
     /// address detection).
     async fn ipv6_unready(&self, current: &ContainerInfo) -> Result<Option<String>, String> {
         let Some(addr6) = current.addr6 else { return Ok(None) };
-        let Some(pid) = current.pid else { return Ok(Some(format!("the process of the container to read {addr6}'s state"))) };
+        let Some(pid) = current.pid else { return Ok(Some(format!("the container's process (to read the state of {addr6})"))) };
         match self.checks.ipv6_readiness(pid, addr6).await {
             Ok(Ipv6Readiness::Usable) => Ok(None),
             Ok(Ipv6Readiness::Waiting(what)) => Ok(Some(what)),
