@@ -2,10 +2,11 @@
 //! reconcile, over the [`Engine`], [`Firewall`] and [`Checks`] traits.
 //!
 //! Owns the order of the steps and what is recorded before each (see `state::Phase`):
-//! start the new release unpublished, gate on health, switch the host ports in one
-//! transaction, drain and stop the old release, prune, record. Any failure before the
-//! switch undoes the new release and leaves the old one and every rule untouched. Does
-//! not know how rules or containers are made: that is `nat` and `docker`.
+//! start the new release unpublished, gate on health (and on its IPv6 path being usable,
+//! see `dad`), switch the host ports in one transaction, drain and stop the old release,
+//! prune, record. Any failure before the switch undoes the new release and leaves the old
+//! one and every rule untouched. Does not know how rules or containers are made: that is
+//! `nat` and `docker`.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -16,6 +17,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{mpsc, Mutex};
 
+use crate::dad::Ipv6Readiness;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
 use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol};
 use crate::nat::{Firewall, NatError};
@@ -88,7 +90,17 @@ pub trait Checks: Send + Sync + 'static {
     fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, String> {
         Ok(0)
     }
+    /// Whether IPv6 traffic reaches `addr`, the IPv6 address of the release whose process
+    /// is `pid`: no address on the path (its own, the host's on its bridge) is still in
+    /// duplicate address detection. Defaults to usable for fakes without IPv6.
+    fn ipv6_readiness(&self, _pid: u32, _addr: std::net::Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
+        Box::pin(async { Ok(Ipv6Readiness::Usable) })
+    }
 }
+
+/// How often the IPv6 path of an otherwise healthy release is read again: duplicate
+/// address detection ends at a moment the health interval knows nothing about.
+const IPV6_POLL: Duration = Duration::from_millis(50);
 
 /// What the state machine reports while it works (sent to the CLI as progress).
 #[derive(Debug, Clone, Serialize)]
@@ -1097,6 +1109,7 @@ impl Releaser {
         let health = &manifest.health;
         let started = Instant::now();
         let deadline = started + health.deadline;
+        let mut healthy = false;
         loop {
             let current = self
                 .engine
@@ -1117,15 +1130,26 @@ impl Releaser {
                     Some(s) => Err(format!("Docker reports it {s}")),
                     None => return Err("health type `docker` but the image has no HEALTHCHECK".into()),
                 },
+                // Passed once: only the IPv6 path is left to wait for, polled faster than
+                // the health endpoint should be.
+                _ if healthy => Ok(()),
                 HealthKind::Http | HealthKind::Tcp => {
                     let addr = current.addr.ok_or_else(|| "it has no IPv4 address on its network".to_string())?;
                     let port = manifest.health_port().ok_or_else(|| "no port to check; set health.port".to_string())?;
                     self.checks.probe(health.clone(), (addr, port).into()).await
                 }
             };
-            let last = match verdict {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
+            // Healthy over IPv4 is not enough for IPv6 clients: the switch would send them
+            // to an address the kernel still drops packets for.
+            let (last, waiting, pause) = match verdict {
+                Err(e) => (e, "health", health.interval),
+                Ok(()) => {
+                    healthy = true;
+                    match self.ipv6_unready(&current).await? {
+                        None => return Ok(()),
+                        Some(what) => (what, "IPv6", health.interval.min(IPV6_POLL)),
+                    }
+                }
             };
             let now_ = Instant::now();
             if now_ >= deadline {
@@ -1135,12 +1159,28 @@ impl Releaser {
                 service: service.to_string(),
                 release,
                 step: "health",
-                message: format!("waiting for health: {last}"),
+                message: format!("waiting for {waiting}: {last}"),
                 elapsed_ms: Some(ms(now_ - started)),
                 limit_ms: Some(ms(health.deadline)),
                 connections: None,
             });
-            tokio::time::sleep(health.interval.min(deadline - now_)).await;
+            tokio::time::sleep(pause.min(deadline - now_)).await;
+        }
+    }
+
+    /// What keeps IPv6 traffic from a release with an IPv6 address (`Ok(None)`: nothing,
+    /// or it has no IPv6 address). Err when it never will (an address failed duplicate
+    /// address detection).
+    async fn ipv6_unready(&self, current: &ContainerInfo) -> Result<Option<String>, String> {
+        let Some(addr6) = current.addr6 else { return Ok(None) };
+        let Some(pid) = current.pid else { return Ok(Some(format!("the container's process (to read the state of {addr6})"))) };
+        match self.checks.ipv6_readiness(pid, addr6).await {
+            Ok(Ipv6Readiness::Usable) => Ok(None),
+            Ok(Ipv6Readiness::Waiting(what)) => Ok(Some(what)),
+            Ok(Ipv6Readiness::Failed(why)) => Err(why),
+            // Unreadable flags are no reason to refuse a release that answers: its process
+            // may just have restarted. Keep waiting, within the deadline, naming the error.
+            Err(e) => Ok(Some(format!("reading the state of {addr6}: {e}"))),
         }
     }
 

@@ -4,13 +4,14 @@
 //! - `cli`, `commands`: argument types and one file per subcommand (orchestration only);
 //! - `daemon`, `client`, `api`: the control plane between CLI and daemon;
 //! - `deploy`, `handoff`: the domain (the release state machine, fd handoff);
-//! - `nat`, `docker`, `health`, `drain`, `netns`, `host`: effects on the OS, each behind a trait;
+//! - `nat`, `docker`, `health`, `drain`, `dad`, `netns`, `host`: effects on the OS, each behind a trait;
 //! - `manifest`, `plan`, `state`: the model, pure data and pure functions.
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod dad;
 pub mod daemon;
 pub mod deploy;
 pub mod docker;

@@ -1,12 +1,13 @@
-//! The real [`Checks`]: health probes, sock_diag connection counts, host ports and
-//! conntrack, each delegated to its effect module.
+//! The real [`Checks`]: health probes, sock_diag connection counts, host ports,
+//! conntrack and IPv6 duplicate address detection, each delegated to its effect module.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+use crate::dad::Ipv6Readiness;
 use crate::deploy::Checks;
 use crate::manifest::{HealthKind, HealthSpec, Protocol};
 
@@ -38,6 +39,15 @@ impl Checks for RealChecks {
 
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
         crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn ipv6_readiness(&self, pid: u32, addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || crate::dad::release_readiness(pid, addr))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, String> {

@@ -212,6 +212,12 @@ struct FakeChecks {
     busy_v6: AtomicBool,
     /// Flows deleted from conntrack, in order.
     forgotten: Mutex<Vec<(Protocol, u16, IpAddr)>>,
+    /// What the IPv6 readiness check answers, in turn (the last one from then on);
+    /// usable when empty.
+    ipv6: Mutex<Vec<Ipv6Readiness>>,
+    /// Where host port 8080 pointed at each IPv6 readiness check.
+    ipv6_checked_while: Mutex<Vec<Option<Ipv4Addr>>>,
+    firewall: Arc<FakeFirewall>,
 }
 
 impl Checks for FakeChecks {
@@ -242,6 +248,17 @@ impl Checks for FakeChecks {
     fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, String> {
         Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
     }
+    fn ipv6_readiness(&self, _pid: u32, _addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
+        Box::pin(async move {
+            self.ipv6_checked_while.lock().unwrap().push(self.firewall.target(8080));
+            let mut answers = self.ipv6.lock().unwrap();
+            Ok(match answers.len() {
+                0 => Ipv6Readiness::Usable,
+                1 => answers[0].clone(),
+                _ => answers.remove(0),
+            })
+        })
+    }
 }
 
 struct World {
@@ -254,7 +271,7 @@ struct World {
 }
 
 fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeFirewall>) -> World {
-    let checks = Arc::new(FakeChecks { engine: engine.clone(), ..Default::default() });
+    let checks = Arc::new(FakeChecks { engine: engine.clone(), firewall: firewall.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
     let releaser = Releaser::new(engine.clone(), firewall.clone(), checks.clone(), settings, store).unwrap();
@@ -595,4 +612,88 @@ async fn switching_back_forgets_the_failed_releases_flows_of_both_families() {
     let forgotten = w.checks.forgotten.lock().unwrap().clone();
     let failed6 = w.engine.ip6_of(failed).unwrap();
     assert_eq!(forgotten, vec![(Protocol::Tcp, 8080, IpAddr::V4(failed)), (Protocol::Tcp, 8080, IpAddr::V6(failed6))]);
+}
+
+/// A dual-stack world whose IPv6 readiness check answers `answers` in turn.
+fn dual_stack_world(answers: Vec<Ipv6Readiness>) -> World {
+    let engine = Arc::new(FakeEngine { dual_stack: AtomicBool::new(true), ..Default::default() });
+    let w = world_in(tempfile::tempdir().unwrap(), engine, Arc::default());
+    *w.checks.ipv6.lock().unwrap() = answers;
+    w
+}
+
+/// Progress messages of `step` sent while `f` ran.
+async fn progress_of<T>(step: &str, f: impl AsyncFnOnce(&ProgressTx) -> T) -> (T, Vec<String>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let out = f(&tx).await;
+    drop(tx);
+    let mut seen = Vec::new();
+    while let Some(p) = rx.recv().await {
+        if p.step == step {
+            seen.push(p.message);
+        }
+    }
+    (out, seen)
+}
+
+#[tokio::test]
+async fn the_switch_waits_until_the_new_releases_ipv6_address_is_usable() {
+    let w = dual_stack_world(Vec::new());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let old = w.firewall.target(8080);
+    w.checks.ipv6_checked_while.lock().unwrap().clear();
+    let tentative = Ipv6Readiness::Waiting("duplicate address detection of the host's fd00::1 on br-1".into());
+    *w.checks.ipv6.lock().unwrap() = vec![tentative.clone(), tentative, Ipv6Readiness::Usable];
+
+    let (o, health) = progress_of("health", async |tx| w.releaser.deploy("web", "web:2", tx).await).await;
+    assert_eq!(o.unwrap().to, 2);
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:2"));
+    // Every check before the usable one saw the old release still serving.
+    assert_eq!(*w.checks.ipv6_checked_while.lock().unwrap(), vec![old, old, old]);
+    assert_eq!(health.len(), 2, "{health:?}");
+    assert!(health.iter().all(|m| m == "waiting for IPv6: duplicate address detection of the host's fd00::1 on br-1"), "{health:?}");
+}
+
+#[tokio::test]
+async fn a_release_whose_ipv6_stays_tentative_is_refused_at_the_deadline_and_nothing_switches() {
+    let w = dual_stack_world(Vec::new());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let before = w.firewall.target(8080);
+    *w.checks.ipv6.lock().unwrap() = vec![Ipv6Readiness::Waiting("duplicate address detection of fd00::3 in the container".into())];
+    let started = std::time::Instant::now();
+    let err = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ReleaseError::Unhealthy { release: 2, .. }), "{msg}");
+    assert!(msg.contains("not healthy within 200ms") && msg.contains("duplicate address detection of fd00::3"), "{msg}");
+    assert!(started.elapsed() >= Duration::from_millis(200), "gave up at the deadline, not before");
+    assert_eq!(w.firewall.target(8080), before);
+    assert_eq!(w.firewall.batches(), vec!["sync"]);
+    assert_eq!(w.engine.names(), vec!["cutover-web-1"]);
+    let state = w.releaser.snapshot().await;
+    assert_eq!(state.services["web"].active, Some(1));
+    assert_eq!(state.services["web"].release(2).unwrap().status, ReleaseStatus::Failed);
+}
+
+#[tokio::test]
+async fn a_failed_duplicate_address_detection_refuses_the_release_at_once() {
+    let w = dual_stack_world(Vec::new());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    *w.checks.ipv6.lock().unwrap() = vec![Ipv6Readiness::Failed("its IPv6 address fd00::3 failed duplicate address detection".into())];
+    let started = std::time::Instant::now();
+    let msg = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap_err().to_string();
+    assert!(msg.contains("fd00::3 failed duplicate address detection"), "{msg}");
+    assert!(started.elapsed() < Duration::from_millis(200), "no wait for a deadline");
+    assert_eq!(active(&w).await, Some(1));
+}
+
+#[tokio::test]
+async fn a_rollback_waits_for_ipv6_too() {
+    let w = dual_stack_world(Vec::new());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    let tentative = Ipv6Readiness::Waiting("duplicate address detection".into());
+    *w.checks.ipv6.lock().unwrap() = vec![tentative, Ipv6Readiness::Usable];
+    let (o, health) = progress_of("health", async |tx| w.releaser.rollback("web", None, tx).await).await;
+    assert_eq!(o.unwrap().to, 1);
+    assert_eq!(health, vec!["waiting for IPv6: duplicate address detection"]);
 }

@@ -6,7 +6,7 @@
 //!   subnets, ports), unique across parallel tests; sweeps leftovers of crashed runs;
 //! - [`ClientHost`]: "another host" (a namespace over a veth pair); [`At`]: where a
 //!   client runs (host, namespace, a container's namespace);
-//! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`]: real clients and their results;
+//! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`], [`NewFlows`]: real clients and their results;
 //! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
 //! - [`set_route_localnet`], [`ipv6_forwarding_on`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
 //!
@@ -20,6 +20,7 @@ pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
 pub mod docker;
+pub mod flows;
 pub mod http;
 pub mod ids;
 pub mod manifest;
@@ -35,6 +36,7 @@ pub use docker::{
     containers_of, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
     DockerNetwork,
 };
+pub use flows::{Connect, NewFlows, NewFlowsSeen};
 pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
 pub use manifest::ServiceYaml;
