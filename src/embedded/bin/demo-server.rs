@@ -493,10 +493,13 @@ impl Shared {
         }
     }
 
-    /// A response was sent. False if the connection must close because we are stopping.
+    /// A response that kept the connection open was sent. False once the stop's grace is
+    /// over: the connection must close. During the grace it stays open even though the
+    /// stop began while the response was on its way: that response promised keep-alive,
+    /// so the client may already be sending its next request, which gets the close.
     fn mark_idle(&self, id: u64) -> bool {
         let mut c = self.lock();
-        if c.stopping {
+        if c.idle_closed {
             return false;
         }
         if let Some(e) = c.open.get_mut(&id) {
