@@ -418,7 +418,9 @@ fn start_connection(stream: TcpStream, shared: &Arc<Shared>) {
         let _ = handle_connection(stream, id, &shared2);
         shared2.unregister(id);
     });
-    if spawned.is_err() {
+    if let Err(e) = spawned {
+        // The connection closes unanswered: say so, or a client's error has no trace here.
+        eprintln!("demo-server: cannot start a thread for connection {id}: {e}");
         shared.unregister(id);
     }
 }
