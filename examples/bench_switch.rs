@@ -11,18 +11,9 @@ use cutover::manifest::Protocol;
 use cutover::nat::{Firewall, NatError, NftFirewall};
 use cutover::plan::{self, Desired, ElementKey, ElementOp, Target};
 
-struct TableGuard<'a> {
-    fw: &'a NftFirewall,
-    table: String,
-}
-
-impl Drop for TableGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.fw.delete_table(&self.table) {
-            eprintln!("could not delete table {}: {e}", self.table);
-        }
-    }
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::TableGuard;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -26,18 +26,9 @@ use cutover::nat::{Firewall, NftFirewall};
 use cutover::plan::{self, Desired, Element, ElementKey, Target};
 use nftnl::MsgType;
 
-struct TableGuard<'a> {
-    fw: &'a NftFirewall,
-    table: String,
-}
-
-impl Drop for TableGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.fw.delete_table(&self.table) {
-            eprintln!("could not delete table {}: {e}", self.table);
-        }
-    }
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::TableGuard;
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
