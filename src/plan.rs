@@ -16,6 +16,12 @@
 //! - chains `prerouting` and `output` (nat, priority dstnat - 5, just before Docker's):
 //!   traffic to a local address whose protocol and port are in a map gets our mark and
 //!   is DNAT'd to the active release;
+//! - chain `mark_prerouting` (filter, mangle priority -150): the mark follows the
+//!   connection. The DNAT rule also sets the mark bit in the connection's conntrack mark;
+//!   here every later packet of the connection in its original direction gets the packet
+//!   mark back. The nat chains see only a connection's first packet, so without this a
+//!   retransmitted SYN, or a UDP datagram sent before the release's first reply, arrives
+//!   unmarked and Docker's FORWARD chain drops it (unpublished port);
 //! - chain `postrouting` (nat, srcnat - 5): marked traffic from 127.0.0.0/8 (clients on
 //!   the host via loopback) and marked traffic that leaves through the bridge it came
 //!   from (hairpin) is masqueraded so the replies come back through the NAT;
@@ -50,6 +56,11 @@ pub const DNAT6_MAP: &str = "dnat6";
 pub const DNAT6_MAP_ADDR: &str = "dnat6_addr";
 /// Priority of the DNAT chains: `dstnat - 5`, so they run before Docker's (`dstnat`).
 pub const DNAT_PRIORITY: i32 = -105;
+/// Priority of the chain that restores the packet mark from the conntrack mark: `mangle`,
+/// long before forwarding decides.
+pub const MARK_PRIORITY: i32 = -150;
+/// The chain that gives every packet of a DNAT'd connection its mark.
+pub const MARK_CHAIN: &str = "mark_prerouting";
 /// Priority of the masquerade chain: `srcnat - 5`.
 pub const SNAT_PRIORITY: i32 = 95;
 /// Priority of the counting chains: `dstnat + 10`, after every DNAT of the hook, so the
@@ -170,9 +181,12 @@ impl std::ops::AddAssign for Traffic {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Rule {
     /// `family` traffic to a local address whose `l4proto . dport` (preceded by the
-    /// destination address when `by_daddr`) is found in `map`: set `mark`, DNAT to the
-    /// map's value.
+    /// destination address when `by_daddr`) is found in `map`: set `mark` on the packet and
+    /// on its connection (conntrack mark), DNAT to the map's value.
     DnatLocal { map: String, mark: u32, family: Family, by_daddr: bool },
+    /// A packet in the original direction of a connection whose conntrack mark has `mark`:
+    /// set `mark` on the packet too (every packet after the first, which the DNAT marked).
+    RestoreMark { mark: u32 },
     /// Marked IPv4 from 127.0.0.0/8: masquerade (host clients via loopback).
     MasqueradeLoopback { mark: u32 },
     /// Marked IPv4 from `subnet` leaving through `ifname`: masquerade (hairpin).
@@ -323,6 +337,13 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
             Chain { name: "postrouting".into(), kind: ChainKind::Nat, hook: Hook::Postrouting, priority: SNAT_PRIORITY, rules: post },
             count_chain(COUNT_CHAINS[0], Hook::Prerouting, count.clone()),
             count_chain(COUNT_CHAINS[1], Hook::Output, count),
+            Chain {
+                name: MARK_CHAIN.into(),
+                kind: ChainKind::Filter,
+                hook: Hook::Prerouting,
+                priority: MARK_PRIORITY,
+                rules: vec![Rule::RestoreMark { mark }],
+            },
         ],
         elements: elements(&desired.targets),
         notes: notes(&desired.targets),
@@ -446,9 +467,13 @@ impl fmt::Display for Rule {
                 let key = if *by_daddr { format!("{ip} daddr . meta l4proto . th dport") } else { "meta l4proto . th dport".into() };
                 write!(
                     f,
-                    "meta nfproto {nfproto} fib daddr type local {key} @{map} meta mark set meta mark | {mark:#010x} dnat {ip} to {key} map @{map}"
+                    "meta nfproto {nfproto} fib daddr type local {key} @{map} meta mark set meta mark | {mark:#010x} ct mark set ct mark | {mark:#010x} dnat {ip} to {key} map @{map}"
                 )
             }
+            Rule::RestoreMark { mark } => write!(
+                f,
+                "ct direction original ct mark & {mark:#010x} == {mark:#010x} meta mark set meta mark | {mark:#010x}"
+            ),
             Rule::MasqueradeLoopback { mark } => {
                 write!(f, "meta nfproto ipv4 meta mark & {mark:#010x} == {mark:#010x} ip saddr 127.0.0.0/8 masquerade")
             }
@@ -558,15 +583,43 @@ mod tests {
         assert_eq!(order, [DNAT_MAP_ADDR, DNAT_MAP, DNAT6_MAP_ADDR, DNAT6_MAP]);
         assert_eq!(
             hooks,
-            vec![(Hook::Prerouting, -105), (Hook::Output, -105), (Hook::Postrouting, 95), (Hook::Prerouting, -90), (Hook::Output, -90)]
+            vec![
+                (Hook::Prerouting, -105),
+                (Hook::Output, -105),
+                (Hook::Postrouting, 95),
+                (Hook::Prerouting, -90),
+                (Hook::Output, -90),
+                (Hook::Prerouting, -150)
+            ]
         );
         let kinds: Vec<_> = rs.chains.iter().map(|c| c.kind).collect();
-        assert_eq!(kinds, [ChainKind::Nat, ChainKind::Nat, ChainKind::Nat, ChainKind::Filter, ChainKind::Filter]);
+        assert_eq!(kinds, [ChainKind::Nat, ChainKind::Nat, ChainKind::Nat, ChainKind::Filter, ChainKind::Filter, ChainKind::Filter]);
         assert_eq!(rs.elements.len(), 1);
         let text = rs.to_string();
         assert!(text.contains("tcp . 8080 : 172.17.0.2 . 80"), "{text}");
         assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
         assert!(text.contains("oifname \"docker0\" ip saddr 172.17.0.0/16 masquerade"), "{text}");
+    }
+
+    #[test]
+    fn the_mark_follows_the_connection() {
+        // The nat chains see a connection's first packet only: the DNAT rule marks the
+        // connection too, and a mangle-priority chain marks every later packet of it in
+        // the original direction (a retransmitted SYN, a UDP datagram before the reply),
+        // so Docker's FORWARD accept on the mark lets it through as well.
+        let rs = ruleset(&desired(vec![target("web", 1, 8080, [172, 17, 0, 2])]));
+        let text = rs.to_string();
+        assert!(
+            text.contains(
+                "\tchain mark_prerouting {\n\t\ttype filter hook prerouting priority -150; policy accept;\n\
+                 \t\tct direction original ct mark & 0x20000000 == 0x20000000 meta mark set meta mark | 0x20000000\n\t}"
+            ),
+            "{text}"
+        );
+        let dnat = rs.chains.iter().flat_map(|c| &c.rules).filter(|r| matches!(r, Rule::DnatLocal { .. }));
+        for rule in dnat {
+            assert!(rule.to_string().contains("meta mark set meta mark | 0x20000000 ct mark set ct mark | 0x20000000 dnat"), "{rule}");
+        }
     }
 
     #[test]

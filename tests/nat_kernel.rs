@@ -168,6 +168,7 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
         vec![
             ("count_output".into(), "output".into(), -90, "filter".into(), "accept".into()),
             ("count_prerouting".into(), "prerouting".into(), -90, "filter".into(), "accept".into()),
+            ("mark_prerouting".into(), "prerouting".into(), -150, "filter".into(), "accept".into()),
             ("output".into(), "output".into(), -105, "nat".into(), "accept".into()),
             ("postrouting".into(), "postrouting".into(), 95, "nat".into(), "accept".into()),
             ("prerouting".into(), "prerouting".into(), -105, "nat".into(), "accept".into()),
@@ -181,8 +182,8 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     let rules = objs.iter().filter(|o| o.get("rule").is_some()).count();
     assert_eq!(
         rules,
-        14,
-        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades, a counting rule per port in each counting chain"
+        15,
+        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades, a counting rule per port in each counting chain, the mark restore"
     );
     // `nft` reads our rules back as the plan describes them.
     let text = sh(&["nft", "list", "table", "inet", &table]);
@@ -191,7 +192,12 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert!(text.contains("dnat ip6 to meta l4proto . th dport map @dnat6"), "{text}");
     assert!(text.contains("dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6_addr"), "{text}");
     assert!(text.contains("type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service"), "{text}");
-    assert!(text.contains(&format!("meta mark set meta mark | {MARK:#010x}")), "{text}");
+    assert!(text.contains(&format!("meta mark set meta mark | {MARK:#010x} ct mark set ct mark | {MARK:#010x}")), "{text}");
+    assert!(
+        // nft prints `x & m == m` of a single bit as `x m/1`.
+        text.contains(&format!("ct direction original ct mark {MARK:#010x}/1 meta mark set meta mark | {MARK:#010x}")),
+        "{text}"
+    );
     assert!(text.contains("oifname \"br-test0\" ip saddr 10.231.254.0/24 masquerade"), "{text}");
     assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
     assert!(text.contains("ct status dnat meta l4proto tcp ct original proto-dst 41080 counter packets 0 bytes 0 comment \"svc41080tcp\""), "{text}");

@@ -164,6 +164,11 @@ pub fn ct_load(key: i32, original: bool, dreg: u32) -> RawExpr {
     RawExpr::new(c"ct", attrs)
 }
 
+/// `ct set <key> with reg <sreg>`
+pub fn ct_set(key: i32, sreg: u32) -> RawExpr {
+    RawExpr::new(c"ct", vec![attr(sys::NFTNL_EXPR_CT_KEY, key as u32), attr(sys::NFTNL_EXPR_CT_SREG, sreg)])
+}
+
 /// `counter` (starting at zero).
 pub fn counter() -> RawExpr {
     RawExpr::new(c"counter", Vec::new())
@@ -348,7 +353,26 @@ pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
             out.push(meta_load(libc::NFT_META_MARK, NFT_REG_3));
             out.push(bitwise32(NFT_REG_3, NFT_REG_3, (!mark).to_ne_bytes(), mark.to_ne_bytes()));
             out.push(meta_set(libc::NFT_META_MARK, NFT_REG_3));
+            // ct mark set ct mark | mark: the connection keeps the mark, for the packets
+            // after this one, which never pass a nat chain (see `Rule::RestoreMark`). Before
+            // the DNAT, which ends the rule.
+            out.push(ct_load(libc::NFT_CT_MARK, false, NFT_REG_3));
+            out.push(bitwise32(NFT_REG_3, NFT_REG_3, (!mark).to_ne_bytes(), mark.to_ne_bytes()));
+            out.push(ct_set(libc::NFT_CT_MARK, NFT_REG_3));
             out.push(dnat(*family, NFT_REG_1, layout.value_port));
+        }
+        Rule::RestoreMark { mark } => {
+            // ct direction original: replies keep whatever mark they have.
+            out.push(ct_load(libc::NFT_CT_DIRECTION, false, NFT_REG_1));
+            out.push(cmp_eq(NFT_REG_1, &[IP_CT_DIR_ORIGINAL]));
+            // ct mark & mark == mark
+            out.push(ct_load(libc::NFT_CT_MARK, false, NFT_REG_1));
+            out.push(bitwise32(NFT_REG_1, NFT_REG_1, mark.to_ne_bytes(), [0; 4]));
+            out.push(cmp_eq(NFT_REG_1, &mark.to_ne_bytes()));
+            // meta mark set meta mark | mark
+            out.push(meta_load(libc::NFT_META_MARK, NFT_REG_1));
+            out.push(bitwise32(NFT_REG_1, NFT_REG_1, (!mark).to_ne_bytes(), mark.to_ne_bytes()));
+            out.push(meta_set(libc::NFT_META_MARK, NFT_REG_1));
         }
         Rule::MasqueradeLoopback { mark } => {
             out.extend(nfproto(Family::Ipv4));
@@ -415,7 +439,10 @@ mod tests {
         let rule = Rule::DnatLocal { map: "dnat4".into(), mark: 0x2000_0000, family: Family::Ipv4, by_daddr: false };
         let e = rule_exprs(&rule, 1).unwrap();
         let names: Vec<_> = e.iter().map(RawExpr::name).collect();
-        assert_eq!(names, ["meta", "cmp", "fib", "cmp", "meta", "payload", "lookup", "meta", "bitwise", "meta", "nat"]);
+        assert_eq!(
+            names,
+            ["meta", "cmp", "fib", "cmp", "meta", "payload", "lookup", "meta", "bitwise", "meta", "ct", "bitwise", "ct", "nat"]
+        );
         assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_LOOKUP_SREG), NFT_REG32_00);
         assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_LOOKUP_DREG), NFT_REG_1);
         assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_PAYLOAD_DREG), NFT_REG32_01);
@@ -423,9 +450,28 @@ mod tests {
         assert_eq!(u32_attr(&e[7], sys::NFTNL_EXPR_META_DREG), NFT_REG_3);
         assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_BITWISE_MASK), 0xdfff_ffffu32.to_ne_bytes());
         assert_eq!(bytes_attr(&e[8], sys::NFTNL_EXPR_BITWISE_XOR), 0x2000_0000u32.to_ne_bytes());
+        // The connection gets the same bit, computed in register 3 as well.
+        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_MARK as u32);
+        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_CT_DREG), NFT_REG_3);
+        assert_eq!(bytes_attr(&e[11], sys::NFTNL_EXPR_BITWISE_XOR), 0x2000_0000u32.to_ne_bytes());
+        assert_eq!(u32_attr(&e[12], sys::NFTNL_EXPR_CT_SREG), NFT_REG_3);
         // REG_1 and REG32_00 name the same bytes.
-        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), NFT_REG_1);
-        assert_eq!(u32_attr(&e[10], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
+        assert_eq!(u32_attr(&e[13], sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), NFT_REG_1);
+        assert_eq!(u32_attr(&e[13], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
+    }
+
+    #[test]
+    fn restore_mark_copies_the_connection_mark_in_the_original_direction() {
+        let e = rule_exprs(&Rule::RestoreMark { mark: 0x0400_0000 }, 0).unwrap();
+        let names: Vec<_> = e.iter().map(RawExpr::name).collect();
+        assert_eq!(names, ["ct", "cmp", "ct", "bitwise", "cmp", "meta", "bitwise", "meta"]);
+        assert_eq!(u32_attr(&e[0], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_DIRECTION as u32);
+        assert_eq!(bytes_attr(&e[1], sys::NFTNL_EXPR_CMP_DATA), [0]);
+        assert_eq!(u32_attr(&e[2], sys::NFTNL_EXPR_CT_KEY), libc::NFT_CT_MARK as u32);
+        assert_eq!(bytes_attr(&e[3], sys::NFTNL_EXPR_BITWISE_MASK), 0x0400_0000u32.to_ne_bytes());
+        assert_eq!(bytes_attr(&e[4], sys::NFTNL_EXPR_CMP_DATA), 0x0400_0000u32.to_ne_bytes());
+        assert_eq!(bytes_attr(&e[6], sys::NFTNL_EXPR_BITWISE_MASK), (!0x0400_0000u32).to_ne_bytes());
+        assert_eq!(u32_attr(&e[7], sys::NFTNL_EXPR_META_SREG), NFT_REG_1);
     }
 
     #[test]
@@ -482,14 +528,17 @@ mod tests {
         let rule = Rule::DnatLocal { map: "dnat6_addr".into(), mark: 1, family: Family::Ipv6, by_daddr: true };
         let e = rule_exprs(&rule, 3).unwrap();
         let names: Vec<_> = e.iter().map(RawExpr::name).collect();
-        assert_eq!(names, ["meta", "cmp", "fib", "cmp", "payload", "meta", "payload", "lookup", "meta", "bitwise", "meta", "nat"]);
+        assert_eq!(
+            names,
+            ["meta", "cmp", "fib", "cmp", "payload", "meta", "payload", "lookup", "meta", "bitwise", "meta", "ct", "bitwise", "ct", "nat"]
+        );
         assert_eq!(bytes_attr(&e[1], sys::NFTNL_EXPR_CMP_DATA), [libc::NFPROTO_IPV6 as u8]);
         assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_OFFSET), 24);
         assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_LEN), 16);
         assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_META_DREG), NFT_REG32_00 + 4);
         assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_PAYLOAD_DREG), 13);
-        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_FAMILY), libc::NFPROTO_IPV6 as u32);
-        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG_2);
+        assert_eq!(u32_attr(&e[14], sys::NFTNL_EXPR_NAT_FAMILY), libc::NFPROTO_IPV6 as u32);
+        assert_eq!(u32_attr(&e[14], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG_2);
     }
 
     #[test]
@@ -500,6 +549,6 @@ mod tests {
         assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_PAYLOAD_DREG), NFT_REG32_00);
         assert_eq!(u32_attr(&e[5], sys::NFTNL_EXPR_META_DREG), NFT_REG32_01);
         assert_eq!(u32_attr(&e[6], sys::NFTNL_EXPR_PAYLOAD_DREG), NFT_REG32_02);
-        assert_eq!(u32_attr(&e[11], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
+        assert_eq!(u32_attr(&e[14], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
     }
 }

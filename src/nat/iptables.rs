@@ -12,6 +12,12 @@
 //! so they win, and a cutover rewrites our chains in one restore. The cost grows with the
 //! number of ports, unlike the nftables backend; that is the price of iptables.
 //!
+//! The mark follows the connection as in the nftables backend: each element's rules also
+//! set the mark bit in the conntrack mark (`CONNMARK`), and one chain of the `mangle`
+//! table, `<table>-mark`, jumped to first from PREROUTING (tagged like the others), gives
+//! every later packet of such a connection in its original direction the packet mark
+//! again, so a retransmitted SYN is accepted in DOCKER-USER like the first one.
+//!
 //! Traffic per service is counted in one more chain per family, `<table>-cnt` in the
 //! `filter` table, jumped to first from INPUT, FORWARD and OUTPUT (tagged like the
 //! others): one rule per service port, `-p P -m conntrack --ctstate DNAT --ctorigdstport
@@ -106,6 +112,13 @@ impl IptablesFirewall {
         Ok(())
     }
 
+    /// How many copies of our jump to the mark chain mangle PREROUTING of `family` has.
+    fn mark_jumps_present(&self, family: Family, table: &str) -> Result<usize, NatError> {
+        let chain = mark_chain_name(table)?;
+        let out = run(&self.tools(family).list, &["-w", "-t", "mangle", "-S", "PREROUTING"], None)?;
+        Ok(out.lines().filter(|l| is_jump_to(l, "PREROUTING", &chain, table)).count())
+    }
+
     /// Our jumps to the counting chain in the built-in `filter` chains of `family`.
     fn count_jumps_present(&self, family: Family, table: &str) -> Result<Vec<&'static str>, NatError> {
         let chain = count_chain_name(table)?;
@@ -180,6 +193,51 @@ pub fn count_chain_name(table: &str) -> Result<String, NatError> {
 /// The jump to the counting chain (after `-I/-D <BUILTIN>`).
 fn count_jump_spec(table: &str) -> Result<String, NatError> {
     Ok(format!("-m comment --comment cutover:{table} -j {}", count_chain_name(table)?))
+}
+
+/// The chain of `table` (in the `mangle` table) that restores the mark from the
+/// connection's mark.
+pub fn mark_chain_name(table: &str) -> Result<String, NatError> {
+    // Validates the table name; `-mark` is as long as the longest other suffix.
+    chain_name(table, Hook::Postrouting)?;
+    Ok(format!("{table}-mark"))
+}
+
+/// The jump to the mark chain (after `-I/-D PREROUTING`).
+fn mark_jump_spec(table: &str) -> Result<String, NatError> {
+    Ok(format!("-m comment --comment cutover:{table} -j {}", mark_chain_name(table)?))
+}
+
+/// The `iptables-restore --noflush` script that makes the mark chain exactly `rs`'s
+/// `RestoreMark` rules and adds the jump from mangle PREROUTING unless `present`.
+pub fn mark_script(rs: &Ruleset, present: bool) -> Result<String, NatError> {
+    let chain = mark_chain_name(&rs.table)?;
+    let mut s = format!("*mangle\n:{chain} - [0:0]\n");
+    for rule in rs.chains.iter().flat_map(|c| &c.rules) {
+        let Rule::RestoreMark { mark } = rule else { continue };
+        if *mark == 0 {
+            return Err(NatError::InvalidRule("the packet mark must not be 0".into()));
+        }
+        s.push_str(&format!(
+            "-A {chain} -m conntrack --ctdir ORIGINAL -m connmark --mark {mark:#x}/{mark:#x} -j MARK --set-xmark {mark:#x}/{mark:#x}\n"
+        ));
+    }
+    if !present {
+        s.push_str(&format!("-I PREROUTING 1 {}\n", mark_jump_spec(&rs.table)?));
+    }
+    s.push_str("COMMIT\n");
+    Ok(s)
+}
+
+/// The script that removes `jumps` copies of our jump to the mark chain, and the chain.
+pub fn mark_delete_script(table: &str, jumps: usize) -> Result<String, NatError> {
+    let chain = mark_chain_name(table)?;
+    let mut s = String::from("*mangle\n");
+    for _ in 0..jumps {
+        s.push_str(&format!("-D PREROUTING {}\n", mark_jump_spec(table)?));
+    }
+    s.push_str(&format!(":{chain} - [0:0]\n-X {chain}\nCOMMIT\n"));
+    Ok(s)
 }
 
 /// The `iptables-restore --noflush` script that makes the counting chain of `family`
@@ -275,6 +333,7 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
         for e in &elements {
             let daddr = e.key.daddr.map(|d| format!("-d {d} ")).unwrap_or_default();
             s.push_str(&format!("-A {chain} {daddr}{} -j MARK --set-xmark {mark:#x}/{mark:#x}\n", proto(e)));
+            s.push_str(&format!("-A {chain} {daddr}{} -j CONNMARK --set-xmark {mark:#x}/{mark:#x}\n", proto(e)));
             s.push_str(&format!("-A {chain} {daddr}{} -j DNAT --to-destination {}\n", proto(e), destination(e)));
         }
     }
@@ -289,7 +348,7 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
                     Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => s.push_str(&format!(
                         "-A {post} -s {subnet}/{prefix} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
                     )),
-                    Rule::DnatLocal { .. } | Rule::CountService { .. } => {}
+                    Rule::DnatLocal { .. } | Rule::CountService { .. } | Rule::RestoreMark { .. } => {}
                 }
             }
         }
@@ -367,6 +426,8 @@ impl Firewall for IptablesFirewall {
         for family in [Family::Ipv4, Family::Ipv6] {
             let present = self.count_jumps_present(family, &ruleset.table)?;
             self.restore(family, &count_script(ruleset, family, &present)?)?;
+            let present = self.mark_jumps_present(family, &ruleset.table)? > 0;
+            self.restore(family, &mark_script(ruleset, present)?)?;
         }
         self.applied()?.insert(ruleset.table.clone(), ruleset.clone());
         Ok(())
@@ -406,6 +467,8 @@ impl Firewall for IptablesFirewall {
             // `table_exists` (the nat chains) and removed by the next delete.
             let present = self.count_jumps_present(family, table)?;
             self.restore(family, &count_delete_script(table, &present)?)?;
+            let jumps = self.mark_jumps_present(family, table)?;
+            self.restore(family, &mark_delete_script(table, jumps)?)?;
             let present = self.jumps_present(family, table)?;
             self.restore(family, &delete_script(table, &present)?)?;
         }
@@ -476,16 +539,22 @@ mod tests {
 :cutover-out - [0:0]
 :cutover-post - [0:0]
 -A cutover-pre -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-pre -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.3:80
 -A cutover-pre -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -p tcp -m tcp --dport 8080 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-pre -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
 -A cutover-pre -p udp -m udp --dport 53 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-pre -p udp -m udp --dport 53 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-pre -p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.2:5353
 -A cutover-out -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-out -d 192.0.2.10 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.3:80
 -A cutover-out -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -p tcp -m tcp --dport 8080 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-out -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
 -A cutover-out -p udp -m udp --dport 53 -j MARK --set-xmark 0x20000000/0x20000000
+-A cutover-out -p udp -m udp --dport 53 -j CONNMARK --set-xmark 0x20000000/0x20000000
 -A cutover-out -p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.2:5353
 -A cutover-post -s 127.0.0.0/8 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE
 -A cutover-post -s 172.17.0.0/16 -o docker0 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE
@@ -542,6 +611,28 @@ COMMIT
         assert_eq!(
             count_delete_script("cutover", &["FORWARD"]).unwrap(),
             "*filter\n-D FORWARD -m comment --comment cutover:cutover -j cutover-cnt\n:cutover-cnt - [0:0]\n-X cutover-cnt\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn the_mark_chain_restores_the_connection_mark_and_jumps_first() {
+        let s = mark_script(&ruleset(), false).unwrap();
+        assert_eq!(
+            s,
+            "*mangle
+:cutover-mark - [0:0]
+-A cutover-mark -m conntrack --ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 -j MARK --set-xmark 0x20000000/0x20000000
+-I PREROUTING 1 -m comment --comment cutover:cutover -j cutover-mark
+COMMIT
+"
+        );
+        assert!(!mark_script(&ruleset(), true).unwrap().contains("-I "), "a present jump is not added again");
+        let jump = "-A PREROUTING -m comment --comment \"cutover:cutover\" -j cutover-mark";
+        assert!(is_jump_to(jump, "PREROUTING", "cutover-mark", "cutover"));
+        assert_eq!(
+            mark_delete_script("cutover", 2).unwrap(),
+            "*mangle\n-D PREROUTING -m comment --comment cutover:cutover -j cutover-mark\n\
+             -D PREROUTING -m comment --comment cutover:cutover -j cutover-mark\n:cutover-mark - [0:0]\n-X cutover-mark\nCOMMIT\n"
         );
     }
 

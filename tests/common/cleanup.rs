@@ -99,9 +99,11 @@ pub fn delete_iptables_chains(table: &str) -> Result<(), String> {
         return Ok(());
     }
     let exists = fw.table_exists(table).map_err(|e| e.to_string())?;
-    let jumps = try_run(&mut cmd("iptables", ["-w", "-t", "nat", "-S"]))
-        .map(|o| o.contains(&format!("--comment cutover:{table} ")))
-        .unwrap_or(false);
+    let jumps = ["nat", "mangle"].iter().any(|t| {
+        try_run(&mut cmd("iptables", ["-w", "-t", t, "-S"]))
+            .map(|o| o.contains(&format!("--comment cutover:{table} ")))
+            .unwrap_or(false)
+    });
     if !exists && !jumps {
         return Ok(());
     }
