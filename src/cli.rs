@@ -259,7 +259,8 @@ pub struct RunArgs {
     /// How long a new generation has to report READY=1.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ready_timeout: std::time::Duration,
-    /// How long the old generation may take to finish after the stop signal.
+    /// How long a generation may take to finish after the stop signal (the old one after
+    /// a switch, a refused new one too) before what is left of it is killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// Signal that asks the old generation to stop.
@@ -283,9 +284,11 @@ pub struct RunArgs {
     /// supervisor exits with status 1. 0: exit at the first death.
     #[arg(long, default_value_t = 5)]
     pub restart_limit: u32,
+    /// The window --restart-limit counts restarts in.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub restart_window: std::time::Duration,
-    /// Directory of supervisor control sockets.
+    /// Directory of the supervisor's control socket, its record of the serving
+    /// generation (for adoption after a restart), notify sockets and generation output.
     #[arg(long, default_value = "/run/cutover/run")]
     pub run_dir: PathBuf,
     /// The server command and its arguments.

@@ -833,5 +833,33 @@ mod tests {
         assert_eq!(s, r#"{"outcome":"switched","generation":2,"pid":10,"previous_generation":1,"previous_pid":9}"#);
         let r: ReloadOutcome = serde_json::from_str(r#"{"outcome":"refused","reason":"x","serving_generation":1,"serving_pid":9}"#).unwrap();
         assert!(matches!(r, ReloadOutcome::Refused { .. }));
+        let refused = ReloadOutcome::Refused { reason: "x".into(), serving_generation: 1, serving_pid: 9, output: vec!["boom".into()] };
+        let back: ReloadOutcome = serde_json::from_str(&serde_json::to_string(&refused).unwrap()).unwrap();
+        assert_eq!(back, refused);
+    }
+
+    #[test]
+    fn restarts_back_off_from_100_ms_to_5_s() {
+        let delays: Vec<u128> = (0..9).map(|n| restart_delay(n).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
+
+    #[test]
+    fn stopping_or_ready_0_withdraws_readiness() {
+        assert!(withdraws_readiness(&Notification::parse(None, b"STOPPING=1")));
+        assert!(withdraws_readiness(&Notification::parse(None, b"READY=0")));
+        assert!(!withdraws_readiness(&Notification::parse(None, b"READY=1\nSTATUS=ok")));
+    }
+
+    #[test]
+    fn the_output_tail_is_the_last_non_empty_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n\n")).collect();
+        std::fs::write(&path, text).unwrap();
+        let tail = tail_lines(&path, 3);
+        assert_eq!(tail, ["line 28", "line 29", "line 30"]);
+        assert!(tail_lines(&dir.path().join("missing"), 3).is_empty());
+        assert_eq!(output_block(&tail[..1]), "\nits last output:\n  line 28");
     }
 }
