@@ -75,6 +75,12 @@ impl Supervised {
         self.child = supervisor_command(self.dir.path(), &self.name, self.addr, &self.args, &self.env).spawn().unwrap();
     }
 
+    /// Changes the value of `flag` for the next start (see `kill_and_start_again`).
+    fn set_arg(&mut self, flag: &str, value: &str) {
+        let i = self.args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} not in {:?}", self.args));
+        self.args[i + 1] = value.to_string();
+    }
+
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -511,4 +517,69 @@ fn a_generation_that_accepts_but_never_gets_ready_is_refused_and_answers_what_it
     assert!(sup.log().contains("generation 2: every accepted connection answered"), "{}", sup.log());
     assert!(!sup.log().contains("phase=\"killed\""), "nothing was SIGKILLed:\n{}", sup.log());
     assert_eq!(get(sup.addr).unwrap().trim(), "gen=1");
+}
+
+/// The pid the supervisor logged for `generation` (`generation=N pid=P`).
+fn logged_pid(log: &str, generation: u64) -> Option<i32> {
+    log.lines()
+        .filter(|l| l.contains(&format!("generation={generation} ")) && l.contains(" pid="))
+        .find_map(|l| l.split(" pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+}
+
+#[test]
+fn a_supervisor_killed_during_the_watch_is_adopted_and_the_watched_generation_stopped() {
+    let name = format!("hr-midwatch-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = common::sd_server_command(dir.path());
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut sup = Supervised::start(&name, &["--ready-timeout", "10s", "--drain-timeout", "10s", "--watch", "60s"], &cmd);
+    assert_eq!(get(sup.addr).unwrap().trim(), "gen=1");
+    let gen1 = logged_pid(&sup.log(), 1).unwrap();
+    sup.groups.push(gen1);
+    let wrk = wrk_load(sup.addr, 10);
+
+    // A reload that will not finish: generation 2 is in its watch when the supervisor dies.
+    let run_dir = sup.dir.path().join("run");
+    let reload_name = sup.name.clone();
+    let reload = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_cutover")).args(["reload", &reload_name, "--run-dir"]).arg(run_dir).output().unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sup.log().contains("phase=\"watching\"") {
+        assert!(Instant::now() < deadline, "generation 2 never got to its watch:\n{}", sup.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gen2 = logged_pid(&sup.log(), 2).unwrap();
+    sup.groups.push(gen2);
+    // The next supervisor watches briefly, so that the last reload below is quick.
+    sup.set_arg("--watch", "1s");
+    sup.kill_and_start_again();
+    let out = reload.join().unwrap();
+    assert_ne!(out.status.code(), Some(0), "the reload cannot have succeeded: {out:?}");
+
+    // Generation 1 is adopted; generation 2 (half-way through its watch) is stopped.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while alive(gen2) || !control_socket(&sup).exists() {
+        assert!(Instant::now() < deadline, "generation 2 still runs or no control socket:\n{}", sup.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(alive(gen1));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sup.log().contains("generation 2: every accepted connection answered") {
+        assert!(Instant::now() < deadline, "stopped gracefully:\n{}", sup.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = wrk.wait();
+    println!("wrk: {} requests, bodies {:?}", report.requests, report.bodies);
+    report.assert_no_failures();
+    for _ in 0..10 {
+        assert_eq!(get(sup.addr).unwrap().trim(), "gen=1");
+    }
+    // The next reload starts generation 3 and goes through.
+    let (code, out, _) = sup.reload();
+    assert_eq!(code, 0, "{out}\n{}", sup.log());
+    assert_eq!(get(sup.addr).unwrap().trim(), "gen=3");
+    if let Some(p) = logged_pid(&sup.log(), 3) {
+        sup.groups.push(p);
+    }
 }

@@ -2,7 +2,9 @@
 //! after being killed can adopt the generation that still serves: its number, pid and
 //! start time (`/proc/PID/stat` field 22, so a recycled pid is never adopted). Written
 //! atomically (temp file, fsync, rename) each time the serving generation changes;
-//! removed when the supervisor stops on purpose.
+//! removed when the supervisor stops on purpose. A new generation being started or
+//! watched is recorded too, so that one started again can stop it: it holds the
+//! listeners and would otherwise accept connections unsupervised.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,16 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServingRecord {
+    pub generation: u64,
+    pub pid: i32,
+    pub start_time: u64,
+    /// The next generation while it is started and watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting: Option<Starting>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Starting {
     pub generation: u64,
     pub pid: i32,
     pub start_time: u64,
@@ -84,9 +96,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = record_path(dir.path(), "web");
         assert_eq!(load(&path).unwrap(), None);
-        let r = ServingRecord { generation: 3, pid: 42, start_time: 99 };
+        let r = ServingRecord { generation: 3, pid: 42, start_time: 99, starting: Some(Starting { generation: 4, pid: 43, start_time: 100 }) };
         save(&path, &r).unwrap();
         assert_eq!(load(&path).unwrap(), Some(r));
+        std::fs::write(&path, r#"{"generation":1,"pid":2,"start_time":3}"#).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap().starting, None);
         remove(&path);
         assert_eq!(load(&path).unwrap(), None);
         std::fs::write(&path, "nope").unwrap();

@@ -44,7 +44,7 @@ use super::adopt::{self, AdoptError};
 use super::listeners::{ListenSpec, Listener};
 use super::notify::{notify_service_manager, Notification, NotifyServer};
 use super::probe::Probe;
-use super::record::{self, record_path, ServingRecord};
+use super::record::{self, record_path, ServingRecord, Starting};
 use super::procs::{self, Exit, Reaper, Spawn, SpawnError};
 use super::HandoffError;
 
@@ -227,6 +227,8 @@ pub struct Supervisor {
     next_generation: u64,
     /// A generation that served under a supervisor that was killed, to serve on.
     adopted: Option<ServingRecord>,
+    /// What the run directory's record says (see [`super::record`]).
+    record: Option<ServingRecord>,
 }
 
 impl Supervisor {
@@ -260,8 +262,9 @@ impl Supervisor {
             None => (config.listen.iter().map(Listener::bind).collect::<Result<Vec<_>, _>>().map_err(SupervisorError::Listener)?, None),
         };
         let reaper = Reaper::start().map_err(SupervisorError::Reaper)?;
-        let next_generation = adopted.map_or(1, |r| r.generation + 1);
-        Ok(Supervisor { config, listeners, reaper, next_generation, adopted })
+        // Numbers are never reused (they name files in the run directory).
+        let next_generation = adopted.map_or(1, |r| r.generation.max(r.starting.map_or(0, |s| s.generation)) + 1);
+        Ok(Supervisor { config, listeners, reaper, next_generation, adopted, record: None })
     }
 
     pub fn listeners(&self) -> &[Listener] {
@@ -283,8 +286,15 @@ impl Supervisor {
         tokio::spawn(serve_control(control_listener, requests_tx));
         become_subreaper();
 
+        let mut drains = JoinSet::new();
         let mut current = match self.adopted.take() {
-            Some(record) => self.adopt(record)?,
+            Some(record) => {
+                if let Some(starting) = record.starting.filter(|s| procs::running(s.pid, s.start_time)) {
+                    let log = self.config.run_dir.join(format!("{}.{}.log", self.config.name, starting.generation));
+                    drains.spawn(stop_unsupervised(starting, log, self.config.stop_signal, self.config.drain_timeout));
+                }
+                self.adopt(record)?
+            }
             None => match self.start_ready().await {
                 Ok(g) => g,
                 Err(refusal) => return Err(SupervisorError::FirstGeneration(refusal.with_output())),
@@ -298,7 +308,6 @@ impl Supervisor {
             current.label()
         ));
 
-        let mut drains = JoinSet::new();
         let mut restarts: VecDeque<Instant> = VecDeque::new();
         let result = loop {
             let reply = tokio::select! {
@@ -399,6 +408,7 @@ impl Supervisor {
         if let Err(reason) = self.watch(&mut new).await {
             let output = new.output_tail();
             stop(new, self.config.stop_signal, self.config.drain_timeout).await;
+            self.note_starting(None);
             return refused(Refusal { reason, output }, current);
         }
         let old = std::mem::replace(current, new);
@@ -429,11 +439,13 @@ impl Supervisor {
         self.next_generation += 1;
         let mut generation = self.start(number).map_err(|reason| Refusal { reason, output: Vec::new() })?;
         tracing::info!(phase = "waiting_ready", generation = number, pid = generation.pid, "started");
+        self.note_starting(Some(&generation));
         match self.wait_ready(&mut generation).await {
             Ok(()) => Ok(generation),
             Err(reason) => {
                 let output = generation.output_tail();
                 stop(generation, self.config.stop_signal, self.config.drain_timeout).await;
+                self.note_starting(None);
                 Err(Refusal { reason, output })
             }
         }
@@ -491,10 +503,23 @@ impl Supervisor {
         Ok(Generation { number, pid: record.pid, start_time: record.start_time, exit, notify, log })
     }
 
-    fn save_record(&self, g: &Generation) {
-        let r = ServingRecord { generation: g.number, pid: g.pid, start_time: g.start_time };
-        if let Err(e) = record::save(&record_path(&self.config.run_dir, &self.config.name), &r) {
-            tracing::warn!("a supervisor started after this one is killed could not adopt {}: {e}", g.label());
+    /// Records `g` as the serving generation (and nothing as starting).
+    fn save_record(&mut self, g: &Generation) {
+        self.record = Some(ServingRecord { generation: g.number, pid: g.pid, start_time: g.start_time, starting: None });
+        self.write_record();
+    }
+
+    /// Records `g` as the generation being started and watched, or none.
+    fn note_starting(&mut self, g: Option<&Generation>) {
+        let Some(record) = self.record.as_mut() else { return };
+        record.starting = g.map(|g| Starting { generation: g.number, pid: g.pid, start_time: g.start_time });
+        self.write_record();
+    }
+
+    fn write_record(&self) {
+        let Some(r) = &self.record else { return };
+        if let Err(e) = record::save(&record_path(&self.config.run_dir, &self.config.name), r) {
+            tracing::warn!("a supervisor started after this one is killed could not adopt generation {}: {e}", r.generation);
         }
     }
 
@@ -721,6 +746,38 @@ async fn stop(mut generation: Generation, signal: Signal, timeout: Duration) {
         kill_group(pid).await;
     }
     let _ = std::fs::remove_file(&generation.log);
+}
+
+/// Stops a generation a killed supervisor was starting or watching (found in its
+/// record): not a child, so it is followed through /proc. Stop signal first, as [`stop`].
+async fn stop_unsupervised(g: Starting, log: PathBuf, signal: Signal, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let (gone, exit) = watch::channel(None);
+    let from = std::fs::metadata(&log).map_or(0, |m| m.len());
+    tokio::spawn(forward_output(log.clone(), from, exit));
+    tracing::warn!(phase = "draining", generation = g.generation, pid = g.pid, "the killed supervisor was starting this generation; stopping it");
+    if let Err(e) = procs::signal(g.pid, signal) {
+        tracing::warn!(generation = g.generation, "cannot signal pid {}: {e}", g.pid);
+    }
+    while procs::running(g.pid, g.start_time) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !procs::group_running(g.pid).is_empty() && Instant::now() < deadline {
+        if let Err(e) = procs::signal_group(g.pid, signal) {
+            tracing::warn!(generation = g.generation, "cannot signal process group {}: {e}", g.pid);
+        }
+    }
+    while !procs::group_running(g.pid).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if procs::group_running(g.pid).is_empty() {
+        tracing::info!(phase = "drained", generation = g.generation, "gone");
+    } else {
+        tracing::warn!(phase = "killed", generation = g.generation, "still running {timeout:?} after the stop signal; killing its process group");
+        kill_group(g.pid).await;
+    }
+    let _ = gone.send(Some(Exit::Unknown));
+    let _ = std::fs::remove_file(&log);
 }
 
 /// SIGKILLs the process group `pgid` and waits (up to 10 s) until nothing but zombies
