@@ -583,3 +583,32 @@ fn a_supervisor_killed_during_the_watch_is_adopted_and_the_watched_generation_st
         sup.groups.push(p);
     }
 }
+
+#[test]
+fn a_generation_that_reports_ready_but_fails_its_probe_is_refused() {
+    let name = format!("hr-probe-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = common::sd_server_command(dir.path());
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    // The probe's target stands in for a private health port: up, then down, then up.
+    let health = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = health.local_addr().unwrap().port();
+    let probe = format!("tcp://127.0.0.1:{port}");
+    let mut sup = Supervised::start(&name, &["--ready-timeout", "3s", "--drain-timeout", "5s", "--watch", "1s", "--health", &probe], &cmd);
+    if let Some(p) = logged_pid(&sup.log(), 1) {
+        sup.groups.push(p);
+    }
+    assert!(sup.log().contains("reported ready; probing"), "{}", sup.log());
+    drop(health);
+    let (code, out, _) = sup.reload();
+    assert_eq!(code, 1, "{out}\n{}", sup.log());
+    assert!(out.contains("did not pass its probe") && out.contains(&probe), "{out}");
+    assert_eq!(get(sup.addr).unwrap().trim(), "gen=1");
+    let _health = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (code, out, _) = sup.reload();
+    assert_eq!(code, 0, "{out}\n{}", sup.log());
+    assert_eq!(get(sup.addr).unwrap().trim(), "gen=3");
+    if let Some(p) = logged_pid(&sup.log(), 3) {
+        sup.groups.push(p);
+    }
+}

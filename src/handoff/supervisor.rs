@@ -574,7 +574,7 @@ impl Supervisor {
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() + PROBE_INTERVAL >= deadline => {
-                    return Err(format!("{label} did not pass its probe within the ready timeout of {:?}: {e}", self.config.ready_timeout));
+                    return Err(format!("{label} did not pass its probe {probe} within the ready timeout of {:?}: {e}", self.config.ready_timeout));
                 }
                 Err(_) => {}
             }
