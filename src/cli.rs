@@ -58,6 +58,14 @@ pub enum Command {
     Plan(PlanArgs),
     /// Supervise a server that takes its listening sockets by socket activation, and
     /// replace it on `cutover reload` or SIGHUP without refusing a connection.
+    #[command(after_help = "Listeners: --listen [NAME=]tcp://ADDR:PORT, repeatable, e.g. \
+--listen tcp://0.0.0.0:8080 or --listen http=tcp://[::]:80. The server gets them as fds 3, 4, ... \
+in the order given, with LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES (the names, `:`-separated). \
+Without NAME= a single listener is named after --name (`web`), several are `web-0`, `web-1`, ... \
+A name is 1-64 letters, digits, `.`, `-` and `_`.\n\n\
+Examples:\n  \
+cutover run --name web --listen tcp://127.0.0.1:8080 -- gunicorn -w 2 app:app\n  \
+cutover reload web      # new generation; exit 0 switched, 1 refused (the old one serves), 2 unknown name")]
     Run(RunArgs),
     /// Ask a `cutover run` supervisor to start a new generation; waits for the outcome.
     Reload(ReloadArgs),
@@ -244,13 +252,15 @@ pub struct RunArgs {
     /// Name of the supervised service (used by `cutover reload NAME`).
     #[arg(long)]
     pub name: String,
-    /// Listening socket to bind and pass on, e.g. tcp://0.0.0.0:8080; repeatable.
+    /// Listening socket to bind and pass on, `[NAME=]tcp://ADDR:PORT`, e.g.
+    /// tcp://0.0.0.0:8080 or http=tcp://[::]:80; repeatable (default names below).
     #[arg(long = "listen", required = true)]
     pub listen: Vec<String>,
     /// How long a new generation has to report READY=1.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ready_timeout: std::time::Duration,
-    /// How long the old generation may take to finish after the stop signal.
+    /// How long a generation may take to finish after the stop signal (the old one after
+    /// a switch, a refused new one too) before what is left of it is killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
     /// Signal that asks the old generation to stop.
@@ -259,7 +269,26 @@ pub struct RunArgs {
     /// For servers that cannot send READY=1: consider them ready after this delay.
     #[arg(long, value_parser = parse_duration)]
     pub ready_delay: Option<std::time::Duration>,
-    /// Directory of supervisor control sockets.
+    /// Also probe the new generation after READY=1 (and during the watch):
+    /// http://IP:PORT/PATH (any 2xx) or tcp://IP:PORT. It must reach the new generation
+    /// only (a private port or health endpoint), not the shared listener.
+    #[arg(long, value_name = "URL")]
+    pub health: Option<String>,
+    /// After the new generation is ready, the old one serves on this long while the new
+    /// one is watched; if the new one exits, withdraws readiness (STOPPING=1) or fails
+    /// its probe meanwhile, it is stopped and the reload is refused. 0 turns it off.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub watch: std::time::Duration,
+    /// A serving generation that dies on its own is restarted (connections wait in the
+    /// accept queue), at most this many times within --restart-window; beyond that the
+    /// supervisor exits with status 1. 0: exit at the first death.
+    #[arg(long, default_value_t = 5)]
+    pub restart_limit: u32,
+    /// The window --restart-limit counts restarts in.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub restart_window: std::time::Duration,
+    /// Directory of the supervisor's control socket, its record of the serving
+    /// generation (for adoption after a restart), notify sockets and generation output.
     #[arg(long, default_value = "/run/cutover/run")]
     pub run_dir: PathBuf,
     /// The server command and its arguments.

@@ -333,3 +333,48 @@ async fn sigterm_finishes_in_flight_request_then_exits_zero() {
     let outcome = wait_drained(c.pid, Duration::from_secs(1), Duration::from_millis(50), |_, _| {}).await.unwrap();
     assert!(matches!(outcome, DrainOutcome::Drained { .. }), "{outcome:?}");
 }
+
+/// The stop signal may be delivered to any thread, also to one that waits for the first
+/// request of a connection it just accepted. Such a read (the socket has a receive
+/// timeout) is not restarted after the handler: it fails with EINTR. The server must read
+/// again and answer, not close the connection unanswered (which wrk counted as a rare
+/// read error at handoff-mode releases under load). Here the signal goes to exactly that
+/// thread (tgkill).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_signal_delivered_to_a_waiting_connection_thread_does_not_drop_its_request() {
+    let docker = docker().await;
+    let name = unique("eintr");
+    let mut cleanup = Cleanup { containers: vec![], images: vec![] };
+    let image = build(&docker, &mut cleanup, &name, "eintr", false).await;
+    let c = run(&docker, &mut cleanup, &image, &name, &[]).await;
+    let (pid, ip) = (c.pid as i32, c.ip);
+
+    let answer = tokio::task::spawn_blocking(move || {
+        // Accepted, no request yet: its thread waits in read.
+        let mut conn = connect(ip);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let tid = loop {
+            let waiting = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().filter_map(|t| {
+                let tid: i32 = t.ok()?.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+                comm.starts_with("conn-").then_some(tid)
+            });
+            if let Some(tid) = waiting.into_iter().next() {
+                break tid;
+            }
+            assert!(Instant::now() < deadline, "no connection thread in {pid}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let it block in read first.
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: tgkill(2) with plain integers, aimed at a thread of the test's container.
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+        std::thread::sleep(Duration::from_millis(200));
+        request_on(&mut conn, "/", false)
+    })
+    .await
+    .unwrap();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "eintr\n"));
+    assert_eq!(answer.headers["connection"], "close", "answered as the last request of a stopping server");
+}

@@ -8,6 +8,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::{Exit, Failure};
 use crate::cli::RunArgs;
 use crate::handoff::listeners::ListenSpec;
+use crate::handoff::probe::Probe;
 use crate::handoff::supervisor::{Supervisor, SupervisorConfig, SupervisorError, Triggers};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -59,6 +60,10 @@ fn config(args: RunArgs) -> Result<SupervisorConfig, Failure> {
         drain_timeout: args.drain_timeout,
         stop_signal,
         ready_delay: args.ready_delay,
+        health: args.health.as_deref().map(Probe::parse).transpose().map_err(|e| invalid(format!("--health {e}")))?,
+        watch: args.watch,
+        restart_limit: args.restart_limit,
+        restart_window: args.restart_window,
         run_dir: args.run_dir,
     })
 }

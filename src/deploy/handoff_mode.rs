@@ -419,6 +419,16 @@ impl Releaser {
             brokers.allow(name, pid)?;
         }
         if let Some(op) = &svc.operation {
+            // An unfinished deploy is undone by removing its container, which kills it.
+            // A handoff release shares the listeners and may have accepted connections:
+            // its stop signal and stop timeout come first, so they are answered.
+            if op.phase < Phase::Switched && op.kind == OperationKind::Deploy {
+                if let Some(to) = svc.release(op.to) {
+                    if let Err(e) = self.engine.stop(ServiceState::container_ref(to), to.manifest.stop_timeout).await {
+                        tracing::warn!(service = %name, error = %e, "stopping the unfinished release before it is undone");
+                    }
+                }
+            }
             notes.push(self.recover(name, svc, op).await?);
         }
         let Some(rel) = self.snapshot().await.services.get(name).and_then(|s| s.active_release().cloned()) else {

@@ -27,7 +27,7 @@ impl ListenSpec {
             None => (default_name.to_string(), s),
         };
         if !valid_listener_name(&name) {
-            return Err(format!("`{name}` is not a listener name: use letters, digits, `-` and `_`"));
+            return Err(format!("`{name}` is not a listener name: use 1-64 letters, digits, `.`, `-` and `_`"));
         }
         let addr = crate::manifest::parse_listen(url)
             .ok_or_else(|| format!("`{s}` is not a listener: write tcp://ADDR:PORT, e.g. tcp://0.0.0.0:8080 or http=tcp://[::]:80"))?;
@@ -153,7 +153,9 @@ mod tests {
         let s = ListenSpec::parse("http=tcp://[::1]:80", "x").unwrap();
         assert_eq!(s.name, "http");
         assert!(ListenSpec::parse("udp://1.2.3.4:5", "x").is_err());
-        assert!(ListenSpec::parse("a:b=tcp://1.2.3.4:5", "x").is_err());
+        let bad = ListenSpec::parse("a:b=tcp://1.2.3.4:5", "x").unwrap_err();
+        assert!(bad.contains("`.`"), "the error names every allowed character: {bad}");
+        assert_eq!(ListenSpec::parse("v1.http=tcp://1.2.3.4:5", "x").unwrap().name, "v1.http");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`procs`]: starting a generation with its fds, process groups, the process tree;
 //! - [`notify`]: the sd_notify server (for supervised servers) and client;
 //! - [`supervisor`]: `cutover run`, generations of an unmodified socket-activation server;
+//! - [`probe`]: its optional readiness probe; [`record`]: the serving generation on disk,
+//!   for adoption by a supervisor started again;
 //! - [`broker`]: named listeners served on `@cutover/NAME` with peer-credential checks;
 //! - [`brokers`]: the daemon's broker per handoff-mode service, with its readiness socket;
 //! - [`adopt`]: taking listeners back from a running release (pidfd_getfd) after a restart;
@@ -22,8 +24,10 @@ pub mod fds;
 pub mod listeners;
 pub mod migrate;
 pub mod notify;
+pub mod probe;
 pub mod procs;
 pub mod protocol;
+pub mod record;
 pub mod supervisor;
 
 use std::io;

@@ -44,6 +44,9 @@ pub enum SpawnError {
 pub enum Exit {
     Code(i32),
     Signal(i32),
+    /// The process was not a child of this one (adopted after a restart): its status
+    /// went to its new parent.
+    Unknown,
 }
 
 impl Exit {
@@ -64,6 +67,7 @@ impl fmt::Display for Exit {
                 let name = nix::sys::signal::Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("?");
                 write!(f, "signal {s} ({name})")
             }
+            Exit::Unknown => f.write_str("an unknown status (it was adopted, not started by this supervisor)"),
         }
     }
 }
@@ -77,6 +81,8 @@ pub struct Spawn<'a> {
     pub remove_env: &'a [&'a str],
     /// Passed as fds 3, 4, ...; LISTEN_PID is set to the child's pid when non-empty.
     pub fds: &'a [BorrowedFd<'a>],
+    /// Becomes the child's stdout and stderr; `None`: it inherits this process's.
+    pub output: Option<BorrowedFd<'a>>,
 }
 
 /// Reaps children (and orphans, when this process is a child subreaper) and tells
@@ -157,6 +163,7 @@ struct Prepared {
     listen_pid: Vec<u8>,
     envp_ptrs: Vec<*const libc::c_char>,
     fds: Vec<libc::c_int>,
+    output: Option<libc::c_int>,
     /// Room for the child to note where it moved each fd.
     scratch: Vec<libc::c_int>,
 }
@@ -193,7 +200,8 @@ impl Prepared {
         envp_ptrs.push(std::ptr::null());
         let fds: Vec<libc::c_int> = spec.fds.iter().map(|f| f.as_raw_fd()).collect();
         let scratch = vec![0; fds.len()];
-        Ok(Prepared { path, display_path, _argv: argv, argv_ptrs, _envp: envp, listen_pid, envp_ptrs, fds, scratch })
+        let output = spec.output.map(|f| f.as_raw_fd());
+        Ok(Prepared { path, display_path, _argv: argv, argv_ptrs, _envp: envp, listen_pid, envp_ptrs, fds, output, scratch })
     }
 
     fn fork_exec(&mut self) -> Result<(i32, OwnedFd), SpawnError> {
@@ -253,6 +261,12 @@ impl Prepared {
         // use, which no other thread can touch (the child has one thread).
         unsafe {
             libc::setpgid(0, 0);
+            // Before the listeners move: the output fd may sit in the range 3.. they take.
+            if let Some(out) = self.output {
+                if libc::dup2(out, 1) < 0 || libc::dup2(out, 2) < 0 {
+                    fail(err_fd);
+                }
+            }
             let n = self.fds.len() as libc::c_int;
             // Move every fd above the target range first, so that placing fd i at 3+i
             // never overwrites a source that is still to be placed.
@@ -371,6 +385,8 @@ pub fn group_alive(pgid: i32) -> bool {
 /// Fields of `/proc/PID/stat` this module needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
+    /// `R`, `S`, `Z` (zombie) ...
+    pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
     /// Clock ticks after boot; with the pid, identifies a process across pid reuse.
@@ -388,7 +404,7 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // f[0] is field 3 (state); field N is f[N - 3].
-    Some(Stat { ppid: f.get(1)?.parse().ok()?, pgrp: f.get(2)?.parse().ok()?, start_time: f.get(19)?.parse().ok()? })
+    Some(Stat { state: f.first()?.chars().next()?, ppid: f.get(1)?.parse().ok()?, pgrp: f.get(2)?.parse().ok()?, start_time: f.get(19)?.parse().ok()? })
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants, following parent pids.
@@ -411,6 +427,21 @@ pub fn is_same_or_descendant(pid: i32, ancestor: i32) -> bool {
     false
 }
 
+/// Whether process `pid`, started at `start_time` (see [`Stat`]), still runs (a zombie
+/// does not: it waits for a parent that may not be this process).
+pub fn running(pid: i32, start_time: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_time == start_time && s.state != 'Z')
+}
+
+/// Members of the group `pgid` that are not zombies (scans /proc). For groups whose
+/// processes are not this process's children, whose zombies it cannot reap.
+pub fn group_running(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat(*pid).is_some_and(|s| s.pgrp == pgid && s.state != 'Z'))
+        .collect()
+}
+
 /// Every process whose process group is `pgid` (scans /proc).
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -427,7 +458,7 @@ mod tests {
     #[test]
     fn stat_parses_names_with_spaces_and_parens() {
         let line = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
-        assert_eq!(parse_stat(line), Some(Stat { ppid: 1, pgrp: 1234, start_time: 98765 }));
+        assert_eq!(parse_stat(line), Some(Stat { state: 'S', ppid: 1, pgrp: 1234, start_time: 98765 }));
     }
 
     #[test]

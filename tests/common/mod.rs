@@ -18,6 +18,7 @@
 
 pub mod cleanup;
 pub mod cmd;
+pub mod connect_loop;
 pub mod daemon;
 pub mod docker;
 pub mod flows;
@@ -25,11 +26,14 @@ pub mod http;
 pub mod ids;
 pub mod manifest;
 pub mod netns;
+pub mod sd_server;
 pub mod sysctl;
 pub mod udp;
 pub mod wrk;
 
 pub use cleanup::{remove_tagged, sweep_stale, INSTANCE_LABEL};
+pub use connect_loop::{ConnectLoop, ConnectTally};
+pub use sd_server::sd_server_command;
 pub use cmd::{run, try_run, wait_for, Outcome, DOCKER};
 pub use daemon::{CliOutput, Daemon, CUTOVER};
 pub use docker::{

@@ -377,7 +377,13 @@ async fn a_restart_in_the_middle_of_a_deploy_undoes_or_finishes_it() {
         // Both containers run, as they do between "new is ready" and "old is stopped".
         engine.start("id-cutover-web-1".into()).await.unwrap();
         let w = world_in(dir.path(), engine.clone());
+        let before = engine.log.lock().unwrap().len();
         w.releaser.reconcile().await.unwrap();
+        if phase < Phase::Switched {
+            // Undone: its stop signal first (it may hold accepted connections), then removed.
+            let log = engine.log.lock().unwrap()[before..].to_vec();
+            assert!(position(&log, "stop id-cutover-web-2") < position(&log, "remove id-cutover-web-2"), "{phase:?}: {log:?}");
+        }
         assert_eq!(active(&w).await, Some(expect_active), "{phase:?}");
         assert_eq!(engine.running(), vec![format!("cutover-web-{expect_active}")], "{phase:?}");
         assert!(w.releaser.snapshot().await.services["web"].operation.is_none());
