@@ -5,6 +5,7 @@
 //! half done because a terminal closed would be worse than one nobody watches.
 
 pub mod checks;
+pub mod table_lock;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -21,6 +21,7 @@ pub mod cmd;
 pub mod daemon;
 pub mod docker;
 pub mod flows;
+pub mod hardening;
 pub mod http;
 pub mod ids;
 pub mod manifest;

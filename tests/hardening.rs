@@ -1,0 +1,56 @@
+//! Issue 12: nothing the daemon does, or fails to do, may cost traffic or leak secrets.
+//! One test (or a few) per numbered case this file covers: 1 (a second daemon on the
+//! same table), 5 (numbers that overflow), 8 (services nobody could reach), 9 (secrets
+//! on disk), 10 (an unprivileged user starving the daemon), 11 (groups, manifest reads).
+//! Each runs against the real kernel and engine with its own names (see common::ids).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::hardening::*;
+use common::*;
+
+/// Case 1: a second daemon given the same `--table` (and another state directory) must
+/// refuse to start, naming the first, before it touches a rule; the first keeps serving.
+#[test]
+fn a_second_daemon_on_the_same_table_refuses_and_the_first_keeps_serving() {
+    let ids = Ids::new("a_second_daemon_on_the_same_table");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let client = ClientHost::new(&ids);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let manifest = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
+    daemon.cli_ok(&["apply", manifest.to_str().unwrap()]);
+    let url = format!("http://{}:{port}/", client.host_addr());
+    assert_eq!(get_ok(client.at(), &url).trim(), "v1");
+    let rules_before = nft_table_text(&ids.table).expect("the first daemon's table");
+    let accept_before = docker_user_rules(&ids.table);
+    assert_eq!(accept_before.len(), 1, "{accept_before:?}");
+
+    let load = Wrk::new(&url).at(client.at()).duration(Duration::from_secs(6)).connections(4).threads(1).start();
+    std::thread::sleep(Duration::from_millis(500));
+    let rival_dir = tempfile::tempdir().unwrap();
+    let rival = rival_daemon(&ids, rival_dir.path(), Duration::from_secs(30));
+    let report = load.wait();
+
+    assert_ne!(rival.code, Some(0), "the second daemon must refuse to start: {rival:?}");
+    let pid = daemon.pid().unwrap().to_string();
+    let state_dir = daemon.state_dir().display().to_string();
+    for want in [pid.as_str(), state_dir.as_str(), "--table"] {
+        assert!(rival.stderr.contains(want), "the refusal names the other daemon ({want}):\n{}", rival.stderr);
+    }
+    report.assert_no_failures();
+    assert!(report.count("v1") > 0, "{report:?}");
+    assert_eq!(nft_table_text(&ids.table).as_deref(), Some(rules_before.as_str()), "the kernel rules are unchanged");
+    assert_eq!(docker_user_rules(&ids.table), accept_before, "the DOCKER-USER accept is still there");
+    assert_eq!(get_ok(client.at(), &url).trim(), "v1");
+    let status = daemon.cli_ok(&["status", &ids.service, "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status[0]["active"], 1, "{status}");
+}
