@@ -40,8 +40,9 @@ impl ManifestError {
     }
 }
 
-/// One service, as the operator describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One service, as the operator describes it. Its `Debug` shows `env` names but never
+/// their values (they are often secrets, and manifests end up in debug logs).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub name: String,
@@ -76,6 +77,53 @@ pub struct Manifest {
     /// fd-handoff mode instead of NAT: both generations share one network namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSpec>,
+}
+
+impl fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let Manifest {
+            name,
+            image,
+            ports,
+            health,
+            drain_timeout,
+            watch,
+            stop_signal,
+            stop_timeout,
+            keep,
+            env,
+            command,
+            network,
+            udp_idle,
+            handoff,
+        } = self;
+        f.debug_struct("Manifest")
+            .field("name", name)
+            .field("image", image)
+            .field("ports", ports)
+            .field("health", health)
+            .field("drain_timeout", drain_timeout)
+            .field("watch", watch)
+            .field("stop_signal", stop_signal)
+            .field("stop_timeout", stop_timeout)
+            .field("keep", keep)
+            .field("env", &RedactedEnv(env))
+            .field("command", command)
+            .field("network", network)
+            .field("udp_idle", udp_idle)
+            .field("handoff", handoff)
+            .finish()
+    }
+}
+
+/// An environment for logs: the names, each value replaced by `<redacted>`.
+pub struct RedactedEnv<'a>(pub &'a BTreeMap<String, String>);
+
+impl fmt::Debug for RedactedEnv<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.keys().map(|k| (k, format_args!("<redacted>")))).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -645,6 +693,14 @@ network: bridge           # optional Docker network
         assert!(parse_duration("18446744073709549568s18446744073709549568s").is_err());
         let msg = message(&FULL.replace("drain_timeout: 30s", "drain_timeout: 10000000000000000000s10000000000000000000s"));
         assert!(msg.contains("out of range"), "{msg}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_env_values() {
+        let m = parse(&FULL.replace("env: { KEY: value }", "env: { DB_PASSWORD: hunter2 }")).unwrap();
+        let shown = format!("{m:?} {m:#?}");
+        assert!(shown.contains("DB_PASSWORD"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

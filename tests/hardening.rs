@@ -54,3 +54,36 @@ fn a_second_daemon_on_the_same_table_refuses_and_the_first_keeps_serving() {
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(status[0]["active"], 1, "{status}");
 }
+
+/// Case 9: without the systemd unit (a umask of 022), the state directory holding the
+/// manifests' `env` must still be 0700 and its files 0600; secrets never reach the log.
+#[test]
+fn the_state_and_its_secrets_are_private_under_umask_022() {
+    let ids = Ids::new("the_state_and_its_secrets_are_private");
+    require_root();
+    require_docker();
+    // nextest runs each test in its own process: the daemon inherits this umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let secret = format!("s3cret-{}", ids.tag);
+    let manifest = ServiceYaml::http(&ids.service, &v1, port, &net.name)
+        .set("env", &format!("\n  DB_PASSWORD: {secret}"))
+        .write(daemon.dir());
+    daemon.cli_ok(&["apply", manifest.to_str().unwrap()]);
+    let state_file = daemon.state_dir().join("state.json");
+    assert!(std::fs::read_to_string(&state_file).unwrap().contains(&secret), "the state holds the env (it is what makes it secret)");
+    assert_eq!(mode_of(daemon.state_dir()), 0o700, "state dir");
+    assert_eq!(mode_of(&state_file), 0o600, "state.json");
+    for entry in std::fs::read_dir(daemon.state_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert_eq!(mode_of(&path) & 0o077, 0, "{} is readable by others", path.display());
+        }
+    }
+    let log = daemon.log();
+    assert!(log.contains("DB_PASSWORD") || log.contains("control request"), "the daemon logged at debug level:\n{log}");
+    assert!(!log.contains(&secret), "the secret is in the daemon's log:\n{log}");
+}
