@@ -276,6 +276,11 @@ mod defaults {
 /// The most releases a manifest may keep for rollback.
 pub const MAX_KEEP: u32 = 50;
 
+/// The longest any duration of a manifest may be. Far beyond any sensible health
+/// deadline, drain or stop, and small enough that no clock arithmetic on it (an
+/// `Instant` plus it, milliseconds of it in a u64) can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 impl Manifest {
     /// Read and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
@@ -356,6 +361,15 @@ impl Manifest {
                 return Err(err(key, 0, field, "must be longer than 0s".into()));
             }
         }
+        for (key, field, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(err(key, 0, field, format!(
+                    "{} is too long; use at most 24h ({})",
+                    format_duration(d),
+                    format_duration(MAX_DURATION)
+                )));
+            }
+        }
         if self.stop_signal.parse::<nix::sys::signal::Signal>().is_err() {
             return Err(err("stop_signal", 0, "stop_signal", format!(
                 "`{}` is not a signal name; use e.g. SIGTERM, SIGINT, SIGQUIT",
@@ -401,6 +415,47 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Every duration of the manifest: (key in the YAML, field path, value).
+    fn durations(&self) -> [(&'static str, &'static str, Duration); 7] {
+        [
+            ("interval", "health.interval", self.health.interval),
+            ("timeout", "health.timeout", self.health.timeout),
+            ("deadline", "health.deadline", self.health.deadline),
+            ("drain_timeout", "drain_timeout", self.drain_timeout),
+            ("watch", "watch", self.watch),
+            ("stop_timeout", "stop_timeout", self.stop_timeout),
+            ("udp_idle", "udp_idle", self.udp_idle),
+        ]
+    }
+
+    /// Brings a manifest that never went through [`Manifest::parse`] (one stored by an
+    /// older cutover, read back from the state file) within the bounds that `parse`
+    /// enforces, so that no arithmetic on it can overflow. Returns what was changed, to
+    /// be logged.
+    pub fn clamp_to_bounds(&mut self) -> Vec<String> {
+        let mut changed = Vec::new();
+        let name = self.name.clone();
+        for (field, d) in [
+            ("health.interval", &mut self.health.interval),
+            ("health.timeout", &mut self.health.timeout),
+            ("health.deadline", &mut self.health.deadline),
+            ("drain_timeout", &mut self.drain_timeout),
+            ("watch", &mut self.watch),
+            ("stop_timeout", &mut self.stop_timeout),
+            ("udp_idle", &mut self.udp_idle),
+        ] {
+            if *d > MAX_DURATION {
+                changed.push(format!("{name}: {field} {} is beyond the bound; using {}", format_duration(*d), format_duration(MAX_DURATION)));
+                *d = MAX_DURATION;
+            }
+        }
+        if self.keep > MAX_KEEP {
+            changed.push(format!("{name}: keep {} is beyond the bound; using {MAX_KEEP}", self.keep));
+            self.keep = MAX_KEEP;
+        }
+        changed
     }
 
     /// The port the health check connects to inside the container.
@@ -693,6 +748,39 @@ network: bridge           # optional Docker network
         assert!(parse_duration("18446744073709549568s18446744073709549568s").is_err());
         let msg = message(&FULL.replace("drain_timeout: 30s", "drain_timeout: 10000000000000000000s10000000000000000000s"));
         assert!(msg.contains("out of range"), "{msg}");
+    }
+
+    #[test]
+    fn durations_beyond_the_bound_are_refused_with_field_and_line() {
+        for (from, to, field, line) in [
+            ("deadline: 60s", "deadline: 18446744073709551615", "health.deadline", 12),
+            ("interval: 1s", "interval: 18446744073709551615", "health.interval", 10),
+            ("timeout: 2s", "timeout: 25h", "health.timeout", 11),
+            ("drain_timeout: 30s", "drain_timeout: 100000h", "drain_timeout", 13),
+            ("stop_timeout: 10s", "stop_timeout: 9223372036854775808", "stop_timeout", 15),
+        ] {
+            let msg = message(&FULL.replace(from, to));
+            assert!(msg.starts_with(&format!("web.yaml:{line}: {field}: ")), "{msg}");
+            assert!(msg.contains("too long"), "{msg}");
+        }
+        for extra in ["watch: 86401s", "udp_idle: 1441m"] {
+            let msg = message(&format!("{FULL}{extra}\n"));
+            assert!(msg.starts_with("web.yaml:20: "), "{msg}");
+        }
+        // The bound itself is fine.
+        parse(&FULL.replace("deadline: 60s", "deadline: 24h")).unwrap();
+    }
+
+    #[test]
+    fn stored_manifests_beyond_the_bounds_are_clamped() {
+        let mut m = parse(FULL).unwrap();
+        m.health.deadline = Duration::from_secs(u64::MAX);
+        m.keep = 1000;
+        let changed = m.clamp_to_bounds();
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        assert_eq!(m.health.deadline, MAX_DURATION);
+        assert_eq!(m.keep, MAX_KEEP);
+        assert!(m.clamp_to_bounds().is_empty());
     }
 
     #[test]

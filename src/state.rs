@@ -350,9 +350,17 @@ impl StateStore {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let mut state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
         if state.version != STATE_VERSION {
             return Err(StateError::Version { path, found: state.version });
+        }
+        // Manifests stored before durations were bounded never passed the check that a
+        // new manifest passes; a value that would overflow the clock is capped here.
+        for svc in state.services.values_mut() {
+            let stored = svc.releases.iter_mut().map(|r| &mut r.manifest);
+            for note in std::iter::once(&mut svc.manifest).chain(stored).flat_map(Manifest::clamp_to_bounds) {
+                tracing::warn!(file = %path.display(), "{note}");
+            }
         }
         Ok(state)
     }

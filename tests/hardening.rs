@@ -87,3 +87,31 @@ fn the_state_and_its_secrets_are_private_under_umask_022() {
     assert!(log.contains("DB_PASSWORD") || log.contains("control request"), "the daemon logged at debug level:\n{log}");
     assert!(!log.contains(&secret), "the secret is in the daemon's log:\n{log}");
 }
+
+/// Case 5: durations that overflow the clock are refused at validation, by `plan` and by
+/// `apply` (exit 2, the field named), and nothing is created.
+#[test]
+fn durations_that_would_overflow_are_refused_by_plan_and_apply() {
+    let ids = Ids::new("durations_that_would_overflow");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    for field in ["deadline", "interval"] {
+        let health = format!("\n  type: http\n  path: /healthz\n  {field}: 18446744073709551615");
+        let manifest = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("health", &health).write(daemon.dir());
+        let path = manifest.to_str().unwrap();
+        let plan = daemon.cli(&["plan", path]);
+        assert_eq!(plan.code, 2, "plan: {plan:?}");
+        assert!(plan.stderr.contains(&format!("health.{field}")), "plan names the field: {}", plan.stderr);
+        let apply = daemon.cli(&["apply", path]);
+        assert_eq!(apply.code, 2, "apply: {apply:?}");
+        assert!(apply.stderr.contains(&format!("health.{field}")), "apply names the field: {}", apply.stderr);
+        assert!(apply.stderr.contains("too long"), "{}", apply.stderr);
+    }
+    assert!(containers_of(&ids).is_empty(), "no container was created: {:?}", containers_of(&ids));
+    let status = daemon.cli_ok(&["status", "--json"]);
+    assert_eq!(status.stdout.trim(), "[]", "no service was registered");
+}
