@@ -5,7 +5,8 @@
 //! - `daemon`, `client`, `api`: the control plane between CLI and daemon;
 //! - `deploy`, `handoff`: the domain (the release state machine, fd handoff);
 //! - `nat`, `docker`, `health`, `drain`, `dad`, `netns`, `host`: effects on the OS, each behind a trait;
-//! - `manifest`, `plan`, `state`: the model, pure data and pure functions.
+//! - `manifest`, `plan`, `state`: the model, pure data and pure functions;
+//! - `limits`: connection caps shared by every socket the daemon serves (bookkeeping only).
 
 pub mod api;
 pub mod cli;
@@ -19,6 +20,7 @@ pub mod drain;
 pub mod embedded;
 pub mod handoff;
 pub mod health;
+pub mod limits;
 pub mod host;
 pub mod loadgen;
 pub mod manifest;

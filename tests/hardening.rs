@@ -115,3 +115,69 @@ fn durations_that_would_overflow_are_refused_by_plan_and_apply() {
     let status = daemon.cli_ok(&["status", "--json"]);
     assert_eq!(status.stdout.trim(), "[]", "no service was registered");
 }
+
+/// A handoff-mode service with one listener on 127.0.0.1:`port` in the host's namespace
+/// (readiness: the server's READY=1 on the service's notify socket).
+fn handoff_manifest(daemon: &Daemon, ids: &Ids, image: &str, port: u16) -> std::path::PathBuf {
+    let text = format!(
+        "name: {service}\nimage: {image}\n\
+         handoff:\n  namespace: host\n  listeners:\n    - name: http\n      listen: tcp://127.0.0.1:{port}\n\
+         health:\n  interval: 200ms\n  deadline: 30s\n\
+         stop_timeout: 5s\nkeep: 2\n",
+        service = ids.service
+    );
+    let path = daemon.dir().join(format!("{}.yaml", ids.service));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `cutover status` as root, which must answer within `within`.
+#[track_caller]
+fn status_answers_within(daemon: &Daemon, within: Duration) {
+    let started = std::time::Instant::now();
+    let mut c = std::process::Command::new(CUTOVER);
+    c.args(["status", "--json"]).env("CUTOVER_SOCKET", daemon.socket());
+    let out = common::cmd::run_bounded(&mut c, within + Duration::from_secs(10));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(started.elapsed() < within, "the root CLI took {:?}", started.elapsed());
+}
+
+/// Case 10: an unprivileged user cannot starve the daemon. With the daemon's fd limit at
+/// 256, 1 100 idle connections as nobody to the broker's abstract socket and 1 100 to
+/// the metrics port leave the root CLI answered at once; 70 processes as nobody sending
+/// READY=1 to the service's notify socket do not keep the real release from counting.
+#[test]
+fn an_unprivileged_flood_starves_neither_the_cli_nor_a_release() {
+    let ids = Ids::new("an_unprivileged_flood_starves");
+    require_root();
+    require_docker();
+    let v1 = demo_image(&ids, "v1", &[]);
+    let v2 = demo_image(&ids, "v2", &[]);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", ids.port()).parse().unwrap();
+    let daemon = Daemon::start_program(&ids, &["prlimit", "--nofile=256:256", CUTOVER], &["--metrics", &metrics.to_string()]);
+    let pid = daemon.pid().unwrap();
+    let port = ids.port();
+    daemon.cli_ok(&["apply", handoff_manifest(&daemon, &ids, &v1, port).to_str().unwrap()]);
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(get_ok(At::Host, &url).trim(), "v1");
+
+    let (flood, connected) = hold_connections_as_nobody(&format!("cutover/{}", ids.service), metrics, 1100);
+    eprintln!("flood as nobody: {connected}; the daemon has {} fds open", open_fds(pid));
+    for _ in 0..5 {
+        status_answers_within(&daemon, Duration::from_secs(3));
+    }
+    assert!(open_fds(pid) < 200, "the flood holds the daemon's fds: {} of 256", open_fds(pid));
+    assert_eq!(get_ok(At::Host, &url).trim(), "v1");
+    drop(flood);
+    let scrape = get_ok(At::Host, &format!("http://{metrics}/metrics"));
+    assert!(scrape.contains("cutover_build_info"), "{scrape}");
+
+    let senders = ready_senders_as_nobody(&format!("cutover/{}/notify", ids.service), 70, Duration::from_millis(5));
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    assert_eq!(get_ok(At::Host, &url).trim(), "v2");
+    status_answers_within(&daemon, Duration::from_secs(3));
+    assert_eq!(senders.len(), 70);
+    drop(senders);
+    assert!(daemon.log().contains("closed at once"), "the refused connections were logged");
+}

@@ -9,6 +9,7 @@ pub mod table_lock;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, code, ManifestText, ProgressLine, Reply, Request};
 use crate::deploy::{ReleaseError, Releaser};
+use crate::limits::{Caps, Limiter, LogThrottle};
 use crate::manifest::Manifest;
 use crate::state::{ReleaseStatus, State};
 
@@ -31,16 +33,44 @@ impl Access {
     }
 }
 
+/// Control connections open at once, in all and per uid other than root. An operation
+/// holds its connection while it runs, so the total leaves room for many; root is
+/// bound only by the total.
+pub const CAPS: Caps = Caps { total: 64, per_peer: 8 };
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serve the control socket until `shutdown` completes.
 pub async fn serve(listener: UnixListener, releaser: Arc<Releaser>, access: Access, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let limiter = Limiter::new(CAPS);
+    let over_cap_log = LogThrottle::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                    let permit = match uid {
+                        Some(0) => limiter.admit_within_total(),
+                        Some(uid) => limiter.admit(uid),
+                        // Refused in `handle` (no credentials); counted meanwhile.
+                        None => limiter.admit(u32::MAX),
+                    };
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(over) => {
+                            if let Some(held_back) = over_cap_log.allow() {
+                                tracing::warn!(?uid, held_back, "control connection closed at once: {over}");
+                            }
+                            continue;
+                        }
+                    };
                     let releaser = releaser.clone();
                     let access = access.clone();
-                    tokio::spawn(async move { handle(stream, releaser, access).await });
+                    tokio::spawn(async move {
+                        handle(stream, releaser, access).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a control connection failed");
@@ -82,9 +112,16 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     let limit = u64::try_from(api::MAX_REQUEST).unwrap_or(u64::MAX) + 1;
     let mut reader = BufReader::new(read.take(limit));
     let mut line = Vec::new();
-    if let Err(e) = reader.read_until(b'\n', &mut line).await {
-        tracing::warn!(error = %e, "reading a control request failed");
-        return;
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading a control request failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(uid = cred.uid(), "control client sent no request within {REQUEST_TIMEOUT:?}; closed");
+            return;
+        }
     }
     if line.len() > api::MAX_REQUEST {
         let _ = write_reply(&mut write, &Reply::Error {

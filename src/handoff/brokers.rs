@@ -7,13 +7,13 @@
 //! with a fake. This module does not start or stop containers and does not decide when
 //! a release is ready: it answers who took the listeners and who reported ready.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::adopt::{self, AdoptError};
-use super::broker::{Broker, BrokerError, Namespace, Policy};
+use super::broker::{Broker, BrokerError, Namespace, Policy, Trust};
 use super::listeners::ListenSpec;
 use super::notify::NotifyServer;
 use super::procs;
@@ -21,8 +21,12 @@ use super::HandoffError;
 
 /// Where handoff-exec is mounted inside a release container.
 pub const HELPER_IN_CONTAINER: &str = "/.cutover/handoff-exec";
-/// How many recent `READY=1` senders a service remembers.
-const READY_MEMORY: usize = 64;
+/// Who reported `READY=1`: pid -> start time (so a recycled pid is not mistaken for it).
+/// Only processes of a started release's tree get in (checked from the datagram's
+/// kernel credentials at receipt), and entries of processes that are gone or no longer
+/// trusted are dropped, so its size is bounded by the releases' own processes: no flood
+/// from other local users can push a real sender out.
+type ReadySenders = Arc<Mutex<HashMap<i32, u64>>>;
 
 /// The abstract readiness socket of a service: `cutover/NAME/notify` (service names have
 /// no `/`, so it never collides with a broker socket).
@@ -110,7 +114,7 @@ pub trait ServiceBrokers: Send + Sync + 'static {
 struct Served {
     spec: BrokerSpec,
     broker: Broker,
-    ready: Arc<Mutex<VecDeque<(i32, u64)>>>,
+    ready: ReadySenders,
     notify_task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,8 +169,8 @@ impl ServiceBrokers for DaemonBrokers {
         };
         let notify = NotifyServer::bind_abstract_in(&spec.namespace, &notify_socket_name(service))
             .map_err(|source| BrokersError::Notify { service: service.to_string(), source })?;
-        let ready = Arc::new(Mutex::new(VecDeque::new()));
-        let notify_task = tokio::spawn(record_ready(service.to_string(), notify, ready.clone()));
+        let ready = ReadySenders::default();
+        let notify_task = tokio::spawn(record_ready(service.to_string(), notify, broker.trust(), ready.clone()));
         if let Ok(mut served) = self.served.lock() {
             served.insert(service.to_string(), Served { spec: spec.clone(), broker, ready, notify_task });
         }
@@ -190,7 +194,7 @@ impl ServiceBrokers for DaemonBrokers {
     fn readiness(&self, service: &str, pid: i32) -> Readiness {
         self.with(service, |s| Readiness {
             fetched: s.broker.handed_to_tree_of(pid),
-            notified: s.ready.lock().map(|r| r.iter().any(|&(p, start)| same_tree(p, start, pid))).unwrap_or(false),
+            notified: s.ready.lock().map(|r| r.iter().any(|(&p, &start)| same_tree(p, start, pid))).unwrap_or(false),
         })
         .unwrap_or_default()
     }
@@ -213,7 +217,8 @@ fn same_tree(pid: i32, start: u64, root: i32) -> bool {
     procs::stat(pid).map(|s| s.start_time) == Some(start) && procs::is_same_or_descendant(pid, root)
 }
 
-async fn record_ready(service: String, notify: NotifyServer, ready: Arc<Mutex<VecDeque<(i32, u64)>>>) {
+async fn record_ready(service: String, notify: NotifyServer, trust: Trust, ready: ReadySenders) {
+    let ignored_log = crate::limits::LogThrottle::new();
     loop {
         let n = match notify.recv().await {
             Ok(n) => n,
@@ -226,17 +231,23 @@ async fn record_ready(service: String, notify: NotifyServer, ready: Arc<Mutex<Ve
         if !n.is_ready() {
             continue;
         }
-        // Anyone in the namespace can send here; only the sender's kernel-checked pid
-        // counts, and the deploy gate then asks whether it belongs to its release.
+        // Anyone in the namespace can send here. Only the sender's kernel-checked pid
+        // (SCM_CREDENTIALS) counts, and only if it belongs to a release's process tree;
+        // the deploy gate then asks whether it belongs to the release it waits for.
         let Some(pid) = n.sender.map(|c| c.pid) else { continue };
+        if !trust.started_tree_contains(pid) {
+            if let Some(held_back) = ignored_log.allow() {
+                let uid = n.sender.map(|c| c.uid);
+                tracing::debug!(service, pid, ?uid, held_back, "READY=1 from a process no release started: ignored");
+            }
+            continue;
+        }
         let Some(stat) = procs::stat(pid) else { continue };
         tracing::debug!(service, pid, "READY=1");
         if let Ok(mut r) = ready.lock() {
-            r.retain(|(p, _)| *p != pid);
-            if r.len() == READY_MEMORY {
-                r.pop_front();
-            }
-            r.push_back((pid, stat.start_time));
+            // Forget senders that exited or whose release was stopped (forgotten).
+            r.retain(|&p, &mut start| p == pid || (procs::stat(p).map(|s| s.start_time) == Some(start) && trust.started_tree_contains(p)));
+            r.insert(pid, stat.start_time);
         }
     }
 }
