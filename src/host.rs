@@ -52,6 +52,39 @@ pub enum HostError {
     },
     #[error("`{command}` failed ({status}): {stderr}")]
     Command { command: String, status: String, stderr: String },
+    #[error("cannot list the host's addresses (getifaddrs): {0}")]
+    Addresses(#[source] nix::Error),
+}
+
+/// The addresses configured on the host's interfaces (of the calling thread's network
+/// namespace: call it from a thread that never `setns`-es).
+pub fn local_addresses() -> Result<BTreeSet<IpAddr>, HostError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(HostError::Addresses)?;
+    Ok(addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
+}
+
+/// Why a manifest's `host_ip`s cannot work on this host: each must be one of `local`
+/// (a DNAT matches only packets addressed to a local address). `None`: all fine.
+pub fn host_ip_problem(manifest: &crate::manifest::Manifest, local: &BTreeSet<IpAddr>) -> Option<String> {
+    manifest.ports.iter().enumerate().find_map(|(i, p)| {
+        let ip = p.host_ip?;
+        (!local.contains(&ip)).then(|| {
+            format!(
+                "ports[{i}].host_ip: {ip} is not an address of this host, so no client could ever reach {}/{} on it; \
+                 use one of the addresses `ip addr` shows, or leave host_ip out for all of them",
+                p.host, p.protocol
+            )
+        })
+    })
 }
 
 fn sysctl_path(ifname: &str) -> Result<PathBuf, HostError> {
@@ -390,6 +423,22 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
         assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src fd00::2 -f ipv6");
         let args = flow_filter(Protocol::Udp, 53, "172.17.0.2".parse().unwrap());
         assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src 172.17.0.2");
+    }
+
+    #[test]
+    fn host_ips_must_be_local() {
+        let local = local_addresses().unwrap();
+        assert!(local.contains(&IpAddr::from([127, 0, 0, 1])), "{local:?}");
+        let m = |ip: &str| {
+            crate::manifest::Manifest::parse(
+                Path::new("m.yaml"),
+                &format!("name: a\nimage: x\nports: [{{host: 80, container: 80, host_ip: \"{ip}\"}}]\n"),
+            )
+            .unwrap()
+        };
+        assert_eq!(host_ip_problem(&m("127.0.0.1"), &local), None);
+        let why = host_ip_problem(&m("192.0.2.77"), &local).unwrap();
+        assert!(why.contains("ports[0].host_ip: 192.0.2.77 is not an address of this host"), "{why}");
     }
 
     #[test]

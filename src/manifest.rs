@@ -23,6 +23,10 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: is not a regular file ({kind}); give the path of a manifest file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{}: larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a few hundred bytes: is this the right file?", path.display())]
+    TooLarge { path: PathBuf },
     #[error("{}{}: {field}{message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         file: PathBuf,
@@ -281,11 +285,47 @@ pub const MAX_KEEP: u32 = 50;
 /// `Instant` plus it, milliseconds of it in a u64) can overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The largest manifest file read (the control socket's request limit is 1 MiB too).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// The text of the manifest file at `path`: a regular file of at most
+/// [`MAX_MANIFEST_BYTES`]. Anything else is refused at once: a FIFO is opened without
+/// waiting for a writer, a device (`/dev/zero`) is never read from.
+pub fn read_text(path: &Path) -> Result<String, ManifestError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let rerr = |source| ManifestError::Read { path: path.to_path_buf(), source };
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(rerr)?;
+    let kind = file.metadata().map_err(rerr)?.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(ManifestError::NotAFile { path: path.to_path_buf(), kind });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(rerr)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge { path: path.to_path_buf() });
+    }
+    String::from_utf8(bytes).map_err(|e| rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
 impl Manifest {
-    /// Read and validate the manifest at `path`.
+    /// Read (see [`read_text`]) and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let text = read_text(path)?;
         Manifest::parse(path, &text)
     }
 
@@ -391,6 +431,10 @@ impl Manifest {
         }
         if self.network.trim().is_empty() {
             return Err(err("network", 0, "network", "must name a Docker network".into()));
+        }
+        if self.network == "none" && self.handoff.is_none() {
+            return Err(err("network", 0, "network", "`none` gives the container no address, so no host port can ever reach it; \
+                 use a Docker bridge network (the default `bridge`)".into()));
         }
         if let Some(h) = &self.handoff {
             if h.namespace != "host" && h.namespace.strip_prefix("container:").is_none_or(|c| c.is_empty()) {
@@ -789,6 +833,35 @@ network: bridge           # optional Docker network
         let shown = format!("{m:?} {m:#?}");
         assert!(shown.contains("DB_PASSWORD"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Returns at once (no writer is waited for) with the kind named.
+        let msg = read_text(&fifo).unwrap_err().to_string();
+        assert!(msg.contains("a FIFO"), "{msg}");
+        let msg = read_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(msg.contains("character device"), "{msg}");
+        assert!(matches!(read_text(dir.path()), Err(ManifestError::NotAFile { .. })));
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_MANIFEST_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(read_text(&big), Err(ManifestError::TooLarge { .. })));
+        let ok = dir.path().join("ok.yaml");
+        std::fs::write(&ok, FULL).unwrap();
+        assert_eq!(Manifest::load(&ok).unwrap().name, "web");
+    }
+
+    #[test]
+    fn a_service_nobody_could_reach_is_refused() {
+        for health in ["none", "tcp"] {
+            let text = FULL.replace("network: bridge", "network: none").replace("type: http", &format!("type: {health}"));
+            let msg = message(&text);
+            assert!(msg.starts_with("web.yaml:19: network:"), "{msg}");
+            assert!(msg.contains("no address"), "{msg}");
+        }
     }
 
     #[test]

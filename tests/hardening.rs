@@ -181,3 +181,85 @@ fn an_unprivileged_flood_starves_neither_the_cli_nor_a_release() {
     drop(senders);
     assert!(daemon.log().contains("closed at once"), "the refused connections were logged");
 }
+
+/// Case 8: services that no client could ever reach are refused at validation (exit 2,
+/// the reason given), not reported live: a `host_ip` that is not a local address, and
+/// `network: none`.
+#[test]
+fn services_nobody_could_reach_are_refused() {
+    let ids = Ids::new("services_nobody_could_reach");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    // 192.0.2.0/24 is TEST-NET-1: never configured on a host.
+    let not_local = ServiceYaml::http(&ids.service, &v1, port, &net.name)
+        .set("ports", &format!("\n  - host: {port}\n    container: 80\n    host_ip: 192.0.2.77"))
+        .write(daemon.dir());
+    let out = daemon.cli_expect(&["apply", not_local.to_str().unwrap()], 2);
+    assert!(out.stderr.contains("192.0.2.77 is not an address of this host"), "{}", out.stderr);
+    let no_network = ServiceYaml::http(&ids.service, &v1, port, "none").set("health", "{type: none}").write(daemon.dir());
+    let out = daemon.cli_expect(&["apply", no_network.to_str().unwrap()], 2);
+    assert!(out.stderr.contains("network") && out.stderr.contains("no address"), "{}", out.stderr);
+    assert!(containers_of(&ids).is_empty(), "no container was created: {:?}", containers_of(&ids));
+    assert_eq!(daemon.cli_ok(&["status", "--json"]).stdout.trim(), "[]");
+    // A local host_ip is still fine.
+    let local = ServiceYaml::http(&ids.service, &v1, port, &net.name)
+        .set("ports", &format!("\n  - host: {port}\n    container: 80\n    host_ip: 127.0.0.1"))
+        .write(daemon.dir());
+    daemon.cli_ok(&["apply", local.to_str().unwrap()]);
+    assert_eq!(get_ok(At::Host, &format!("http://127.0.0.1:{port}/")).trim(), "v1");
+}
+
+/// Case 11: `--allow-group` lets in a member of the group through a supplementary
+/// group, not only through the primary one; others are still refused.
+#[test]
+fn allow_group_honours_supplementary_groups() {
+    let ids = Ids::new("allow_group_honours_supplementary_groups");
+    require_root();
+    let group = 4242u32;
+    let daemon = Daemon::start_with(&ids, &["--allow-group", &group.to_string()]);
+    // The test's scratch dir is private; nobody must be able to reach the socket in it.
+    std::fs::set_permissions(daemon.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let as_nobody = |groups: Option<u32>| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")]);
+        match groups {
+            Some(g) => c.arg(format!("--groups={g}")),
+            None => c.arg("--clear-groups"),
+        };
+        c.args([CUTOVER, "status", "--json"]).env("CUTOVER_SOCKET", daemon.socket()).current_dir("/");
+        common::cmd::run_bounded(&mut c, Duration::from_secs(20))
+    };
+    let member = as_nobody(Some(group));
+    assert_eq!(member.code, Some(0), "a member through a supplementary group is let in: {member:?}");
+    assert_eq!(member.stdout.trim(), "[]");
+    let stranger = as_nobody(None);
+    assert_ne!(stranger.code, Some(0), "{stranger:?}");
+}
+
+/// Case 11: a manifest path that is not a regular file, or is too large, is refused at
+/// once with exit 2 by `plan` and `apply` (it used to read /dev/zero without bound and
+/// wait forever on a FIFO).
+#[test]
+fn manifest_reads_are_bounded_and_only_of_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, format!("name: web\nimage: x\nports: [{{host: 1, container: 2}}]\n{}", "#".repeat(2 << 20))).unwrap();
+    let socket = dir.path().join("none.sock");
+    for (path, want) in [(std::path::Path::new("/dev/zero"), "character device"), (fifo.as_path(), "FIFO"), (big.as_path(), "larger than")] {
+        for cmd in ["plan", "apply"] {
+            let started = std::time::Instant::now();
+            let mut c = std::process::Command::new(CUTOVER);
+            c.args(["--socket", socket.to_str().unwrap(), cmd, path.to_str().unwrap()]);
+            let out = common::cmd::run_bounded(&mut c, Duration::from_secs(20));
+            assert_eq!(out.code, Some(2), "{cmd} {}: {out:?}", path.display());
+            assert!(out.stderr.contains(want), "{cmd} {}: {}", path.display(), out.stderr);
+            assert!(started.elapsed() < Duration::from_secs(5), "{cmd} {} took {:?}", path.display(), started.elapsed());
+        }
+    }
+}
