@@ -12,6 +12,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod conntrack;
 pub mod dad;
 pub mod daemon;
 pub mod deploy;
