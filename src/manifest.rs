@@ -322,6 +322,24 @@ pub fn read_text(path: &Path) -> Result<String, ManifestError> {
     String::from_utf8(bytes).map_err(|e| rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
+/// `start + d`, for deadlines computed from a manifest's durations: never a panic. A
+/// duration past what the clock can hold (only possible for a manifest that skipped
+/// validation) gives the latest instant that can be represented near it, i.e. "never".
+pub fn instant_after(start: std::time::Instant, d: Duration) -> std::time::Instant {
+    start.checked_add(d).unwrap_or_else(|| {
+        // Halve until it fits: Instant's range is platform-defined, not a constant.
+        let mut step = d;
+        let mut at = start;
+        while !step.is_zero() {
+            step /= 2;
+            if let Some(later) = at.checked_add(step) {
+                at = later;
+            }
+        }
+        at
+    })
+}
+
 impl Manifest {
     /// Read (see [`read_text`]) and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
@@ -862,6 +880,15 @@ network: bridge           # optional Docker network
             assert!(msg.starts_with("web.yaml:19: network:"), "{msg}");
             assert!(msg.contains("no address"), "{msg}");
         }
+    }
+
+    #[test]
+    fn deadlines_from_any_duration_never_panic() {
+        let now = std::time::Instant::now();
+        assert_eq!(instant_after(now, Duration::from_secs(2)), now + Duration::from_secs(2));
+        let never = instant_after(now, Duration::MAX);
+        assert!(never > now + MAX_DURATION);
+        let _ = instant_after(never, Duration::from_secs(u64::MAX));
     }
 
     #[test]

@@ -267,9 +267,24 @@ pub fn write_helper(path: &Path, bytes: &[u8]) -> Result<(), BrokersError> {
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let written = (|| {
-        std::fs::write(&tmp, bytes)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A leftover (or planted) file or symlink at the temp path is unlinked, and the
+        // new file created exclusively: nothing is ever written through a symlink.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {
