@@ -263,3 +263,57 @@ fn manifest_reads_are_bounded_and_only_of_regular_files() {
         }
     }
 }
+
+/// Case 11: the drain of a release with many UDP ports reads conntrack over netlink, one
+/// dump per poll: no `conntrack` process per port per poll (98 ports used to spawn 98
+/// processes every 250 ms on the async runtime, and a 2 s drain took 11 s).
+#[test]
+fn draining_many_udp_ports_runs_no_conntrack_process() {
+    let ids = Ids::new("draining_many_udp_ports_runs_no_conntrack");
+    require_root();
+    require_docker();
+    let net = DockerNetwork::new(&ids);
+    let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", "0.0.0.0:5353")]);
+    let v2 = demo_image(&ids, "v2", &[("UDP_LISTEN", "0.0.0.0:5353")]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let mut yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s").set("udp_idle", "1s");
+    for _ in 0..98 {
+        yaml = yaml.udp_port(ids.port(), 5353);
+    }
+    daemon.cli_ok(&["apply", yaml.write(daemon.dir()).to_str().unwrap()]);
+    let pid = daemon.pid().unwrap();
+    // Watch the daemon's children while it deploys and drains.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                    let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+                    let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+                    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+                    let ppid: u32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+                    if ppid == pid {
+                        let comm = stat.split('(').nth(1).and_then(|c| c.split(')').next()).unwrap_or("").to_string();
+                        seen.insert(comm);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    let started = std::time::Instant::now();
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    let took = started.elapsed();
+    eprintln!("deploy with 98 UDP ports: {took:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let children = watcher.join().unwrap();
+    assert!(!children.contains("conntrack"), "the daemon ran conntrack processes: {children:?}");
+    // A bound for a loaded machine; it took about 5 s on an idle one.
+    assert!(took < Duration::from_secs(60), "the deploy with 98 UDP ports took {took:?}");
+    let log = daemon.log();
+    assert!(!log.contains("cannot read the old release's UDP flows"), "{log}");
+}

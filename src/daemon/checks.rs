@@ -66,7 +66,13 @@ impl Checks for RealChecks {
     }
 
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
-        crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
+        // The drain's last dump serves here too: after the switch no new flow can be
+        // answered by the old release, so no entry to delete is younger than it.
+        let flows = self.recent_flows().map_err(|e| e.to_string())?;
+        for e in crate::host::flows_of(&flows, protocol, port, addr) {
+            crate::conntrack::delete(&e.orig).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn ipv6_readiness(&self, pid: u32, addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
