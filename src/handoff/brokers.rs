@@ -314,6 +314,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ready_from_a_process_no_release_started_is_dropped_at_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let brokers = DaemonBrokers::new(dir.path());
+        let service = format!("unit-ready-{}", std::process::id());
+        let spec = BrokerSpec {
+            namespace: Namespace::Current,
+            listeners: vec![ListenSpec::parse("http=tcp://127.0.0.1:0", "x").unwrap()],
+            allow_uids: vec![],
+        };
+        brokers.open(&service, &spec, None).unwrap();
+        let me = std::process::id() as i32;
+        let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(notify_socket_name(&service).as_bytes()).unwrap();
+        let notified = || async {
+            for _ in 0..50 {
+                if brokers.readiness(&service, me).notified {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        };
+        // Not (yet) a release's process: its READY=1 is not recorded, not even for later.
+        sock.send_to_addr(b"READY=1", &addr).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        brokers.allow(&service, me).unwrap();
+        assert!(!notified().await, "a READY=1 from an untrusted sender was kept");
+        sock.send_to_addr(b"READY=1", &addr).unwrap();
+        assert!(notified().await, "the trusted sender's READY=1 counts");
+        // Stopped (forgotten): its entry goes with the next datagram's bookkeeping.
+        brokers.forget(&service, me);
+        assert!(!brokers.with(&service, |s| s.broker.trust().started_tree_contains(me)).unwrap());
+        brokers.close(&service);
+    }
+
+    #[tokio::test]
     async fn a_broker_reports_who_fetched_and_who_reported_ready() {
         let dir = tempfile::tempdir().unwrap();
         let brokers = DaemonBrokers::new(dir.path());
