@@ -9,11 +9,19 @@ use serde::{Deserialize, Serialize};
 /// The largest request line the daemon reads (manifests included).
 pub const MAX_REQUEST: usize = 1 << 20;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestText {
     /// The file name, for messages.
     pub file: String,
     pub text: String,
+}
+
+/// The file and the size only: the text holds the service's `env` (secrets), and
+/// requests are logged.
+impl std::fmt::Debug for ManifestText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManifestText").field("file", &self.file).field("bytes", &self.text.len()).finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

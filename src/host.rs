@@ -2,22 +2,20 @@
 //! interface, the ports the host's own processes already listen on, and deleting stale
 //! UDP conntrack entries after a switch.
 //!
-//! Only reads `/proc` and writes one sysctl file per interface; runs the `conntrack` CLI.
-//! No nftables, no Docker. Plain blocking std calls: they are short, call them from
-//! `spawn_blocking` in async code.
+//! Only reads `/proc` and writes one sysctl file per interface; conntrack entries are
+//! read and deleted over netlink (`conntrack`: one dump serves every port). No
+//! nftables, no Docker. Plain blocking calls: they are short (no process is spawned),
+//! call them from `spawn_blocking` in async code where they may repeat.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use crate::conntrack::{self, ConntrackError, Entry};
 use crate::manifest::Protocol;
-
-/// Where Debian's conntrack package puts the binary.
-pub const CONNTRACK: &str = "/usr/sbin/conntrack";
 
 /// Errors of host facts and effects; each names the file or command and keeps the cause.
 #[derive(Debug, thiserror::Error)]
@@ -44,14 +42,41 @@ pub enum HostError {
     },
     #[error("unexpected content in {path}, line {line}: {reason}")]
     Parse { path: PathBuf, line: usize, reason: String },
-    #[error("cannot run `{command}` (install the conntrack package): {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
+    #[error("conntrack: {0}")]
+    Conntrack(#[from] ConntrackError),
+    #[error("cannot list the host's addresses (getifaddrs): {0}")]
+    Addresses(#[source] nix::Error),
+}
+
+/// The addresses configured on the host's interfaces (of the calling thread's network
+/// namespace: call it from a thread that never `setns`-es).
+pub fn local_addresses() -> Result<BTreeSet<IpAddr>, HostError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(HostError::Addresses)?;
+    Ok(addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
+}
+
+/// Why a manifest's `host_ip`s cannot work on this host: each must be one of `local`
+/// (a DNAT matches only packets addressed to a local address). `None`: all fine.
+pub fn host_ip_problem(manifest: &crate::manifest::Manifest, local: &BTreeSet<IpAddr>) -> Option<String> {
+    manifest.ports.iter().enumerate().find_map(|(i, p)| {
+        let ip = p.host_ip?;
+        (!local.contains(&ip)).then(|| {
+            format!(
+                "ports[{i}].host_ip: {ip} is not an address of this host, so no client could ever reach {}/{} on it; \
+                 use one of the addresses `ip addr` shows, or leave host_ip out for all of them",
+                p.host, p.protocol
+            )
+        })
+    })
 }
 
 fn sysctl_path(ifname: &str) -> Result<PathBuf, HostError> {
@@ -172,22 +197,15 @@ pub fn listening_sockets() -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, 
     Ok(out)
 }
 
-/// The `conntrack` arguments selecting `proto` flows to host port `orig_dst_port` that
-/// were answered by `reply_src_addr` (the old release). `-f ipv6` for a v6 address:
-/// conntrack looks only at IPv4 entries unless told otherwise.
-fn flow_filter(proto: Protocol, orig_dst_port: u16, reply_src_addr: IpAddr) -> Vec<String> {
-    let mut args = vec![
-        "-p".to_string(),
-        proto.to_string(),
-        "--orig-port-dst".into(),
-        orig_dst_port.to_string(),
-        "--reply-src".into(),
-        reply_src_addr.to_string(),
-    ];
-    if reply_src_addr.is_ipv6() {
-        args.extend(["-f".to_string(), "ipv6".to_string()]);
-    }
-    args
+/// The entries of `proto` flows to host port `orig_dst_port` that were answered by
+/// `reply_src_addr` (the old release): what `conntrack -p P --orig-port-dst PORT
+/// --reply-src ADDR` selects. An IPv4-mapped address matches its IPv4 entries.
+pub fn flows_of<'a>(entries: &'a [Entry], proto: Protocol, orig_dst_port: u16, reply_src_addr: IpAddr) -> impl Iterator<Item = &'a Entry> + 'a {
+    let want = match reply_src_addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(reply_src_addr, IpAddr::V4),
+        v4 => v4,
+    };
+    entries.iter().filter(move |e| e.orig.proto == proto.number() && e.orig.dst_port == orig_dst_port && e.reply.src == want)
 }
 
 /// Delete conntrack entries of `proto` flows to host port `orig_dst_port` that were
@@ -195,23 +213,15 @@ fn flow_filter(proto: Protocol, orig_dst_port: u16, reply_src_addr: IpAddr) -> V
 /// switch the old release keeps getting a flow's datagrams until its entry is gone.
 /// Returns how many entries were deleted.
 pub fn delete_conntrack(proto: Protocol, orig_dst_port: u16, reply_src_addr: impl Into<IpAddr>) -> Result<u64, HostError> {
-    let reply_src_addr = reply_src_addr.into();
-    let mut args = vec!["-D".to_string()];
-    args.extend(flow_filter(proto, orig_dst_port, reply_src_addr));
-    let command = format!("{CONNTRACK} {}", args.join(" "));
-    let out = Command::new(CONNTRACK)
-        .args(&args)
-        .output()
-        .map_err(|source| HostError::Spawn { command: command.clone(), source })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let deleted = parse_deleted(&stderr);
-    match (out.status.code(), deleted) {
-        (Some(0), Some(n)) => Ok(n),
-        (Some(0), None) => Ok(0),
-        // conntrack exits 1 when nothing matched: "0 flow entries have been deleted."
-        (Some(1), Some(0)) => Ok(0),
-        _ => Err(HostError::Command { command, status: out.status.to_string(), stderr: stderr.trim().to_string() }),
+    let entries = conntrack::dump()?;
+    let mut deleted = 0;
+    for e in flows_of(&entries, proto, orig_dst_port, reply_src_addr.into()) {
+        // Gone meanwhile (expired, or deleted by someone else) is what we wanted.
+        if conntrack::delete(&e.orig)? {
+            deleted += 1;
+        }
     }
+    Ok(deleted)
 }
 
 /// The kernel's UDP conntrack timeouts: a flow's entry is refreshed to `stream` on every
@@ -241,56 +251,30 @@ impl UdpTimeouts {
     }
 }
 
-/// How long each listed UDP conntrack entry has been idle, from `conntrack -L` output.
+/// How long each UDP flow to host port `orig_dst_port` answered by `reply_src_addr`
+/// has been idle, from a conntrack dump.
 ///
-/// conntrack shows no last-seen time, only the seconds left before the entry expires;
+/// conntrack keeps no last-seen time, only the seconds left before the entry expires;
 /// every packet resets that to the full timeout, so `full - left` is the time since the
 /// flow's last packet, to within the 1 s resolution of `left`. `full` is the stream
 /// timeout for ASSURED entries.
-pub fn parse_udp_idle(stdout: &str, timeouts: UdpTimeouts) -> Vec<Duration> {
-    stdout
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (proto, _num, left) = (fields.next()?, fields.next()?, fields.next()?);
-            if proto != "udp" {
-                return None;
-            }
-            // conntrack rounds the time left down to whole seconds, so the real time left
+pub fn udp_idle_times(entries: &[Entry], orig_dst_port: u16, reply_src_addr: IpAddr, timeouts: UdpTimeouts) -> Vec<Duration> {
+    flows_of(entries, Protocol::Udp, orig_dst_port, reply_src_addr)
+        .map(|e| {
+            // The kernel rounds the time left down to whole seconds, so the real time left
             // is up to 1 s more: count the smaller idle time, never a busy flow as idle.
-            let left = Duration::from_secs(left.parse::<u64>().ok()?.saturating_add(1));
-            let full = if line.contains("[ASSURED]") { timeouts.stream } else { timeouts.unreplied };
-            Some(full.saturating_sub(left))
+            let left = Duration::from_secs(u64::from(e.timeout_secs).saturating_add(1));
+            let full = if e.assured { timeouts.stream } else { timeouts.unreplied };
+            full.saturating_sub(left)
         })
         .collect()
 }
 
-/// Idle times of the UDP flows to host port `orig_dst_port` answered by `reply_src_addr`.
-/// The old release is done with UDP when every one of them has been idle long enough.
+/// [`udp_idle_times`] of a fresh dump. Callers that ask for many ports at once should
+/// dump once themselves (see `daemon::checks`).
 pub fn udp_flow_idle_times(orig_dst_port: u16, reply_src_addr: impl Into<IpAddr>) -> Result<Vec<Duration>, HostError> {
-    let reply_src_addr = reply_src_addr.into();
     let timeouts = UdpTimeouts::of_host()?;
-    let mut args = vec!["-L".to_string()];
-    args.extend(flow_filter(Protocol::Udp, orig_dst_port, reply_src_addr));
-    let command = format!("{CONNTRACK} {}", args.join(" "));
-    let out = Command::new(CONNTRACK)
-        .args(&args)
-        .output()
-        .map_err(|source| HostError::Spawn { command: command.clone(), source })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(HostError::Command { command, status: out.status.to_string(), stderr });
-    }
-    Ok(parse_udp_idle(&String::from_utf8_lossy(&out.stdout), timeouts))
-}
-
-/// The count in conntrack's "N flow entries have been deleted." line.
-fn parse_deleted(stderr: &str) -> Option<u64> {
-    stderr.lines().find_map(|l| {
-        let (_, rest) = l.split_once("): ").unwrap_or(("", l));
-        let n = rest.trim().strip_suffix("flow entries have been deleted.")?.trim();
-        n.parse().ok()
-    })
+    Ok(udp_idle_times(&conntrack::dump()?, orig_dst_port, reply_src_addr.into(), timeouts))
 }
 
 #[cfg(test)]
@@ -362,34 +346,56 @@ mod tests {
         );
     }
 
-    #[test]
-    fn conntrack_counts_are_read() {
-        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 2 flow entries have been deleted.\n"), Some(2));
-        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted.\n"), Some(0));
-        assert_eq!(parse_deleted("conntrack v1.4.7 (conntrack-tools): Operation failed: invalid parameters\n"), None);
+    fn entry(dport: u16, reply_src: &str, left: u32, assured: bool) -> Entry {
+        let t = |src: &str, sport: u16, dst: &str, dport: u16| conntrack::Tuple {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: 17,
+            src_port: sport,
+            dst_port: dport,
+        };
+        Entry { orig: t("10.0.0.2", 4000, "10.0.0.1", dport), reply: t(reply_src, dport, "10.0.0.2", 4000), timeout_secs: left, assured }
     }
 
     #[test]
     fn udp_idle_is_the_full_timeout_minus_what_is_left() {
         let t = UdpTimeouts { unreplied: Duration::from_secs(30), stream: Duration::from_secs(120) };
-        let out = "udp      17 27 src=10.0.0.2 dst=10.0.0.1 sport=4000 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4000 mark=0 use=1
-udp      17 100 src=10.0.0.2 dst=10.0.0.1 sport=4001 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4001 [ASSURED] mark=0 use=1
-udp      17 31 src=10.0.0.2 dst=10.0.0.1 sport=4002 dport=53 [UNREPLIED] src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4002 mark=0 use=1
-conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
-";
-        let idle = parse_udp_idle(out, t);
+        let old: IpAddr = "172.17.0.2".parse().unwrap();
+        let entries = [
+            entry(53, "172.17.0.2", 27, false),
+            entry(53, "172.17.0.2", 100, true),
+            entry(53, "172.17.0.2", 31, false),
+            // Another port, another release: not this flow set.
+            entry(54, "172.17.0.2", 0, false),
+            entry(53, "172.17.0.3", 0, false),
+        ];
+        assert_eq!(udp_idle_times(&entries, 53, old, t), vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
         // A flow refreshed a moment ago shows 119 of 120 s left: idle 0, not 1 s.
-        let fresh = "udp      17 119 src=10.0.0.2 dst=10.0.0.1 sport=4 dport=53 src=172.17.0.2 dst=10.0.0.2 sport=53 dport=4 [ASSURED] mark=0 use=1\n";
-        assert_eq!(parse_udp_idle(fresh, t), vec![Duration::ZERO]);
-        assert_eq!(idle, vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
+        assert_eq!(udp_idle_times(&[entry(53, "172.17.0.2", 119, true)], 53, old, t), vec![Duration::ZERO]);
     }
 
     #[test]
-    fn v6_flows_are_selected_with_their_family() {
-        let args = flow_filter(Protocol::Udp, 53, "fd00::2".parse().unwrap());
-        assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src fd00::2 -f ipv6");
-        let args = flow_filter(Protocol::Udp, 53, "172.17.0.2".parse().unwrap());
-        assert_eq!(args.join(" "), "-p udp --orig-port-dst 53 --reply-src 172.17.0.2");
+    fn flows_are_selected_by_protocol_port_and_answering_address() {
+        let entries = [entry(53, "fd00::2", 1, false), entry(53, "172.17.0.2", 1, false)];
+        assert_eq!(flows_of(&entries, Protocol::Udp, 53, "fd00::2".parse().unwrap()).count(), 1);
+        assert_eq!(flows_of(&entries, Protocol::Udp, 53, "::ffff:172.17.0.2".parse().unwrap()).count(), 1);
+        assert_eq!(flows_of(&entries, Protocol::Tcp, 53, "172.17.0.2".parse().unwrap()).count(), 0);
+    }
+
+    #[test]
+    fn host_ips_must_be_local() {
+        let local = local_addresses().unwrap();
+        assert!(local.contains(&IpAddr::from([127, 0, 0, 1])), "{local:?}");
+        let m = |ip: &str| {
+            crate::manifest::Manifest::parse(
+                Path::new("m.yaml"),
+                &format!("name: a\nimage: x\nports: [{{host: 80, container: 80, host_ip: \"{ip}\"}}]\n"),
+            )
+            .unwrap()
+        };
+        assert_eq!(host_ip_problem(&m("127.0.0.1"), &local), None);
+        let why = host_ip_problem(&m("192.0.2.77"), &local).unwrap();
+        assert!(why.contains("ports[0].host_ip: 192.0.2.77 is not an address of this host"), "{why}");
     }
 
     #[test]

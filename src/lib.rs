@@ -5,12 +5,14 @@
 //! - `daemon`, `client`, `api`: the control plane between CLI and daemon;
 //! - `deploy`, `handoff`: the domain (the release state machine, fd handoff);
 //! - `nat`, `docker`, `health`, `drain`, `dad`, `netns`, `host`: effects on the OS, each behind a trait;
-//! - `manifest`, `plan`, `state`: the model, pure data and pure functions.
+//! - `manifest`, `plan`, `state`: the model, pure data and pure functions;
+//! - `limits`: connection caps shared by every socket the daemon serves (bookkeeping only).
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod conntrack;
 pub mod dad;
 pub mod daemon;
 pub mod deploy;
@@ -19,6 +21,7 @@ pub mod drain;
 pub mod embedded;
 pub mod handoff;
 pub mod health;
+pub mod limits;
 pub mod host;
 pub mod loadgen;
 pub mod manifest;

@@ -23,6 +23,10 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{}: is not a regular file ({kind}); give the path of a manifest file", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{}: larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a few hundred bytes: is this the right file?", path.display())]
+    TooLarge { path: PathBuf },
     #[error("{}{}: {field}{message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         file: PathBuf,
@@ -40,8 +44,9 @@ impl ManifestError {
     }
 }
 
-/// One service, as the operator describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One service, as the operator describes it. Its `Debug` shows `env` names but never
+/// their values (they are often secrets, and manifests end up in debug logs).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub name: String,
@@ -76,6 +81,53 @@ pub struct Manifest {
     /// fd-handoff mode instead of NAT: both generations share one network namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSpec>,
+}
+
+impl fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let Manifest {
+            name,
+            image,
+            ports,
+            health,
+            drain_timeout,
+            watch,
+            stop_signal,
+            stop_timeout,
+            keep,
+            env,
+            command,
+            network,
+            udp_idle,
+            handoff,
+        } = self;
+        f.debug_struct("Manifest")
+            .field("name", name)
+            .field("image", image)
+            .field("ports", ports)
+            .field("health", health)
+            .field("drain_timeout", drain_timeout)
+            .field("watch", watch)
+            .field("stop_signal", stop_signal)
+            .field("stop_timeout", stop_timeout)
+            .field("keep", keep)
+            .field("env", &RedactedEnv(env))
+            .field("command", command)
+            .field("network", network)
+            .field("udp_idle", udp_idle)
+            .field("handoff", handoff)
+            .finish()
+    }
+}
+
+/// An environment for logs: the names, each value replaced by `<redacted>`.
+pub struct RedactedEnv<'a>(pub &'a BTreeMap<String, String>);
+
+impl fmt::Debug for RedactedEnv<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.keys().map(|k| (k, format_args!("<redacted>")))).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -228,11 +280,70 @@ mod defaults {
 /// The most releases a manifest may keep for rollback.
 pub const MAX_KEEP: u32 = 50;
 
+/// The longest any duration of a manifest may be. Far beyond any sensible health
+/// deadline, drain or stop, and small enough that no clock arithmetic on it (an
+/// `Instant` plus it, milliseconds of it in a u64) can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The largest manifest file read (the control socket's request limit is 1 MiB too).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// The text of the manifest file at `path`: a regular file of at most
+/// [`MAX_MANIFEST_BYTES`]. Anything else is refused at once: a FIFO is opened without
+/// waiting for a writer, a device (`/dev/zero`) is never read from.
+pub fn read_text(path: &Path) -> Result<String, ManifestError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let rerr = |source| ManifestError::Read { path: path.to_path_buf(), source };
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(rerr)?;
+    let kind = file.metadata().map_err(rerr)?.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(ManifestError::NotAFile { path: path.to_path_buf(), kind });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(rerr)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge { path: path.to_path_buf() });
+    }
+    String::from_utf8(bytes).map_err(|e| rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+/// `start + d`, for deadlines computed from a manifest's durations: never a panic. A
+/// duration past what the clock can hold (only possible for a manifest that skipped
+/// validation) gives the latest instant that can be represented near it, i.e. "never".
+pub fn instant_after(start: std::time::Instant, d: Duration) -> std::time::Instant {
+    start.checked_add(d).unwrap_or_else(|| {
+        // Halve until it fits: Instant's range is platform-defined, not a constant.
+        let mut step = d;
+        let mut at = start;
+        while !step.is_zero() {
+            step /= 2;
+            if let Some(later) = at.checked_add(step) {
+                at = later;
+            }
+        }
+        at
+    })
+}
+
 impl Manifest {
-    /// Read and validate the manifest at `path`.
+    /// Read (see [`read_text`]) and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        let text = read_text(path)?;
         Manifest::parse(path, &text)
     }
 
@@ -308,6 +419,15 @@ impl Manifest {
                 return Err(err(key, 0, field, "must be longer than 0s".into()));
             }
         }
+        for (key, field, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(err(key, 0, field, format!(
+                    "{} is too long; use at most 24h ({})",
+                    format_duration(d),
+                    format_duration(MAX_DURATION)
+                )));
+            }
+        }
         if self.stop_signal.parse::<nix::sys::signal::Signal>().is_err() {
             return Err(err("stop_signal", 0, "stop_signal", format!(
                 "`{}` is not a signal name; use e.g. SIGTERM, SIGINT, SIGQUIT",
@@ -329,6 +449,10 @@ impl Manifest {
         }
         if self.network.trim().is_empty() {
             return Err(err("network", 0, "network", "must name a Docker network".into()));
+        }
+        if self.network == "none" && self.handoff.is_none() {
+            return Err(err("network", 0, "network", "`none` gives the container no address, so no host port can ever reach it; \
+                 use a Docker bridge network (the default `bridge`)".into()));
         }
         if let Some(h) = &self.handoff {
             if h.namespace != "host" && h.namespace.strip_prefix("container:").is_none_or(|c| c.is_empty()) {
@@ -353,6 +477,47 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Every duration of the manifest: (key in the YAML, field path, value).
+    fn durations(&self) -> [(&'static str, &'static str, Duration); 7] {
+        [
+            ("interval", "health.interval", self.health.interval),
+            ("timeout", "health.timeout", self.health.timeout),
+            ("deadline", "health.deadline", self.health.deadline),
+            ("drain_timeout", "drain_timeout", self.drain_timeout),
+            ("watch", "watch", self.watch),
+            ("stop_timeout", "stop_timeout", self.stop_timeout),
+            ("udp_idle", "udp_idle", self.udp_idle),
+        ]
+    }
+
+    /// Brings a manifest that never went through [`Manifest::parse`] (one stored by an
+    /// older cutover, read back from the state file) within the bounds that `parse`
+    /// enforces, so that no arithmetic on it can overflow. Returns what was changed, to
+    /// be logged.
+    pub fn clamp_to_bounds(&mut self) -> Vec<String> {
+        let mut changed = Vec::new();
+        let name = self.name.clone();
+        for (field, d) in [
+            ("health.interval", &mut self.health.interval),
+            ("health.timeout", &mut self.health.timeout),
+            ("health.deadline", &mut self.health.deadline),
+            ("drain_timeout", &mut self.drain_timeout),
+            ("watch", &mut self.watch),
+            ("stop_timeout", &mut self.stop_timeout),
+            ("udp_idle", &mut self.udp_idle),
+        ] {
+            if *d > MAX_DURATION {
+                changed.push(format!("{name}: {field} {} is beyond the bound; using {}", format_duration(*d), format_duration(MAX_DURATION)));
+                *d = MAX_DURATION;
+            }
+        }
+        if self.keep > MAX_KEEP {
+            changed.push(format!("{name}: keep {} is beyond the bound; using {MAX_KEEP}", self.keep));
+            self.keep = MAX_KEEP;
+        }
+        changed
     }
 
     /// The port the health check connects to inside the container.
@@ -645,6 +810,85 @@ network: bridge           # optional Docker network
         assert!(parse_duration("18446744073709549568s18446744073709549568s").is_err());
         let msg = message(&FULL.replace("drain_timeout: 30s", "drain_timeout: 10000000000000000000s10000000000000000000s"));
         assert!(msg.contains("out of range"), "{msg}");
+    }
+
+    #[test]
+    fn durations_beyond_the_bound_are_refused_with_field_and_line() {
+        for (from, to, field, line) in [
+            ("deadline: 60s", "deadline: 18446744073709551615", "health.deadline", 12),
+            ("interval: 1s", "interval: 18446744073709551615", "health.interval", 10),
+            ("timeout: 2s", "timeout: 25h", "health.timeout", 11),
+            ("drain_timeout: 30s", "drain_timeout: 100000h", "drain_timeout", 13),
+            ("stop_timeout: 10s", "stop_timeout: 9223372036854775808", "stop_timeout", 15),
+        ] {
+            let msg = message(&FULL.replace(from, to));
+            assert!(msg.starts_with(&format!("web.yaml:{line}: {field}: ")), "{msg}");
+            assert!(msg.contains("too long"), "{msg}");
+        }
+        for extra in ["watch: 86401s", "udp_idle: 1441m"] {
+            let msg = message(&format!("{FULL}{extra}\n"));
+            assert!(msg.starts_with("web.yaml:20: "), "{msg}");
+        }
+        // The bound itself is fine.
+        parse(&FULL.replace("deadline: 60s", "deadline: 24h")).unwrap();
+    }
+
+    #[test]
+    fn stored_manifests_beyond_the_bounds_are_clamped() {
+        let mut m = parse(FULL).unwrap();
+        m.health.deadline = Duration::from_secs(u64::MAX);
+        m.keep = 1000;
+        let changed = m.clamp_to_bounds();
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        assert_eq!(m.health.deadline, MAX_DURATION);
+        assert_eq!(m.keep, MAX_KEEP);
+        assert!(m.clamp_to_bounds().is_empty());
+    }
+
+    #[test]
+    fn debug_output_never_shows_env_values() {
+        let m = parse(&FULL.replace("env: { KEY: value }", "env: { DB_PASSWORD: hunter2 }")).unwrap();
+        let shown = format!("{m:?} {m:#?}");
+        assert!(shown.contains("DB_PASSWORD"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Returns at once (no writer is waited for) with the kind named.
+        let msg = read_text(&fifo).unwrap_err().to_string();
+        assert!(msg.contains("a FIFO"), "{msg}");
+        let msg = read_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(msg.contains("character device"), "{msg}");
+        assert!(matches!(read_text(dir.path()), Err(ManifestError::NotAFile { .. })));
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_MANIFEST_BYTES + 1) as usize]).unwrap();
+        assert!(matches!(read_text(&big), Err(ManifestError::TooLarge { .. })));
+        let ok = dir.path().join("ok.yaml");
+        std::fs::write(&ok, FULL).unwrap();
+        assert_eq!(Manifest::load(&ok).unwrap().name, "web");
+    }
+
+    #[test]
+    fn a_service_nobody_could_reach_is_refused() {
+        for health in ["none", "tcp"] {
+            let text = FULL.replace("network: bridge", "network: none").replace("type: http", &format!("type: {health}"));
+            let msg = message(&text);
+            assert!(msg.starts_with("web.yaml:19: network:"), "{msg}");
+            assert!(msg.contains("no address"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn deadlines_from_any_duration_never_panic() {
+        let now = std::time::Instant::now();
+        assert_eq!(instant_after(now, Duration::from_secs(2)), now + Duration::from_secs(2));
+        let never = instant_after(now, Duration::MAX);
+        assert!(never > now + MAX_DURATION);
+        let _ = instant_after(never, Duration::from_secs(u64::MAX));
     }
 
     #[test]

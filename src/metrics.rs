@@ -49,6 +49,12 @@ pub const WAIT_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// A client that has not sent its request head by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection, request and answer together, never lasts longer (a client that does
+/// not read its answer).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Scrapes open at once, in all and per client address. A scraper holds one; more from
+/// one address is a flood, and each would cost the daemon an fd.
+pub const CAPS: crate::limits::Caps = crate::limits::Caps { total: 32, per_peer: 4 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -282,16 +288,31 @@ where
     Fut: Future<Output = Scrape> + Send + 'static,
 {
     let scrape = Arc::new(scrape);
+    let limiter = crate::limits::Limiter::new(CAPS);
+    let over_cap_log = crate::limits::LogThrottle::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let permit = match limiter.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(over) => {
+                            // Closed at once (dropped): it costs no task and no buffer.
+                            if let Some(held_back) = over_cap_log.allow() {
+                                tracing::warn!(%peer, held_back, "metrics connection closed at once: {over}");
+                            }
+                            continue;
+                        }
+                    };
                     let (metrics, scrape) = (metrics.clone(), scrape.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &metrics, scrape.as_ref()).await {
-                            tracing::debug!(%peer, error = %e, "metrics request");
+                        match tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, &metrics, scrape.as_ref())).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request"),
+                            Err(_) => tracing::debug!(%peer, "metrics connection took longer than {CONNECTION_TIMEOUT:?}; closed"),
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {

@@ -38,6 +38,73 @@ pub enum StateError {
     Version { path: PathBuf, found: u32 },
     #[error("cannot write {}: {source}", path.display())]
     Write { path: PathBuf, #[source] source: std::io::Error },
+    #[error("cannot make {} private to root (mode {mode:o}): {source}; it holds the services' environment (secrets)", path.display())]
+    Protect { path: PathBuf, mode: u32, #[source] source: std::io::Error },
+    #[error("{} is not a directory; point --state-dir at a directory", path.display())]
+    NotADirectory { path: PathBuf },
+}
+
+/// The state directory's mode: it holds the manifests' `env` (passwords, tokens).
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of every file in it.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Create `dir` (and missing parents) as 0700 whatever the umask, and tighten an existing
+/// one whose group or others may read, write or enter it (logged: someone loosened it,
+/// or an old cutover made it 0755).
+pub fn create_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+    let meta = fs::metadata(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+    if !meta.is_dir() {
+        return Err(StateError::NotADirectory { path: dir.to_path_buf() });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|source| StateError::Protect { path: dir.to_path_buf(), mode: DIR_MODE, source })?;
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), was = format!("{mode:o}"), "the state directory was readable by others; made it 0700");
+        }
+    }
+    Ok(())
+}
+
+/// Make an existing file 0600 (logged when it was looser); a missing file is fine.
+fn tighten_file(path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::PermissionsExt;
+    // symlink_metadata: a planted symlink is not followed (and its target not changed).
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StateError::Read { path: path.to_path_buf(), source }),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o177 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(FILE_MODE))
+            .map_err(|source| StateError::Protect { path: path.to_path_buf(), mode: FILE_MODE, source })?;
+        tracing::warn!(file = %path.display(), was = format!("{mode:o}"), "a state file was readable by others; made it 0600");
+    }
+    Ok(())
+}
+
+/// Create `path` for writing: exclusively (a file or symlink already there is an error,
+/// never followed or truncated), mode 0600 whatever the umask.
+fn create_exclusive(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    // A umask can only remove bits; set them exactly anyway (e.g. umask 0277).
+    f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+    Ok(f)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -247,12 +314,15 @@ pub struct StateStore {
 impl StateStore {
     /// Create the directory if needed and take its lock (non-blocking).
     pub fn open(dir: &Path) -> Result<StateStore, StateError> {
-        fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+        use std::os::unix::fs::OpenOptionsExt;
+        create_private_dir(dir)?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(|source| StateError::Write { path: lock_path.clone(), source })?;
         let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
@@ -260,6 +330,9 @@ impl StateStore {
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StateError::Locked { path: dir.to_path_buf() }),
             Err((_, source)) => return Err(StateError::Lock { path: lock_path, source }),
         };
+        // Files an older cutover (or a umask of 022) left readable by everyone.
+        tighten_file(&lock_path)?;
+        tighten_file(&dir.join(STATE_FILE))?;
         Ok(StateStore { dir: dir.to_path_buf(), _lock: lock })
     }
 
@@ -277,9 +350,17 @@ impl StateStore {
             }
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        let state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
+        let mut state: State = serde_json::from_str(&text).map_err(|source| StateError::Corrupt { path: path.clone(), source })?;
         if state.version != STATE_VERSION {
             return Err(StateError::Version { path, found: state.version });
+        }
+        // Manifests stored before durations were bounded never passed the check that a
+        // new manifest passes; a value that would overflow the clock is capped here.
+        for svc in state.services.values_mut() {
+            let stored = svc.releases.iter_mut().map(|r| &mut r.manifest);
+            for note in std::iter::once(&mut svc.manifest).chain(stored).flat_map(Manifest::clamp_to_bounds) {
+                tracing::warn!(file = %path.display(), "{note}");
+            }
         }
         Ok(state)
     }
@@ -293,10 +374,23 @@ impl StateStore {
             move |source| StateError::Write { path: p, source }
         };
         let body = serde_json::to_vec_pretty(state).map_err(|e| StateError::Write { path: path.clone(), source: e.into() })?;
-        let mut f = File::create(&tmp).map_err(werr(&tmp))?;
-        f.write_all(&body).map_err(werr(&tmp))?;
-        f.sync_all().map_err(werr(&tmp))?;
-        drop(f);
+        // What is at the temp path is a crashed save's leftover or something planted in
+        // the directory: unlink it (a symlink is removed, not followed), then create the
+        // file exclusively, so the secrets go only into a new private file.
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StateError::Write { path: tmp, source }),
+        }
+        let written = (|| {
+            let mut f = create_exclusive(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()
+        })();
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StateError::Write { path: tmp, source });
+        }
         fs::rename(&tmp, &path).map_err(werr(&path))?;
         // The rename is durable only once the directory entry is.
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
@@ -338,6 +432,73 @@ mod tests {
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    /// Runs `f` with the process umask set to `mask`, restoring it after. The umask is
+    /// process-wide: only tests that create files with explicit modes run under it.
+    fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
+        use nix::sys::stat::{umask, Mode};
+        let old = umask(Mode::from_bits_truncate(mask));
+        let r = f();
+        umask(old);
+        r
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_state_is_private_whatever_the_umask() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        let (store, state) = with_umask(0o022, || {
+            let store = StateStore::open(&dir).unwrap();
+            let mut state = store.load().unwrap();
+            state.services.insert("web".into(), ServiceState::new(manifest()));
+            store.save(&state).unwrap();
+            (store, state)
+        });
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&store.path()), 0o600);
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+        assert_eq!(store.load().unwrap(), state);
+    }
+
+    #[test]
+    fn a_loose_state_dir_and_file_are_tightened_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(dir.path().join(STATE_FILE), "{\"version\": 1}").unwrap();
+        fs::set_permissions(dir.path().join(STATE_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        let _store = StateStore::open(dir.path()).unwrap();
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&dir.path().join(STATE_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_temp_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let tmp = dir.path().join(format!("{STATE_FILE}.tmp"));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        // A symlink to a path that does not exist yet: File::create would make it.
+        let absent = elsewhere.path().join("absent");
+        let mut state = store.load().unwrap();
+        state.services.insert("web".into(), ServiceState::new(manifest()));
+        store.save(&state).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        std::os::unix::fs::symlink(&absent, &tmp).unwrap();
+        store.save(&state).unwrap();
+        assert!(!absent.exists(), "the secrets were written through a planted symlink");
+        assert_eq!(store.load().unwrap(), state);
+        assert_eq!(mode(&store.path()), 0o600);
+        assert!(!tmp.exists());
     }
 
     #[test]

@@ -11,8 +11,7 @@ use crate::manifest::Manifest;
 pub async fn run(socket: &Path, args: ApplyArgs) -> anyhow::Result<()> {
     let mut manifests = Vec::new();
     for file in &args.files {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| Failure::new(Exit::Invalid, format!("{}: cannot read the manifest: {e}", file.display())))?;
+        let text = crate::manifest::read_text(file).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
         Manifest::parse(file, &text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
         manifests.push(ManifestText { file: file.display().to_string(), text });
     }

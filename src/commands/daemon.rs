@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::DaemonArgs;
 use crate::commands::{Exit, Failure};
-use crate::daemon::{checks::RealChecks, Access};
+use crate::daemon::{checks::RealChecks, table_lock, Access};
 use crate::deploy::{Releaser, Settings};
 use crate::handoff::notify::notify_service_manager;
 use crate::docker::DockerEngine;
@@ -31,6 +31,11 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     if !valid_identifier(&instance) {
         return Err(Failure::new(Exit::Invalid, format!("--instance `{instance}`: use letters, digits, '_' and '-'")).into());
     }
+    // Before anything that could touch a rule: a second daemon on this table would
+    // program it from another state and delete the first one's rules.
+    let table_lock = table_lock::acquire(Path::new(table_lock::LOCK_DIR), &args.table, &args.state_dir)
+        .map_err(|e| Failure::new(Exit::Refused, e.to_string()))?;
+    tracing::debug!(lock = %table_lock.path().display(), table = %args.table, "table claimed");
     prepare_socket_path(&socket).await?;
     let store = StateStore::open(&args.state_dir)?;
     let engine = DockerEngine::connect(&args.docker).await?;
@@ -40,7 +45,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
     // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
     let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
-    let mut releaser = Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks), settings, store)?.with_handoff(brokers);
+    let mut releaser = Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks::new()), settings, store)?.with_handoff(brokers);
     // Bound before READY, so a taken address fails the start instead of going unnoticed.
     let metrics = match args.metrics {
         Some(addr) => {
@@ -111,6 +116,8 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     notify_service_manager("STOPPING=1");
     tracing::info!("cutover daemon stopping; the rules stay in place");
     let _ = std::fs::remove_file(&socket);
+    // Held to the very end: the rules stay, and so does this daemon's claim until it exits.
+    drop(table_lock);
     Ok(())
 }
 

@@ -11,7 +11,35 @@ use crate::dad::Ipv6Readiness;
 use crate::deploy::Checks;
 use crate::manifest::{HealthKind, HealthSpec, Protocol};
 
-pub struct RealChecks;
+/// How long one conntrack dump answers for: a drain poll asks about every UDP port of
+/// the old release within a few milliseconds, and all of them read the same dump.
+const DUMP_REUSE: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+pub struct RealChecks {
+    /// The last conntrack dump and when it was taken.
+    flows: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<crate::conntrack::Entry>>)>>,
+}
+
+impl RealChecks {
+    pub fn new() -> RealChecks {
+        RealChecks::default()
+    }
+
+    /// One dump per drain poll, not one per port: a fresh dump unless the last one is
+    /// younger than [`DUMP_REUSE`].
+    fn recent_flows(&self) -> Result<std::sync::Arc<Vec<crate::conntrack::Entry>>, crate::conntrack::ConntrackError> {
+        let mut cached = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, flows)) = cached.as_ref() {
+            if at.elapsed() < DUMP_REUSE {
+                return Ok(flows.clone());
+            }
+        }
+        let flows = std::sync::Arc::new(crate::conntrack::dump()?);
+        *cached = Some((std::time::Instant::now(), flows.clone()));
+        Ok(flows)
+    }
+}
 
 impl Checks for RealChecks {
     fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
@@ -38,7 +66,13 @@ impl Checks for RealChecks {
     }
 
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
-        crate::host::delete_conntrack(protocol, port, addr).map(|_| ()).map_err(|e| e.to_string())
+        // The drain's last dump serves here too: after the switch no new flow can be
+        // answered by the old release, so no entry to delete is younger than it.
+        let flows = self.recent_flows().map_err(|e| e.to_string())?;
+        for e in crate::host::flows_of(&flows, protocol, port, addr) {
+            crate::conntrack::delete(&e.orig).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn ipv6_readiness(&self, pid: u32, addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
@@ -51,7 +85,9 @@ impl Checks for RealChecks {
     }
 
     fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, String> {
-        let idle_times = crate::host::udp_flow_idle_times(port, addr).map_err(|e| e.to_string())?;
+        let timeouts = crate::host::UdpTimeouts::of_host().map_err(|e| e.to_string())?;
+        let flows = self.recent_flows().map_err(|e| e.to_string())?;
+        let idle_times = crate::host::udp_idle_times(&flows, port, addr, timeouts);
         Ok(idle_times.into_iter().filter(|t| *t < idle).count())
     }
 }

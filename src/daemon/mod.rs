@@ -5,9 +5,11 @@
 //! half done because a terminal closed would be worse than one nobody watches.
 
 pub mod checks;
+pub mod table_lock;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -15,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, code, ManifestText, ProgressLine, Reply, Request};
 use crate::deploy::{ReleaseError, Releaser};
+use crate::limits::{Caps, Limiter, LogThrottle};
 use crate::manifest::Manifest;
 use crate::state::{ReleaseStatus, State};
 
@@ -25,21 +28,74 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn permits(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || self.allow_gid.is_some_and(|g| g == gid)
+    /// Root, or a member of the allowed group: as primary group or as one of
+    /// `groups`, the peer's supplementary groups (see [`peer_groups`]).
+    pub fn permits(&self, uid: u32, gid: u32, groups: &[u32]) -> bool {
+        uid == 0 || self.allow_gid.is_some_and(|g| g == gid || groups.contains(&g))
     }
 }
+
+/// The supplementary groups of the peer process `pid`, read from /proc/PID/status, if
+/// that process still runs as `uid` (its real uid; otherwise the pid may have been
+/// reused and its groups are not the peer's). Empty when they cannot be read.
+pub fn peer_groups(pid: i32, uid: u32) -> Vec<u32> {
+    if pid <= 0 {
+        return Vec::new();
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| status_groups(&text, uid))
+        .unwrap_or_default()
+}
+
+/// The `Groups:` of a /proc/PID/status text, if its real `Uid:` is `uid`.
+pub fn status_groups(text: &str, uid: u32) -> Option<Vec<u32>> {
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    let real_uid: u32 = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
+    if real_uid != uid {
+        return None;
+    }
+    field("Groups:")?.split_whitespace().map(|g| g.parse().ok()).collect()
+}
+
+/// Control connections open at once, in all and per uid other than root. An operation
+/// holds its connection while it runs, so the total leaves room for many; root is
+/// bound only by the total.
+pub const CAPS: Caps = Caps { total: 64, per_peer: 8 };
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve the control socket until `shutdown` completes.
 pub async fn serve(listener: UnixListener, releaser: Arc<Releaser>, access: Access, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let limiter = Limiter::new(CAPS);
+    let over_cap_log = LogThrottle::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                    let permit = match uid {
+                        Some(0) => limiter.admit_within_total(),
+                        Some(uid) => limiter.admit(uid),
+                        // Refused in `handle` (no credentials); counted meanwhile.
+                        None => limiter.admit(u32::MAX),
+                    };
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(over) => {
+                            if let Some(held_back) = over_cap_log.allow() {
+                                tracing::warn!(?uid, held_back, "control connection closed at once: {over}");
+                            }
+                            continue;
+                        }
+                    };
                     let releaser = releaser.clone();
                     let access = access.clone();
-                    tokio::spawn(async move { handle(stream, releaser, access).await });
+                    tokio::spawn(async move {
+                        handle(stream, releaser, access).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a control connection failed");
@@ -66,7 +122,8 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
         }
     };
     let (read, mut write) = stream.into_split();
-    if !access.permits(cred.uid(), cred.gid()) {
+    let groups = if access.allow_gid.is_some() { peer_groups(cred.pid().unwrap_or(0), cred.uid()) } else { Vec::new() };
+    if !access.permits(cred.uid(), cred.gid(), &groups) {
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control request refused: not root nor in the allowed group");
         let _ = write_reply(&mut write, &Reply::Error {
             code: code::DENIED.into(),
@@ -81,9 +138,16 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     let limit = u64::try_from(api::MAX_REQUEST).unwrap_or(u64::MAX) + 1;
     let mut reader = BufReader::new(read.take(limit));
     let mut line = Vec::new();
-    if let Err(e) = reader.read_until(b'\n', &mut line).await {
-        tracing::warn!(error = %e, "reading a control request failed");
-        return;
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading a control request failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(uid = cred.uid(), "control client sent no request within {REQUEST_TIMEOUT:?}; closed");
+            return;
+        }
     }
     if line.len() > api::MAX_REQUEST {
         let _ = write_reply(&mut write, &Reply::Error {
@@ -171,6 +235,7 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
             return Err((code::INVALID, format!("service `{}` is named by two manifests", m.name)));
         }
     }
+    check_host_facts(&manifests, &parsed)?;
     let mut outcomes = Vec::new();
     for m in parsed {
         let name = m.name.clone();
@@ -187,6 +252,21 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
         }
     }
     json(&outcomes)
+}
+
+/// The checks of a manifest that need this host's facts, before anything changes:
+/// every `host_ip` must be a local address (the DNAT matches only those).
+fn check_host_facts(texts: &[ManifestText], parsed: &[Manifest]) -> Result<(), (&'static str, String)> {
+    if parsed.iter().all(|m| m.ports.iter().all(|p| p.host_ip.is_none())) {
+        return Ok(());
+    }
+    let local = crate::host::local_addresses().map_err(|e| (code::REFUSED, e.to_string()))?;
+    for (text, m) in texts.iter().zip(parsed) {
+        if let Some(why) = crate::host::host_ip_problem(m, &local) {
+            return Err((code::INVALID, format!("{}: {why}", text.file)));
+        }
+    }
+    Ok(())
 }
 
 pub fn status(state: &State, only: Option<&str>) -> Vec<api::ServiceStatus> {
@@ -239,4 +319,37 @@ pub fn history(state: &State, service: &str) -> Option<api::HistoryView> {
             .collect(),
         events: svc.history.clone(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tcutover\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 4242 \nNgid:\t0\n";
+
+    #[test]
+    fn supplementary_groups_are_read_for_the_peers_uid_only() {
+        assert_eq!(status_groups(STATUS, 1000), Some(vec![4, 24, 4242]));
+        assert_eq!(status_groups(STATUS, 1001), None, "another uid: a reused pid");
+        assert_eq!(status_groups(&STATUS.replace("4 24 4242 ", ""), 1000), Some(vec![]));
+    }
+
+    #[test]
+    fn the_allowed_group_counts_as_primary_or_supplementary() {
+        let access = Access { allow_gid: Some(4242) };
+        assert!(access.permits(0, 0, &[]));
+        assert!(access.permits(1000, 4242, &[]));
+        assert!(access.permits(1000, 1000, &[4, 4242]));
+        assert!(!access.permits(1000, 1000, &[4, 24]));
+        assert!(!Access::default().permits(1000, 4242, &[4242]));
+    }
+
+    #[test]
+    fn this_process_groups_are_readable() {
+        let me = std::process::id() as i32;
+        let uid = nix::unistd::getuid().as_raw();
+        let groups: Vec<u32> = nix::unistd::getgroups().unwrap().into_iter().map(|g| g.as_raw()).collect();
+        assert_eq!(peer_groups(me, uid), groups);
+    }
 }

@@ -52,7 +52,8 @@ pub enum DockerError {
 }
 
 /// What cutover asks for when it creates a release container.
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows the `env` names, never their values (see `manifest::RedactedEnv`).
+#[derive(Clone, PartialEq)]
 pub struct ContainerSpec {
     pub name: String,
     pub image: String,
@@ -68,6 +69,24 @@ pub struct ContainerSpec {
     pub stop_timeout: Duration,
     /// Bind mounts `host path -> container path`, read-only.
     pub mounts: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ContainerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ContainerSpec { name, image, env, command, entrypoint, network, labels, stop_signal, stop_timeout, mounts } = self;
+        f.debug_struct("ContainerSpec")
+            .field("name", name)
+            .field("image", image)
+            .field("env", &crate::manifest::RedactedEnv(env))
+            .field("command", command)
+            .field("entrypoint", entrypoint)
+            .field("network", network)
+            .field("labels", labels)
+            .field("stop_signal", stop_signal)
+            .field("stop_timeout", stop_timeout)
+            .field("mounts", mounts)
+            .finish()
+    }
 }
 
 /// What cutover needs to know about a container.

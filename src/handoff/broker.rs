@@ -28,9 +28,21 @@ use super::listeners::{ListenSpec, Listener};
 use super::procs;
 use super::protocol::{ErrorCode, Message};
 use super::HandoffError;
+use crate::limits::{Caps, Limiter, LogThrottle, Permit};
 
 /// How long a connected peer may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same for a peer the policy does not trust at connect time: all it can get is a
+/// refusal, so it gets little time to ask for it.
+const UNTRUSTED_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections of trusted peers (the releases' processes, allowed uids) open at once.
+/// They have their own budget, so that no flood of strangers can keep a release from
+/// its listeners.
+pub const TRUSTED_CAPS: Caps = Caps { total: 64, per_peer: 64 };
+/// Connections of other peers open at once, in all and per uid (SO_PEERCRED). A
+/// release process that connects before it was allowed and finds these full is closed
+/// at once; handoff-exec retries, and by then it is trusted.
+pub const UNTRUSTED_CAPS: Caps = Caps { total: 16, per_peer: 4 };
 /// Frames one connection may send before the broker hangs up.
 const MAX_REQUESTS_PER_CONNECTION: usize = 16;
 
@@ -148,6 +160,8 @@ pub struct Stats {
     pub bad_requests: AtomicU64,
     /// Connections fully handled (closed).
     pub connections: AtomicU64,
+    /// Connections closed at once because their peer was over a cap.
+    pub over_cap: AtomicU64,
 }
 
 impl Stats {
@@ -167,7 +181,11 @@ const HANDED_MEMORY: usize = 64;
 struct Shared {
     service: String,
     listeners: Vec<Listener>,
-    policy: Mutex<Policy>,
+    /// Shared with the readiness socket's bookkeeping (see [`Broker::trust`]).
+    policy: Arc<Mutex<Policy>>,
+    trusted: Limiter<()>,
+    untrusted: Limiter<u32>,
+    over_cap_log: LogThrottle,
     stats: Stats,
     /// Recent receivers of the listeners (pid with its start time, so a recycled pid is
     /// not mistaken for one): the daemon's readiness gate asks whether the release it
@@ -236,7 +254,10 @@ impl Broker {
         let shared = Arc::new(Shared {
             service: service.to_string(),
             listeners,
-            policy: Mutex::new(policy),
+            policy: Arc::new(Mutex::new(policy)),
+            trusted: Limiter::new(TRUSTED_CAPS),
+            untrusted: Limiter::new(UNTRUSTED_CAPS),
+            over_cap_log: LogThrottle::new(),
             stats: Stats::default(),
             handed: Mutex::new(std::collections::VecDeque::new()),
         });
@@ -262,6 +283,12 @@ impl Broker {
         &self.socket
     }
 
+    /// Who the broker trusts, as it changes: for the readiness socket, which must count
+    /// only datagrams from the releases' own processes.
+    pub fn trust(&self) -> Trust {
+        Trust(self.shared.policy.clone())
+    }
+
     /// Whether `root` or one of its descendants has received the listeners (and is still
     /// the same process). A release "has taken its listeners" when this is true for the
     /// pid of its container.
@@ -279,6 +306,43 @@ impl Broker {
     /// The listeners, by name (e.g. to read their bound addresses).
     pub fn listeners(&self) -> &[Listener] {
         &self.shared.listeners
+    }
+}
+
+/// A live view of a broker's trusted processes.
+#[derive(Clone)]
+pub struct Trust(Arc<Mutex<Policy>>);
+
+impl Trust {
+    /// Is `pid` a process the broker was told to trust ([`Broker::allow_pid`]), or one
+    /// of its descendants (and still the same process, not a recycled pid)?
+    pub fn started_tree_contains(&self, pid: i32) -> bool {
+        let roots: Vec<i32> = match self.0.lock() {
+            Ok(policy) => policy.processes.iter().map(|p| (p.pid, p.start_time)).collect::<Vec<_>>(),
+            Err(_) => return false,
+        }
+        .into_iter()
+        .filter(|&(root, start)| procs::stat(root).map(|s| s.start_time) == Some(start))
+        .map(|(root, _)| root)
+        .collect();
+        if roots.is_empty() {
+            return false;
+        }
+        // One walk up from `pid` for all roots: this runs for every datagram a flood sends.
+        let mut cur = pid;
+        for _ in 0..4096 {
+            if roots.contains(&cur) {
+                return true;
+            }
+            if cur <= 1 {
+                return false;
+            }
+            match procs::stat(cur) {
+                Some(s) => cur = s.ppid,
+                None => return false,
+            }
+        }
+        false
     }
 }
 
@@ -307,14 +371,65 @@ pub(crate) fn in_namespace<T: Send + 'static>(namespace: &Namespace, f: impl FnO
     }
 }
 
+/// A connection the caps let in, with how long its peer may take to ask. Its place in
+/// the caps is given back when it is dropped.
+struct Admitted {
+    peer: PeerCred,
+    timeout: Duration,
+    _slot: Slot,
+}
+
+enum Slot {
+    Trusted(#[allow(dead_code)] Permit<()>),
+    Stranger(#[allow(dead_code)] Permit<u32>),
+}
+
+/// Decides, at accept time, whether a connection is served; the caps count it until it
+/// closes. Trusted peers and strangers have separate budgets, strangers one per uid.
+fn admit(shared: &Shared, fd: &OwnedFd) -> Option<Admitted> {
+    let service = shared.service.as_str();
+    let peer = match fds::peer_credentials(fd.as_fd()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(service, "broker: cannot read the peer's credentials: {e}");
+            return None;
+        }
+    };
+    let trusted = shared.policy.lock().map(|p| matches!(p.decide(&peer), Decision::Allowed(_))).unwrap_or(false);
+    let admitted = if trusted {
+        shared.trusted.admit_within_total().map(|p| Admitted { peer, timeout: REQUEST_TIMEOUT, _slot: Slot::Trusted(p) })
+    } else {
+        shared.untrusted.admit(peer.uid).map(|p| Admitted { peer, timeout: UNTRUSTED_REQUEST_TIMEOUT, _slot: Slot::Stranger(p) })
+    };
+    match admitted {
+        Ok(a) => Some(a),
+        Err(over) => {
+            shared.stats.over_cap.fetch_add(1, Ordering::SeqCst);
+            if let Some(held_back) = shared.over_cap_log.allow() {
+                tracing::warn!(
+                    service,
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    held_back,
+                    "broker: connection closed at once: {over} (a local user flooding the broker?)"
+                );
+            }
+            None
+        }
+    }
+}
+
 async fn accept_loop(listener: AsyncSeqPacket, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok(fd) => {
+                // Over a cap: `fd` is closed here, before any task or buffer is spent on it.
+                let Some(admitted) = admit(&shared, &fd) else { continue };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    handle_connection(fd, &shared).await;
+                    handle_connection(fd, admitted.peer, admitted.timeout, &shared).await;
                     shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+                    drop(admitted);
                 });
             }
             Err(e) => {
@@ -326,15 +441,8 @@ async fn accept_loop(listener: AsyncSeqPacket, shared: Arc<Shared>) {
     }
 }
 
-async fn handle_connection(fd: OwnedFd, shared: &Shared) {
+async fn handle_connection(fd: OwnedFd, peer: PeerCred, timeout: Duration, shared: &Shared) {
     let service = shared.service.as_str();
-    let peer = match fds::peer_credentials(fd.as_fd()) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(service, "broker: cannot read the peer's credentials: {e}");
-            return;
-        }
-    };
     let conn = match AsyncSeqPacket::new(fd) {
         Ok(c) => c,
         Err(e) => {
@@ -343,7 +451,7 @@ async fn handle_connection(fd: OwnedFd, shared: &Shared) {
         }
     };
     for _ in 0..MAX_REQUESTS_PER_CONNECTION {
-        let received = match tokio::time::timeout(REQUEST_TIMEOUT, conn.recv_message()).await {
+        let received = match tokio::time::timeout(timeout, conn.recv_message()).await {
             Err(_) => {
                 tracing::debug!(service, pid = peer.pid, "broker: peer sent nothing in time");
                 return;

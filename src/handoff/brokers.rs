@@ -7,13 +7,13 @@
 //! with a fake. This module does not start or stop containers and does not decide when
 //! a release is ready: it answers who took the listeners and who reported ready.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::adopt::{self, AdoptError};
-use super::broker::{Broker, BrokerError, Namespace, Policy};
+use super::broker::{Broker, BrokerError, Namespace, Policy, Trust};
 use super::listeners::ListenSpec;
 use super::notify::NotifyServer;
 use super::procs;
@@ -21,8 +21,12 @@ use super::HandoffError;
 
 /// Where handoff-exec is mounted inside a release container.
 pub const HELPER_IN_CONTAINER: &str = "/.cutover/handoff-exec";
-/// How many recent `READY=1` senders a service remembers.
-const READY_MEMORY: usize = 64;
+/// Who reported `READY=1`: pid -> start time (so a recycled pid is not mistaken for it).
+/// Only processes of a started release's tree get in (checked from the datagram's
+/// kernel credentials at receipt), and entries of processes that are gone or no longer
+/// trusted are dropped, so its size is bounded by the releases' own processes: no flood
+/// from other local users can push a real sender out.
+type ReadySenders = Arc<Mutex<HashMap<i32, u64>>>;
 
 /// The abstract readiness socket of a service: `cutover/NAME/notify` (service names have
 /// no `/`, so it never collides with a broker socket).
@@ -110,7 +114,7 @@ pub trait ServiceBrokers: Send + Sync + 'static {
 struct Served {
     spec: BrokerSpec,
     broker: Broker,
-    ready: Arc<Mutex<VecDeque<(i32, u64)>>>,
+    ready: ReadySenders,
     notify_task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,8 +169,8 @@ impl ServiceBrokers for DaemonBrokers {
         };
         let notify = NotifyServer::bind_abstract_in(&spec.namespace, &notify_socket_name(service))
             .map_err(|source| BrokersError::Notify { service: service.to_string(), source })?;
-        let ready = Arc::new(Mutex::new(VecDeque::new()));
-        let notify_task = tokio::spawn(record_ready(service.to_string(), notify, ready.clone()));
+        let ready = ReadySenders::default();
+        let notify_task = tokio::spawn(record_ready(service.to_string(), notify, broker.trust(), ready.clone()));
         if let Ok(mut served) = self.served.lock() {
             served.insert(service.to_string(), Served { spec: spec.clone(), broker, ready, notify_task });
         }
@@ -190,7 +194,7 @@ impl ServiceBrokers for DaemonBrokers {
     fn readiness(&self, service: &str, pid: i32) -> Readiness {
         self.with(service, |s| Readiness {
             fetched: s.broker.handed_to_tree_of(pid),
-            notified: s.ready.lock().map(|r| r.iter().any(|&(p, start)| same_tree(p, start, pid))).unwrap_or(false),
+            notified: s.ready.lock().map(|r| r.iter().any(|(&p, &start)| same_tree(p, start, pid))).unwrap_or(false),
         })
         .unwrap_or_default()
     }
@@ -213,7 +217,8 @@ fn same_tree(pid: i32, start: u64, root: i32) -> bool {
     procs::stat(pid).map(|s| s.start_time) == Some(start) && procs::is_same_or_descendant(pid, root)
 }
 
-async fn record_ready(service: String, notify: NotifyServer, ready: Arc<Mutex<VecDeque<(i32, u64)>>>) {
+async fn record_ready(service: String, notify: NotifyServer, trust: Trust, ready: ReadySenders) {
+    let ignored_log = crate::limits::LogThrottle::new();
     loop {
         let n = match notify.recv().await {
             Ok(n) => n,
@@ -226,17 +231,23 @@ async fn record_ready(service: String, notify: NotifyServer, ready: Arc<Mutex<Ve
         if !n.is_ready() {
             continue;
         }
-        // Anyone in the namespace can send here; only the sender's kernel-checked pid
-        // counts, and the deploy gate then asks whether it belongs to its release.
+        // Anyone in the namespace can send here. Only the sender's kernel-checked pid
+        // (SCM_CREDENTIALS) counts, and only if it belongs to a release's process tree;
+        // the deploy gate then asks whether it belongs to the release it waits for.
         let Some(pid) = n.sender.map(|c| c.pid) else { continue };
+        if !trust.started_tree_contains(pid) {
+            if let Some(held_back) = ignored_log.allow() {
+                let uid = n.sender.map(|c| c.uid);
+                tracing::debug!(service, pid, ?uid, held_back, "READY=1 from a process no release started: ignored");
+            }
+            continue;
+        }
         let Some(stat) = procs::stat(pid) else { continue };
         tracing::debug!(service, pid, "READY=1");
         if let Ok(mut r) = ready.lock() {
-            r.retain(|(p, _)| *p != pid);
-            if r.len() == READY_MEMORY {
-                r.pop_front();
-            }
-            r.push_back((pid, stat.start_time));
+            // Forget senders that exited or whose release was stopped (forgotten).
+            r.retain(|&p, &mut start| p == pid || (procs::stat(p).map(|s| s.start_time) == Some(start) && trust.started_tree_contains(p)));
+            r.insert(pid, stat.start_time);
         }
     }
 }
@@ -256,9 +267,24 @@ pub fn write_helper(path: &Path, bytes: &[u8]) -> Result<(), BrokersError> {
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let written = (|| {
-        std::fs::write(&tmp, bytes)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A leftover (or planted) file or symlink at the temp path is unlinked, and the
+        // new file created exclusively: nothing is ever written through a symlink.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+        f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, path)
     })();
     if written.is_err() {
@@ -285,6 +311,43 @@ mod tests {
         write_helper(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode, "replaced by rename, not rewritten in place");
+    }
+
+    #[tokio::test]
+    async fn ready_from_a_process_no_release_started_is_dropped_at_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let brokers = DaemonBrokers::new(dir.path());
+        let service = format!("unit-ready-{}", std::process::id());
+        let spec = BrokerSpec {
+            namespace: Namespace::Current,
+            listeners: vec![ListenSpec::parse("http=tcp://127.0.0.1:0", "x").unwrap()],
+            allow_uids: vec![],
+        };
+        brokers.open(&service, &spec, None).unwrap();
+        let me = std::process::id() as i32;
+        let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(notify_socket_name(&service).as_bytes()).unwrap();
+        let notified = || async {
+            for _ in 0..50 {
+                if brokers.readiness(&service, me).notified {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        };
+        // Not (yet) a release's process: its READY=1 is not recorded, not even for later.
+        sock.send_to_addr(b"READY=1", &addr).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        brokers.allow(&service, me).unwrap();
+        assert!(!notified().await, "a READY=1 from an untrusted sender was kept");
+        sock.send_to_addr(b"READY=1", &addr).unwrap();
+        assert!(notified().await, "the trusted sender's READY=1 counts");
+        // Stopped (forgotten): its entry goes with the next datagram's bookkeeping.
+        brokers.forget(&service, me);
+        assert!(!brokers.with(&service, |s| s.broker.trust().started_tree_contains(me)).unwrap());
+        brokers.close(&service);
     }
 
     #[tokio::test]

@@ -31,7 +31,16 @@ pub fn remove_tagged(tag: &str, table: &str) -> Problems {
     p.note("delete nft table", delete_table(table));
     p.note("delete iptables chains", delete_iptables_chains(table));
     p.note("delete DOCKER-USER rules", delete_docker_user_rules(&|c| c == docker_user_comment(table)));
+    // The daemon's claim on the table (it leaves the file: unlinking a lock file races).
+    p.note("remove the table lock", remove_file_if_any(&format!("/run/cutover/table-{table}.lock")));
     p
+}
+
+fn remove_file_if_any(path: &str) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{path}: {e}")),
+        _ => Ok(()),
+    }
 }
 
 fn is_absent(stderr: &str) -> bool {

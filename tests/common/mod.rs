@@ -22,6 +22,7 @@ pub mod connect_loop;
 pub mod daemon;
 pub mod docker;
 pub mod flows;
+pub mod hardening;
 pub mod http;
 pub mod ids;
 pub mod manifest;
