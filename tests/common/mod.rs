@@ -23,6 +23,7 @@ pub mod docker;
 pub mod flows;
 pub mod http;
 pub mod ids;
+pub mod lab;
 pub mod manifest;
 pub mod netns;
 pub mod sysctl;
