@@ -20,6 +20,7 @@ pub mod embedded;
 pub mod handoff;
 pub mod health;
 pub mod host;
+pub mod localnet;
 pub mod loadgen;
 pub mod manifest;
 pub mod metrics;
