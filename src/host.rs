@@ -101,14 +101,18 @@ pub fn route_localnet(ifname: &str) -> Result<bool, HostError> {
 }
 
 /// Set `route_localnet` of `ifname`; returns the previous value so a caller can restore
-/// it. Writes only when the value changes. Turning it off on an interface that no longer
-/// exists (its Docker network was deleted) is not an error: there is nothing to turn off.
+/// it. Writes only when the value changes. An interface that no longer exists (its
+/// network was deleted before the last service was removed) is not an error: there is
+/// nothing left to set or restore; it is logged, and `on` returned as the previous value.
 /// Shared bridges: see [`crate::localnet`], which counts who needs the flag.
 pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
     let path = sysctl_path(ifname)?;
     let previous = match read_flag(&path) {
         Ok(p) => p,
-        Err(HostError::Read { source, .. }) if !on && source.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(HostError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            tracing::info!(interface = ifname, on, "no such interface (its network is gone); route_localnet left alone");
+            return Ok(on);
+        }
         Err(e) => return Err(e),
     };
     write_flag(&path, on)?;

@@ -211,10 +211,16 @@ fn docker29_nftables_backend_is_refused_without_the_fwmark_and_flows_with_it() {
     docker29_table(&lab, &bridge, Some(0x2000_0000));
     std::fs::write(&json, r#"{"firewall-backend": "nftables", "bridge-accept-fwmark": "0x20000000/0x20000000"}"#).unwrap();
     let daemon = LabDaemon::start(&lab, TABLE, &["--docker-config", json.to_str().unwrap()]);
-    assert!(daemon.log().contains("firewall=nftables"), "{}", daemon.log());
+    assert!(daemon.log().contains(r#"firewall="nftables""#), "{}", daemon.log());
     let manifest = ServiceYaml::http("web", &v1, PORT, "cvnet").write(daemon.dir());
     daemon.cli_ok(&["apply", manifest.to_str().unwrap()]);
     assert_eq!(get_ok(lab.client(), &url4(PORT)), "v1", "through Docker 29's forward chain by the mark");
+    // The shape really filters: without the engine's mark accept, new connections from
+    // the other host are dropped.
+    docker29_table(&lab, &bridge, None);
+    assert!(curl_within(lab.client(), &url4(PORT), Duration::from_secs(3)).is_err(), "the layout must drop unmarked traffic");
+    docker29_table(&lab, &bridge, Some(0x2000_0000));
+    assert_eq!(get_ok(lab.client(), &url4(PORT)), "v1");
     drop(daemon);
     drop(lab);
 }

@@ -379,6 +379,8 @@ impl DockerEngine {
             .map(|c| c.name.clone())
             .find(|n| n.contains("Podman"))
             .or_else(|| components.first().map(|c| c.name.clone()))
+            // Docker calls its own component just "Engine".
+            .filter(|n| n != "Engine")
             .unwrap_or_else(|| "Docker Engine".into());
         Ok(EngineFacts {
             product,
