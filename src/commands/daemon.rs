@@ -136,6 +136,9 @@ fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<crate::nat::docker
     let facts = docker_fw::Facts::of_host(Path::new(docker_user::DEFAULT_IPTABLES), &args.docker_config).map_err(refused)?;
     let mode = docker_fw::detect(&facts).map_err(refused)?;
     let accept = docker_fw::forward_accept(&mode, &args.table, args.mark).map_err(refused)?;
+    if let Some(why) = docker_fw::ipv6_warning(&facts) {
+        tracing::warn!("{why}");
+    }
     tracing::info!(?mode, ?accept, "Docker firewall");
     Ok(mode)
 }

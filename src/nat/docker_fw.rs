@@ -38,6 +38,8 @@ pub struct Facts {
     pub docker_nft_table: bool,
     /// nftables has `table inet netavark` (rootful Podman with netavark's nftables driver).
     pub netavark_table: bool,
+    /// ip6tables' FORWARD policy is DROP (an engine filters IPv6).
+    pub ip6_forward_drop: bool,
     /// The text of daemon.json, when it exists.
     pub daemon_json: Option<String>,
     /// Where daemon.json was read from (messages name it); [`DAEMON_JSON`] when empty.
@@ -93,10 +95,18 @@ impl Facts {
     pub fn of_host(iptables: &Path, daemon_json: &Path) -> Result<Facts, NatError> {
         let daemon_json_path = daemon_json;
         let docker_user = super::docker_user::chain_exists(iptables)?;
-        let docker_user6 = match super::docker_user::ip6_sibling(iptables).filter(|p| p.exists()) {
-            Some(six) => super::docker_user::chain_exists(&six)?,
+        let six = super::docker_user::ip6_sibling(iptables).filter(|p| p.exists());
+        let docker_user6 = match &six {
+            Some(six) => super::docker_user::chain_exists(six)?,
             None => false,
         };
+        // `-P FORWARD DROP` is the first line of `ip6tables -S FORWARD` when it drops.
+        let ip6_forward_drop = six.as_ref().is_some_and(|six| {
+            std::process::Command::new(six)
+                .args(["-w", "-S", "FORWARD"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "-P FORWARD DROP"))
+        });
         // `nft` exits non-zero when the table does not exist; a host without nft has no
         // Docker nftables backend either.
         let nft_table = |family: &str, name: &str| {
@@ -121,6 +131,7 @@ impl Facts {
             docker_user6,
             docker_nft_table,
             netavark_table,
+            ip6_forward_drop,
             daemon_json,
             daemon_json_path: daemon_json_path.display().to_string(),
         })
@@ -150,6 +161,18 @@ pub fn detect(facts: &Facts) -> Result<DockerFirewall, NatError> {
         return Ok(DockerFirewall::Netavark);
     }
     Ok(DockerFirewall::Unfiltered)
+}
+
+/// Why IPv6 clients on other hosts cannot reach releases here, if they cannot: an engine
+/// drops forwarded IPv6 (policy DROP) but offers no ip6tables DOCKER-USER chain for
+/// cutover's accept (Docker before 27 with experimental `ip6tables`).
+pub fn ipv6_warning(facts: &Facts) -> Option<String> {
+    (facts.ip6_forward_drop && !facts.docker_user6).then(|| {
+        "forwarded IPv6 is dropped (ip6tables FORWARD policy DROP) and there is no ip6tables DOCKER-USER chain \
+         for cutover's accept, so IPv6 clients on other hosts cannot reach releases: on Docker before 27 remove \
+         \"ip6tables\": true from daemon.json, or upgrade to Docker 27 or later (which has the chain)"
+            .to_string()
+    })
 }
 
 /// Parse a `bridge-accept-fwmark` value: `MARK` or `MARK/MASK`, decimal or `0x` hex.
@@ -244,6 +267,17 @@ mod tests {
         assert_eq!(mode, DockerFirewall::Iptables { ipv6: true });
         assert_eq!(mode.name(), "iptables+ip6tables");
         assert!(matches!(forward_accept(&mode, "t", MARK).unwrap(), ForwardAccept::DockerUser { ipv6: true, .. }));
+    }
+
+    #[test]
+    fn ipv6_dropped_without_a_chain_for_the_accept_is_named() {
+        // Docker 20.10 with experimental ip6tables: FORWARD DROP, no ip6 DOCKER-USER.
+        let f = Facts { docker_user: true, ip6_forward_drop: true, ..Facts::default() };
+        assert!(ipv6_warning(&f).unwrap().contains(r#"remove "ip6tables": true from daemon.json"#));
+        // Docker 27 and later: the chain is there, cutover's accept goes into it.
+        let f = Facts { docker_user: true, docker_user6: true, ip6_forward_drop: true, ..Facts::default() };
+        assert_eq!(ipv6_warning(&f), None);
+        assert_eq!(ipv6_warning(&Facts::default()), None);
     }
 
     #[test]
