@@ -254,3 +254,39 @@ fn docker29_table(lab: &Lab, bridge: &str, accept_mark: Option<u32>) {
     let _ = std::fs::remove_file(&path);
     assert_eq!(o.code, Some(0), "building the Docker 29 layout: {}", o.stderr);
 }
+
+/// The engine goes away and comes back (Docker 28: its containers stop with it and the
+/// engine restarts the live release, `unless-stopped`): the daemon says so once each
+/// way, not every second, and both families reach the release again.
+#[test]
+fn an_engine_outage_is_logged_once_each_way_and_the_release_answers_again() {
+    if !engines_under_test().iter().any(|e| e == "docker28") {
+        return;
+    }
+    require_root();
+    let mut lab = Lab::up("cveo28", "docker28");
+    let bridge = format!("cvb{}o", std::process::id() % 100_000);
+    lab.network("cvnet", &bridge, SUBNET4, SUBNET6);
+    let v1 = image(&lab, "v1", &[]);
+    let daemon = LabDaemon::start(&lab, TABLE, &[]);
+    let manifest = ServiceYaml::http("web", &v1, PORT, "cvnet").write(daemon.dir());
+    daemon.cli_ok(&["apply", manifest.to_str().unwrap()]);
+    assert_eq!(get_ok(lab.client(), &url6(PORT)), "v1");
+    let count = |what: &str| daemon.log().matches(what).count();
+
+    lab.engine("stop");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(count("the container engine went away"), 1, "once while it is down:\n{}", daemon.log());
+    assert_eq!(count("the container engine is back"), 0);
+    lab.engine("start");
+    wait_for("the release to answer over IPv4 and IPv6 again", Duration::from_secs(60), || {
+        match (curl(lab.client(), &url4(PORT)), curl(lab.client(), &url6(PORT))) {
+            (Ok((200, a)), Ok((200, b))) if a.trim() == "v1" && b.trim() == "v1" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(count("the container engine went away"), 1, "{}", daemon.log());
+    assert_eq!(count("the container engine is back"), 1, "{}", daemon.log());
+    drop(daemon);
+    drop(lab);
+}

@@ -83,6 +83,22 @@ impl Lab {
         lab
     }
 
+    /// `lab/engine stop|start NAME`: an engine outage and its end.
+    #[track_caller]
+    pub fn engine(&self, action: &str) {
+        let out = Command::new(LAB_SCRIPT)
+            .args([action, &self.name])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {LAB_SCRIPT}: {e}"));
+        assert!(
+            out.status.success(),
+            "`lab/engine {action} {}` failed ({}): {}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The engine's socket path.
     pub fn socket(&self) -> PathBuf {
         PathBuf::from(format!("/run/cutover-lab/{}/docker.sock", self.name))
