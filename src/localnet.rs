@@ -71,13 +71,22 @@ impl Localnet {
     /// `table` needs `route_localnet` on `ifname`: record that and set the flag to 1
     /// (again, if someone switched it off).
     pub fn claim(&self, ifname: &str, table: &str) -> Result<(), HostError> {
+        self.claim_recorded(ifname, table, None)
+    }
+
+    /// [`Localnet::claim`], with the value from before cutover when the caller recorded
+    /// it elsewhere (a daemon's state from before the markers existed): used as the value
+    /// to restore if nobody recorded one yet.
+    pub fn claim_recorded(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<(), HostError> {
         let marker = self.marker(ifname, table)?;
         let dir = self.bridge_dir(ifname)?;
         let flag = host::route_localnet_path_in(&self.conf, ifname)?;
+        // A bridge that does not exist is the caller's error, before any marker is made.
+        let now = host::read_flag(&flag)?;
         fs::create_dir_all(&dir).map_err(|source| HostError::Write { path: dir.clone(), source })?;
         let before_file = dir.join(BEFORE);
         if !before_file.exists() {
-            let before = host::read_flag(&flag)?;
+            let before = recorded.unwrap_or(now);
             write_atomic(&before_file, if before { "1\n" } else { "0\n" })?;
         }
         if !marker.exists() {
@@ -234,6 +243,16 @@ mod tests {
         l2.claim("br1", "a").unwrap();
         l2.release("br1", "a").unwrap();
         assert_eq!(flag(&t2, "br1"), "1");
+    }
+
+    #[test]
+    fn a_value_recorded_elsewhere_is_the_one_restored() {
+        // A daemon upgraded from before the markers: the flag is already 1 (it set it),
+        // its state says it was 0.
+        let (t, l) = fake("br0", "1\n");
+        l.claim_recorded("br0", "a", Some(false)).unwrap();
+        assert!(l.release("br0", "a").unwrap());
+        assert_eq!(flag(&t, "br0"), "0");
     }
 
     #[test]

@@ -148,13 +148,13 @@ fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<crate::nat::docker
 /// count of [`crate::localnet`] so other daemons on the bridge keep it too. A failure is
 /// logged, not fatal: only host clients on 127.0.0.1 depend on it.
 async fn reassert_route_localnet(releaser: &crate::deploy::Releaser, table: &str) {
-    let bridges: Vec<String> = releaser.snapshot().await.route_localnet_before.keys().cloned().collect();
+    let bridges: Vec<(String, bool)> = releaser.snapshot().await.route_localnet_before.into_iter().collect();
     let table = table.to_string();
     let done = tokio::task::spawn_blocking(move || {
         let localnet = crate::localnet::Localnet::default();
         let mut done = Vec::new();
-        for ifname in bridges {
-            match localnet.claim(&ifname, &table) {
+        for (ifname, before) in bridges {
+            match localnet.claim_recorded(&ifname, &table, Some(before)) {
                 Ok(()) => done.push(ifname),
                 Err(e) => tracing::warn!(bridge = %ifname, error = %e, "cannot turn route_localnet back on; host clients on 127.0.0.1 may not reach the release"),
             }
