@@ -108,6 +108,7 @@ fn acceptance(engine: &str) {
     lab.docker(&["run", "-d", "--name", "cvclient", "--network", "cvnet", &v1]);
     let other = lab.container_at("cvclient");
     assert_eq!(get_ok(other.clone(), &url4(PORT)), "v1", "{engine}: another container, IPv4 (hairpin)");
+    assert_eq!(get_ok(other.clone(), &url6(PORT)), "v1", "{engine}: another container, IPv6 (hairpin)");
     let to4 = SocketAddr::from((HOST_ADDR4.parse::<std::net::Ipv4Addr>().unwrap(), UDP_PORT));
     let to6 = SocketAddr::from((HOST_ADDR6.parse::<std::net::Ipv6Addr>().unwrap(), UDP_PORT));
     assert_eq!(ask_from_port(&lab.client_netns(), 40001, to4).as_deref(), Some("v1"), "{engine}: UDP over IPv4");
