@@ -45,8 +45,15 @@ fn our_rules(lab: &Lab) -> String {
     let mut c = lab.command("nft");
     c.args(["-s", "list", "table", "inet", TABLE]);
     let table = cmd::run_bounded(&mut c, Duration::from_secs(30)).stdout;
+    let nat = |tool: &str| {
+        let mut c = lab.command(tool);
+        c.args(["-w", "-t", "nat", "-S"]);
+        cmd::run_bounded(&mut c, Duration::from_secs(30)).stdout.lines().filter(|l| l.contains(TABLE)).collect::<Vec<_>>().join("\n")
+    };
     format!(
-        "{table}\n{}\n{}",
+        "{table}\n{}\n{}\n{}\n{}",
+        nat("iptables"),
+        nat("ip6tables"),
         lab.iptables_s("iptables", "DOCKER-USER"),
         lab.iptables_s("ip6tables", "DOCKER-USER")
     )

@@ -257,6 +257,12 @@ impl LabDaemon {
         args.extend(["--state-dir".into(), dir.path().join("state").display().to_string()]);
         args.extend(["--table".into(), table.into(), "--instance".into(), format!("{}-{table}", lab.name)]);
         args.extend(["--docker".into(), lab.docker_host()]);
+        // CUTOVER_TEST_BACKEND=iptables runs the lab tests with that backend too.
+        if !extra.contains(&"--backend") {
+            if let Some(backend) = super::test_backend() {
+                args.extend(["--backend".to_string(), backend]);
+            }
+        }
         // The lab engine's daemon.json, unless the test names another.
         if !extra.contains(&"--docker-config") {
             args.extend(["--docker-config".into(), format!("/run/cutover-lab/{}/daemon.json", lab.name)]);
