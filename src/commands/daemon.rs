@@ -144,23 +144,26 @@ fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<crate::nat::docker
 }
 
 /// Daemon start: `route_localnet` back on for every bridge this daemon's services use
-/// (it may have been switched off while the daemon was down), each claimed in the shared
-/// count of [`crate::localnet`] so other daemons on the bridge keep it too. A failure is
-/// logged, not fatal: only host clients on 127.0.0.1 depend on it.
+/// (it may have been switched off while the daemon was down): the bridges its state
+/// recorded, and those it holds a marker for in [`crate::localnet`]. No marker is made
+/// here: markers are made and released by the release code, so that none outlives the
+/// service that needed it. A failure is logged, not fatal: only host clients on
+/// 127.0.0.1 depend on it.
 async fn reassert_route_localnet(releaser: &crate::deploy::Releaser, table: &str) {
     let bridges: Vec<(String, bool)> = releaser.snapshot().await.route_localnet_before.into_iter().collect();
     let table = table.to_string();
     let done = tokio::task::spawn_blocking(move || {
         let localnet = crate::localnet::Localnet::default();
         let mut done = Vec::new();
-        for (ifname, before) in bridges {
-            match localnet.claim_recorded(&ifname, &table, Some(before)) {
-                Ok(()) => done.push(ifname),
+        for (ifname, _before) in bridges {
+            match crate::host::set_route_localnet(&ifname, true) {
+                Ok(_) => done.push(ifname),
                 Err(e) => tracing::warn!(bridge = %ifname, error = %e, "cannot turn route_localnet back on; host clients on 127.0.0.1 may not reach the release"),
             }
         }
-        if let Err(e) = localnet.reassert(&table) {
-            tracing::warn!(error = %e, "cannot re-assert route_localnet from its markers");
+        match localnet.reassert(&table) {
+            Ok(held) => done.extend(held.into_iter().filter(|b| !done.contains(b)).collect::<Vec<_>>()),
+            Err(e) => tracing::warn!(error = %e, "cannot re-assert route_localnet from its markers"),
         }
         done
     })

@@ -31,7 +31,26 @@ pub fn remove_tagged(tag: &str, table: &str) -> Problems {
     p.note("delete nft table", delete_table(table));
     p.note("delete iptables chains", delete_iptables_chains(table));
     p.note("delete DOCKER-USER rules", delete_docker_user_rules(&|c| c == docker_user_comment(table)));
+    p.note("delete route_localnet markers", delete_localnet_markers(table));
     p
+}
+
+/// The table's markers under /run/cutover/localnet (`cutover::localnet`); a bridge
+/// directory left without markers is removed too.
+pub fn delete_localnet_markers(table: &str) -> Result<(), String> {
+    let dir = std::path::Path::new(cutover::localnet::DEFAULT_DIR);
+    let Ok(bridges) = std::fs::read_dir(dir) else { return Ok(()) };
+    for b in bridges.flatten() {
+        let marker = b.path().join(table);
+        if marker.exists() {
+            std::fs::remove_file(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+            let left = std::fs::read_dir(b.path()).map(|d| d.flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.')));
+            if let Ok(false) = left {
+                let _ = std::fs::remove_dir_all(b.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_absent(stderr: &str) -> bool {

@@ -64,7 +64,8 @@ impl Lab {
     #[track_caller]
     pub fn up_with(prefix: &str, engine: &str, daemon_json: &str) -> Lab {
         super::docker::require_root();
-        let name = format!("{prefix}-{}", std::process::id() % 100_000);
+        sweep_stale_labs();
+        let name = format!("{prefix}-{}", std::process::id());
         // A lab of a crashed run of this process id: remove it first.
         let _ = Command::new(LAB_SCRIPT).args(["down", &name]).output();
         let lab = Lab { name: name.clone(), engine: engine.to_string(), bridges: Vec::new() };
@@ -214,6 +215,25 @@ impl Lab {
         let mut c = self.command("sysctl");
         c.args(["-n", key]);
         run_bounded(&mut c, Duration::from_secs(10)).stdout.trim().to_string()
+    }
+}
+
+/// `lab/engine down` for every lab of a test process that no longer runs (killed by a
+/// timeout before its guard could run): names `cve<...>-<pid>` whose pid is gone.
+pub fn sweep_stale_labs() {
+    let Ok(entries) = std::fs::read_dir("/run/cutover-lab") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some((prefix, pid)) = name.rsplit_once('-') else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if !prefix.starts_with("cve") || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match Command::new(LAB_SCRIPT).args(["down", &name]).output() {
+            Ok(o) if o.status.success() => eprintln!("swept the stale lab {name}"),
+            Ok(o) => eprintln!("cleanup: `lab/engine down {name}`: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => eprintln!("cleanup: cannot run {LAB_SCRIPT}: {e}"),
+        }
     }
 }
 
