@@ -164,9 +164,13 @@ pub struct DaemonArgs {
     /// Group (gid) allowed to use the control socket besides root.
     #[arg(long)]
     pub allow_group: Option<u32>,
-    /// Docker engine socket.
+    /// Docker engine socket (Podman's Docker-compatible socket works too).
     #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
     pub docker: String,
+    /// The engine's daemon.json, read for Docker 29's nftables firewall options
+    /// (`firewall-backend`, `bridge-accept-fwmark`).
+    #[arg(long, default_value = crate::nat::docker_fw::DAEMON_JSON)]
+    pub docker_config: PathBuf,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9477.
     /// Unauthenticated: bind a loopback or private address.
     #[arg(long, value_name = "ADDR")]

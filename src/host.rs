@@ -79,21 +79,43 @@ pub fn host_ip_problem(manifest: &crate::manifest::Manifest, local: &BTreeSet<Ip
     })
 }
 
-fn sysctl_path(ifname: &str) -> Result<PathBuf, HostError> {
-    // The name becomes a path component: refuse anything that could leave the directory.
+/// Where the kernel shows each interface's IPv4 settings.
+pub const CONF_DIR: &str = "/proc/sys/net/ipv4/conf";
+
+/// Refuse an interface name that could not be one (it becomes a path component).
+pub fn check_ifname(ifname: &str) -> Result<(), HostError> {
     if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains('\0') || ifname == "." || ifname == ".." {
         return Err(HostError::InvalidInterface(ifname.to_string()));
     }
-    Ok(Path::new("/proc/sys/net/ipv4/conf").join(ifname).join("route_localnet"))
+    Ok(())
 }
 
-fn read_flag(path: &Path) -> Result<bool, HostError> {
+/// The `route_localnet` file of `ifname` under `conf` (a copy of [`CONF_DIR`] in tests).
+pub fn route_localnet_path_in(conf: &Path, ifname: &str) -> Result<PathBuf, HostError> {
+    check_ifname(ifname)?;
+    Ok(conf.join(ifname).join("route_localnet"))
+}
+
+fn sysctl_path(ifname: &str) -> Result<PathBuf, HostError> {
+    route_localnet_path_in(Path::new(CONF_DIR), ifname)
+}
+
+/// Read a 0/1 sysctl file.
+pub fn read_flag(path: &Path) -> Result<bool, HostError> {
     let text = fs::read_to_string(path).map_err(|source| HostError::Read { path: path.to_path_buf(), source })?;
     match text.trim() {
         "0" => Ok(false),
         "1" => Ok(true),
         other => Err(HostError::Parse { path: path.to_path_buf(), line: 1, reason: format!("expected 0 or 1, found `{other}`") }),
     }
+}
+
+/// Write a 0/1 sysctl file, only when it differs.
+pub fn write_flag(path: &Path, on: bool) -> Result<(), HostError> {
+    if read_flag(path)? != on {
+        fs::write(path, if on { "1\n" } else { "0\n" }).map_err(|source| HostError::Write { path: path.to_path_buf(), source })?;
+    }
+    Ok(())
 }
 
 /// Is `route_localnet` on for `ifname`? It lets packets from 127.0.0.0/8 be routed out of
@@ -104,13 +126,21 @@ pub fn route_localnet(ifname: &str) -> Result<bool, HostError> {
 }
 
 /// Set `route_localnet` of `ifname`; returns the previous value so a caller can restore
-/// it. Writes only when the value changes.
+/// it. Writes only when the value changes. An interface that no longer exists (its
+/// network was deleted before the last service was removed) is not an error: there is
+/// nothing left to set or restore; it is logged, and `on` returned as the previous value.
+/// Shared bridges: see [`crate::localnet`], which counts who needs the flag.
 pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
     let path = sysctl_path(ifname)?;
-    let previous = read_flag(&path)?;
-    if previous != on {
-        fs::write(&path, if on { "1\n" } else { "0\n" }).map_err(|source| HostError::Write { path: path.clone(), source })?;
-    }
+    let previous = match read_flag(&path) {
+        Ok(p) => p,
+        Err(HostError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            tracing::info!(interface = ifname, on, "no such interface (its network is gone); route_localnet left alone");
+            return Ok(on);
+        }
+        Err(e) => return Err(e),
+    };
+    write_flag(&path, on)?;
     Ok(previous)
 }
 

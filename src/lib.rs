@@ -23,6 +23,7 @@ pub mod handoff;
 pub mod health;
 pub mod limits;
 pub mod host;
+pub mod localnet;
 pub mod loadgen;
 pub mod manifest;
 pub mod metrics;

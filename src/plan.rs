@@ -191,6 +191,11 @@ pub enum Rule {
     MasqueradeLoopback { mark: u32 },
     /// Marked IPv4 from `subnet` leaving through `ifname`: masquerade (hairpin).
     MasqueradeHairpin { mark: u32, ifname: String, subnet: Ipv4Addr, prefix: u8 },
+    /// Marked IPv6 that came in through `ifname` and leaves through it again: masquerade
+    /// (the IPv6 hairpin: a container calling a host IPv6 address whose port cutover
+    /// DNATs to a release on the same bridge; without it the release would answer the
+    /// container directly and the reply would not match its connection).
+    MasqueradeHairpin6 { mark: u32, ifname: String },
     /// Packets of connections DNAT'd from `protocol` host port `port` (on host address
     /// `daddr` only, when given): count them for `service`, whose name is the rule's
     /// comment. No verdict.
@@ -320,12 +325,13 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
     bridges.dedup();
     let count = count_rules(&desired.targets);
     let mut post = vec![Rule::MasqueradeLoopback { mark }];
-    post.extend(bridges.into_iter().map(|b| Rule::MasqueradeHairpin {
+    post.extend(bridges.iter().map(|b| Rule::MasqueradeHairpin {
         mark,
-        ifname: b.ifname,
+        ifname: b.ifname.clone(),
         subnet: b.subnet,
         prefix: b.prefix,
     }));
+    post.extend(bridges.into_iter().map(|b| Rule::MasqueradeHairpin6 { mark, ifname: b.ifname }));
     Ruleset {
         table: desired.table.clone(),
         mark,
@@ -481,6 +487,10 @@ impl fmt::Display for Rule {
                 f,
                 "meta nfproto ipv4 meta mark & {mark:#010x} == {mark:#010x} oifname \"{ifname}\" ip saddr {subnet}/{prefix} masquerade"
             ),
+            Rule::MasqueradeHairpin6 { mark, ifname } => write!(
+                f,
+                "meta nfproto ipv6 meta mark & {mark:#010x} == {mark:#010x} iifname \"{ifname}\" oifname \"{ifname}\" masquerade"
+            ),
             Rule::CountService { service, protocol, port, daddr } => {
                 f.write_str("ct status dnat ")?;
                 match daddr {
@@ -599,6 +609,7 @@ mod tests {
         assert!(text.contains("tcp . 8080 : 172.17.0.2 . 80"), "{text}");
         assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
         assert!(text.contains("oifname \"docker0\" ip saddr 172.17.0.0/16 masquerade"), "{text}");
+        assert!(text.contains("meta nfproto ipv6 meta mark & 0x20000000 == 0x20000000 iifname \"docker0\" oifname \"docker0\" masquerade"), "{text}");
     }
 
     #[test]

@@ -182,8 +182,8 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     let rules = objs.iter().filter(|o| o.get("rule").is_some()).count();
     assert_eq!(
         rules,
-        15,
-        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, two masquerades, a counting rule per port in each counting chain, the mark restore"
+        16,
+        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, three masquerades (loopback, IPv4 and IPv6 hairpin), a counting rule per port in each counting chain, the mark restore"
     );
     // `nft` reads our rules back as the plan describes them.
     let text = sh(&["nft", "list", "table", "inet", &table]);
@@ -200,6 +200,7 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     );
     assert!(text.contains("oifname \"br-test0\" ip saddr 10.231.254.0/24 masquerade"), "{text}");
     assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
+    assert!(text.contains("iifname \"br-test0\" oifname \"br-test0\" masquerade"), "{text}");
     assert!(text.contains("ct status dnat meta l4proto tcp ct original proto-dst 41080 counter packets 0 bytes 0 comment \"svc41080tcp\""), "{text}");
     assert!(text.contains("ct status dnat meta l4proto udp ct original proto-dst 41053 counter packets 0 bytes 0 comment \"svc41053udp\""), "{text}");
     let counts = fw.counters(&table).unwrap();

@@ -39,7 +39,19 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     prepare_socket_path(&socket).await?;
     let store = StateStore::open(&args.state_dir)?;
     let engine = DockerEngine::connect(&args.docker).await?;
-    check_docker_firewall(&args)?;
+    let firewall_mode = check_docker_firewall(&args)?;
+    match engine.facts().await {
+        Ok(f) => tracing::info!(
+            engine = %f.product,
+            version = %f.version,
+            api = %f.api_version,
+            negotiated_api = %f.negotiated,
+            firewall = firewall_mode.name(),
+            endpoint = %args.docker,
+            "container engine"
+        ),
+        Err(e) => tracing::warn!(error = %e, firewall = firewall_mode.name(), "container engine (its version is unknown)"),
+    }
     let firewall = crate::nat::firewall(args.backend);
     tracing::info!(backend = %args.backend, "data plane");
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
@@ -62,6 +74,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     for n in notes {
         tracing::warn!("{n}");
     }
+    reassert_route_localnet(&releaser, &args.table).await;
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     // Root only, or root and the one group the operator named (each request's peer
@@ -122,16 +135,50 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
 }
 
 /// Refuse an engine set-up in which cutover's forwarded traffic would be dropped (Docker
-/// 29's nftables backend without a matching `bridge-accept-fwmark`).
-fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<()> {
+/// 29's nftables backend without a matching `bridge-accept-fwmark`); the engine's
+/// firewall otherwise.
+fn check_docker_firewall(args: &DaemonArgs) -> anyhow::Result<crate::nat::docker_fw::DockerFirewall> {
     use crate::nat::{docker_fw, docker_user};
     let refused = |e: crate::nat::NatError| Failure::new(Exit::Refused, e.to_string());
-    let facts = docker_fw::Facts::of_host(Path::new(docker_user::DEFAULT_IPTABLES), Path::new(docker_fw::DAEMON_JSON))
-        .map_err(refused)?;
+    let facts = docker_fw::Facts::of_host(Path::new(docker_user::DEFAULT_IPTABLES), &args.docker_config).map_err(refused)?;
     let mode = docker_fw::detect(&facts).map_err(refused)?;
     let accept = docker_fw::forward_accept(&mode, &args.table, args.mark).map_err(refused)?;
+    if let Some(why) = docker_fw::ipv6_warning(&facts) {
+        tracing::warn!("{why}");
+    }
     tracing::info!(?mode, ?accept, "Docker firewall");
-    Ok(())
+    Ok(mode)
+}
+
+/// Daemon start: `route_localnet` back on for every bridge this daemon's services use
+/// (it may have been switched off while the daemon was down): the bridges its state
+/// recorded, and those it holds a marker for in [`crate::localnet`]. No marker is made
+/// here: markers are made and released by the release code, so that none outlives the
+/// service that needed it. A failure is logged, not fatal: only host clients on
+/// 127.0.0.1 depend on it.
+async fn reassert_route_localnet(releaser: &crate::deploy::Releaser, table: &str) {
+    let bridges: Vec<(String, bool)> = releaser.snapshot().await.route_localnet_before.into_iter().collect();
+    let table = table.to_string();
+    let done = tokio::task::spawn_blocking(move || {
+        let localnet = crate::localnet::Localnet::default();
+        let mut done = Vec::new();
+        for (ifname, _before) in bridges {
+            match crate::host::set_route_localnet(&ifname, true) {
+                Ok(_) => done.push(ifname),
+                Err(e) => tracing::warn!(bridge = %ifname, error = %e, "cannot turn route_localnet back on; host clients on 127.0.0.1 may not reach the release"),
+            }
+        }
+        match localnet.reassert(&table) {
+            Ok(held) => done.extend(held.into_iter().filter(|b| !done.contains(b)).collect::<Vec<_>>()),
+            Err(e) => tracing::warn!(error = %e, "cannot re-assert route_localnet from its markers"),
+        }
+        done
+    })
+    .await
+    .unwrap_or_default();
+    if !done.is_empty() {
+        tracing::info!(bridges = ?done, "route_localnet re-asserted");
+    }
 }
 
 /// Refuse to start over a live daemon; remove a stale socket file.

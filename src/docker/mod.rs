@@ -307,10 +307,15 @@ impl DockerEngine {
         }
         let options = net.options.clone().unwrap_or_default();
         let id = net.id.clone().unwrap_or_default();
-        let ifname = options
-            .get("com.docker.network.bridge.name")
-            .cloned()
-            .unwrap_or_else(|| format!("br-{}", id.get(..12).unwrap_or(&id)));
+        let gateways: Vec<std::net::IpAddr> = net
+            .ipam
+            .as_ref()
+            .and_then(|i| i.config.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.gateway.as_deref()?.parse().ok())
+            .collect();
+        let ifname = bridge_ifname(&options, &id, &gateways, &host_interfaces());
         let subnet = net
             .ipam
             .as_ref()
@@ -326,6 +331,87 @@ impl DockerEngine {
             Some((subnet, prefix)) => Ok(Some(Bridge { ifname, subnet, prefix })),
             None => Err(DockerError::Network { network: network.to_string(), problem: "has no IPv4 subnet".into() }),
         }
+    }
+}
+
+/// The Linux bridge of a network, as the engine names it: Docker's
+/// `com.docker.network.bridge.name` option (set for the default bridge and for networks
+/// created with it), Podman's `network_interface` where its compat API shows it; else
+/// the interface of this network namespace holding the network's gateway address
+/// (Podman's `podman0`, `podman1`...); else Docker's default `br-<first 12 of the id>`.
+pub fn bridge_ifname(
+    options: &HashMap<String, String>,
+    id: &str,
+    gateways: &[std::net::IpAddr],
+    interfaces: &[(String, std::net::IpAddr)],
+) -> String {
+    for key in ["com.docker.network.bridge.name", "network_interface"] {
+        if let Some(name) = options.get(key).filter(|n| !n.is_empty()) {
+            return name.clone();
+        }
+    }
+    if let Some((name, _)) = interfaces.iter().find(|(_, a)| gateways.contains(a)) {
+        return name.clone();
+    }
+    format!("br-{}", id.get(..12).unwrap_or(id))
+}
+
+/// Every address of this network namespace's interfaces, with the interface's name.
+fn host_interfaces() -> Vec<(String, std::net::IpAddr)> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                std::net::IpAddr::V4(v4.ip())
+            } else {
+                std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
+            };
+            Some((a.interface_name, ip))
+        })
+        .collect()
+}
+
+/// What the daemon logs about its engine at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineFacts {
+    /// `Docker Engine` or `Podman Engine` (the engine's own component name).
+    pub product: String,
+    pub version: String,
+    /// The highest API version the engine serves.
+    pub api_version: String,
+    /// The API version this client negotiated.
+    pub negotiated: String,
+}
+
+impl DockerEngine {
+    /// The engine's product, version and API versions.
+    pub async fn facts(&self) -> Result<EngineFacts, DockerError> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|source| DockerError::Api { action: "read the version of", target: "the engine".into(), source })?;
+        let components = v.components.clone().unwrap_or_default();
+        let product = components
+            .iter()
+            .map(|c| c.name.clone())
+            .find(|n| n.contains("Podman"))
+            .or_else(|| components.first().map(|c| c.name.clone()))
+            // Docker calls its own component just "Engine".
+            .filter(|n| n != "Engine")
+            .unwrap_or_else(|| "Docker Engine".into());
+        Ok(EngineFacts {
+            product,
+            version: v.version.clone().unwrap_or_default(),
+            api_version: v.api_version.clone().unwrap_or_default(),
+            negotiated: self.docker.client_version().to_string(),
+        })
+    }
+
+    /// True when the engine answers `/_ping`.
+    async fn answers(&self) -> bool {
+        self.docker.ping().await.is_ok()
     }
 }
 
@@ -450,11 +536,42 @@ impl Engine for DockerEngine {
             ("label".to_string(), vec![format!("{LABEL_INSTANCE}={instance}")]),
         ]);
         let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
-        Box::pin(self.docker.events(Some(opts)).map(|e| {
+        let events = self.docker.events(Some(opts)).map(|e| {
             let e = e.map_err(|source| DockerError::Api { action: "watch the events of", target: "containers".into(), source })?;
             let id = e.actor.and_then(|a| a.id).unwrap_or_default();
             Ok((id, e.action.unwrap_or_default()))
-        }))
+        });
+        // When the stream fails or ends because the engine went away, say so once, wait
+        // until the engine answers again, say that once, and only then end the stream
+        // (with the error): the caller re-subscribes and re-asserts once per outage
+        // instead of once a second while the engine is down.
+        let guarded = futures_util::stream::unfold((Box::pin(events), false), move |(mut events, done)| async move {
+            if done {
+                return None;
+            }
+            let item = events.next().await;
+            let failure = match item {
+                Some(Ok(ev)) => return Some((Ok(ev), (events, false))),
+                Some(Err(e)) => Some(e),
+                None => None,
+            };
+            if !self.answers().await {
+                match &failure {
+                    Some(e) => tracing::warn!(error = %e, "the container engine went away; waiting for it to come back"),
+                    None => tracing::warn!("the container engine went away; waiting for it to come back"),
+                }
+                while !self.answers().await {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                match self.facts().await {
+                    Ok(f) => tracing::info!(engine = %f.product, version = %f.version, "the container engine is back"),
+                    Err(_) => tracing::info!("the container engine is back"),
+                }
+            }
+            let e = failure.unwrap_or(DockerError::Unsupported("keep its event stream open (it ended)"));
+            Some((Err(e), (events, true)))
+        });
+        Box::pin(guarded)
     }
 
     fn keep_running(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
@@ -471,5 +588,25 @@ impl Engine for DockerEngine {
                 .await
                 .map_err(|source| DockerError::Api { action: "set the restart policy of", target: id, source })
         })
+    }
+}
+
+#[cfg(test)]
+mod bridge_tests {
+    use super::*;
+
+    #[test]
+    fn the_bridge_name_comes_from_the_engine() {
+        let gw: Vec<std::net::IpAddr> = vec!["10.88.0.1".parse().unwrap()];
+        let ifaces = vec![("lo".to_string(), "127.0.0.1".parse().unwrap()), ("podman0".to_string(), "10.88.0.1".parse().unwrap())];
+        let opt = |k: &str, v: &str| HashMap::from([(k.to_string(), v.to_string())]);
+        // Docker: the option, whatever the interfaces say.
+        assert_eq!(bridge_ifname(&opt("com.docker.network.bridge.name", "docker0"), "abc", &gw, &ifaces), "docker0");
+        // Podman where the compat API shows it.
+        assert_eq!(bridge_ifname(&opt("network_interface", "podman3"), "abc", &gw, &ifaces), "podman3");
+        // Podman's compat API without it: the interface holding the gateway.
+        assert_eq!(bridge_ifname(&HashMap::new(), "0123456789abcdef", &gw, &ifaces), "podman0");
+        // Nothing known (the bridge is not up yet): Docker's default naming.
+        assert_eq!(bridge_ifname(&HashMap::new(), "0123456789abcdef", &gw, &[]), "br-0123456789ab");
     }
 }

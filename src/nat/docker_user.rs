@@ -1,5 +1,6 @@
 //! The one iptables rule cutover owns: an ACCEPT at the top of Docker's DOCKER-USER chain
-//! for packets carrying cutover's mark.
+//! for packets carrying cutover's mark, in IPv4 and, where the engine filters IPv6 too
+//! (Docker 27 and later by default), in ip6tables' DOCKER-USER.
 //!
 //! Why: Docker sets the FORWARD policy to DROP and accepts only published ports, and a
 //! drop in any base chain is final, so an accept in cutover's own nftables table cannot
@@ -68,17 +69,91 @@ fn failed(command: String, out: &Output) -> NatError {
     NatError::Iptables { command, stderr }
 }
 
-/// Does DOCKER-USER exist? (No Docker, or Docker without iptables: it does not.)
+/// What iptables says about a chain that does not exist, by version: iptables-legacy,
+/// trixie's iptables-nft 1.8.11 and sid's 1.8.13 say "No chain/target/match by that
+/// name"; Debian 12's
+/// iptables-nft 1.8.9 says "chain `X' in table `filter' is incompatible, use 'nft' tool."
+/// (it cannot tell a missing chain from one it cannot parse: [`chain_exists`] asks `nft`
+/// which it is); a host without the filter table at all says "does not exist" or
+/// "Table does not exist".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListError {
+    /// The chain (or its table) does not exist.
+    Missing,
+    /// iptables-nft 1.8.9's wording: missing, or made by a newer iptables.
+    MissingOrIncompatible,
+    /// Anything else: a real failure.
+    Other,
+}
+
+/// Classify the stderr of a failed `iptables -L CHAIN`.
+pub fn classify_list_error(stderr: &str) -> ListError {
+    if stderr.contains("No chain/target/match by that name")
+        || stderr.contains("does not exist")
+        || stderr.contains("Table does not exist")
+    {
+        ListError::Missing
+    } else if stderr.contains("is incompatible, use 'nft' tool") {
+        ListError::MissingOrIncompatible
+    } else {
+        ListError::Other
+    }
+}
+
+/// The address family an iptables binary works on, for `nft` and messages.
+fn nft_family(iptables: &Path) -> &'static str {
+    let name = iptables.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if name.starts_with("ip6tables") {
+        "ip6"
+    } else {
+        "ip"
+    }
+}
+
+/// The ip6tables binary next to `iptables` (`/usr/sbin/iptables-nft` ->
+/// `/usr/sbin/ip6tables-nft`), or `None` when the name has no `iptables` in it.
+pub fn ip6_sibling(iptables: &Path) -> Option<std::path::PathBuf> {
+    let name = iptables.file_name()?.to_str()?;
+    let rest = name.strip_prefix("iptables")?;
+    Some(iptables.with_file_name(format!("ip6tables{rest}")))
+}
+
+/// Does DOCKER-USER exist? (No Docker, Docker without iptables, Podman, Docker 29's
+/// nftables backend: it does not.)
 pub fn chain_exists(iptables: &Path) -> Result<bool, NatError> {
     let (command, out) = run(iptables, ["-n", "-L", DOCKER_USER])?;
     if out.status.success() {
         return Ok(true);
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No chain/target/match by that name") || stderr.contains("does not exist") {
-        return Ok(false);
+    match classify_list_error(&stderr) {
+        ListError::Missing => Ok(false),
+        ListError::MissingOrIncompatible => {
+            // Ask nftables itself whether the chain is there.
+            let family = nft_family(iptables);
+            let listed = Command::new("nft")
+                .args(["list", "chain", family, "filter", DOCKER_USER])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            match listed {
+                Ok(s) if !s.success() => Ok(false),
+                Ok(_) => Err(NatError::Iptables {
+                    command,
+                    stderr: format!(
+                        "{}: the chain exists but this iptables cannot read it (a newer iptables made it); \
+                         install an iptables at least as new as the engine's, or pass its path",
+                        stderr.trim()
+                    ),
+                }),
+                Err(e) => Err(NatError::Iptables {
+                    command,
+                    stderr: format!("{} (and `nft` could not be run to tell a missing chain from an unreadable one: {e})", stderr.trim()),
+                }),
+            }
+        }
+        ListError::Other => Err(failed(command, &out)),
     }
-    Err(failed(command, &out))
 }
 
 /// Is our rule in DOCKER-USER? (`-C`: exit 1 means absent.)
@@ -93,10 +168,28 @@ fn rule_present(iptables: &Path, spec: &[String]) -> Result<bool, NatError> {
     }
 }
 
-/// Insert the ACCEPT at the top of DOCKER-USER unless it is there; Ok when there is no
-/// DOCKER-USER chain (nothing drops forwarded traffic on Docker's behalf then).
+/// The binaries to program: `iptables`, and its ip6tables sibling when it is installed
+/// (Docker 27 and later filter IPv6 by default, with their own ip6 DOCKER-USER chain).
+fn families(iptables: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![iptables.to_path_buf()];
+    if let Some(six) = ip6_sibling(iptables).filter(|p| p.exists()) {
+        out.push(six);
+    }
+    out
+}
+
+/// Insert the ACCEPT at the top of DOCKER-USER, IPv4 and IPv6, unless it is there; a
+/// family without a DOCKER-USER chain is skipped (nothing drops forwarded traffic on
+/// Docker's behalf there).
 pub fn ensure_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     check_mark(mark)?;
+    for bin in families(iptables) {
+        ensure_in(&bin, table, mark)?;
+    }
+    Ok(())
+}
+
+fn ensure_in(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     if !chain_exists(iptables)? {
         return Ok(());
     }
@@ -113,10 +206,17 @@ pub fn ensure_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<
     Ok(())
 }
 
-/// Delete every copy of the ACCEPT (a crash between check and insert elsewhere could have
-/// left two); Ok when absent or when there is no DOCKER-USER chain.
+/// Delete every copy of the ACCEPT, IPv4 and IPv6 (a crash between check and insert
+/// elsewhere could have left two); Ok when absent or when there is no DOCKER-USER chain.
 pub fn remove_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     check_mark(mark)?;
+    for bin in families(iptables) {
+        remove_in(&bin, table, mark)?;
+    }
+    Ok(())
+}
+
+fn remove_in(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     if !chain_exists(iptables)? {
         return Ok(());
     }
@@ -134,7 +234,7 @@ pub fn remove_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<
         }
     }
     Err(NatError::Iptables {
-        command: format!("iptables -D {DOCKER_USER} {}", spec.join(" ")),
+        command: format!("{} -D {DOCKER_USER} {}", iptables.display(), spec.join(" ")),
         stderr: "the rule is still present after 64 deletions".into(),
     })
 }
@@ -155,5 +255,38 @@ mod tests {
     fn zero_mark_is_refused() {
         let r = ensure_forward_accept(Path::new("/nonexistent/iptables"), "t", 0);
         assert!(matches!(r, Err(NatError::InvalidRule(_))));
+    }
+
+    /// The exact words of each iptables in Debian 12 to sid for `-n -L DOCKER-USER` where
+    /// the chain does not exist.
+    #[test]
+    fn every_missing_chain_wording_is_recognised() {
+        // Debian 12, iptables-nft 1.8.9 (seen on this host in a fresh namespace).
+        assert_eq!(
+            classify_list_error("iptables v1.8.9 (nf_tables): chain `DOCKER-USER' in table `filter' is incompatible, use 'nft' tool.\n"),
+            ListError::MissingOrIncompatible
+        );
+        assert_eq!(
+            classify_list_error("ip6tables v1.8.9 (nf_tables): chain `DOCKER-USER' in table `filter' is incompatible, use 'nft' tool.\n"),
+            ListError::MissingOrIncompatible
+        );
+        // trixie's iptables-nft 1.8.11 and sid's 1.8.13 (seen in a fresh namespace), and
+        // iptables-legacy: the same words for both families.
+        assert_eq!(classify_list_error("iptables: No chain/target/match by that name.\n"), ListError::Missing);
+        assert_eq!(classify_list_error("ip6tables: No chain/target/match by that name.\n"), ListError::Missing);
+        // A real failure stays one.
+        assert_eq!(
+            classify_list_error("iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)\n"),
+            ListError::Other
+        );
+    }
+
+    #[test]
+    fn ip6tables_is_found_next_to_iptables() {
+        assert_eq!(ip6_sibling(Path::new("/usr/sbin/iptables")), Some("/usr/sbin/ip6tables".into()));
+        assert_eq!(ip6_sibling(Path::new("/usr/sbin/iptables-legacy")), Some("/usr/sbin/ip6tables-legacy".into()));
+        assert_eq!(ip6_sibling(Path::new("/opt/x/xtables")), None);
+        assert_eq!(nft_family(Path::new("/usr/sbin/ip6tables-nft")), "ip6");
+        assert_eq!(nft_family(Path::new("/usr/sbin/iptables")), "ip");
     }
 }

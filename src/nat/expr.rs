@@ -326,6 +326,12 @@ fn oifname_is(ifname: &str) -> Result<[RawExpr; 2], NatError> {
     Ok([meta_load(libc::NFT_META_OIFNAME, NFT_REG_1), cmp_eq(NFT_REG_1, &name)])
 }
 
+/// `iifname "<ifname>"`, exact like [`oifname_is`].
+fn iifname_is(ifname: &str) -> Result<[RawExpr; 2], NatError> {
+    let [_, cmp] = oifname_is(ifname)?;
+    Ok([meta_load(libc::NFT_META_IIFNAME, NFT_REG_1), cmp])
+}
+
 /// The expressions of `rule`. `map_id` is the id the rule's map got in the same batch.
 pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
     let mut out = Vec::new();
@@ -385,6 +391,13 @@ pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
             out.extend(mark_is_set(*mark));
             out.extend(oifname_is(ifname)?);
             out.extend(saddr_in(*subnet, *prefix)?);
+            out.push(masquerade());
+        }
+        Rule::MasqueradeHairpin6 { mark, ifname } => {
+            out.extend(nfproto(Family::Ipv6));
+            out.extend(mark_is_set(*mark));
+            out.extend(iifname_is(ifname)?);
+            out.extend(oifname_is(ifname)?);
             out.push(masquerade());
         }
         Rule::CountService { protocol, port, daddr, .. } => {

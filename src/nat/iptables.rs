@@ -348,7 +348,17 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
                     Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => s.push_str(&format!(
                         "-A {post} -s {subnet}/{prefix} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
                     )),
-                    Rule::DnatLocal { .. } | Rule::CountService { .. } | Rule::RestoreMark { .. } => {}
+                    Rule::MasqueradeHairpin6 { .. } | Rule::DnatLocal { .. } | Rule::CountService { .. } | Rule::RestoreMark { .. } => {}
+                }
+            }
+        }
+    } else {
+        for chain in rs.chains.iter().filter(|c| c.hook == Hook::Postrouting) {
+            for rule in &chain.rules {
+                if let Rule::MasqueradeHairpin6 { mark, ifname } = rule {
+                    s.push_str(&format!(
+                        "-A {post} -i {ifname} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
+                    ));
                 }
             }
         }
@@ -571,7 +581,8 @@ COMMIT
         let s = restore_script(&ruleset(), Family::Ipv6, &[Hook::Prerouting, Hook::Output, Hook::Postrouting]).unwrap();
         assert!(s.contains("-A cutover-pre -p udp -m udp --dport 53 -j DNAT --to-destination [fd00::2]:5353\n"), "{s}");
         assert!(!s.contains("172.17."), "{s}");
-        assert!(!s.contains("MASQUERADE"), "{s}");
+        assert!(!s.contains("127.0.0.0/8"), "no loopback masquerade in IPv6: {s}");
+        assert!(s.contains("-A cutover-post -i docker0 -o docker0 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE\n"), "the IPv6 hairpin: {s}");
         assert!(!s.contains("-I "), "jumps already present are not added again: {s}");
     }
 

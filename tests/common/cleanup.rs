@@ -33,6 +33,7 @@ pub fn remove_tagged(tag: &str, table: &str) -> Problems {
     p.note("delete DOCKER-USER rules", delete_docker_user_rules(&|c| c == docker_user_comment(table)));
     // The daemon's claim on the table (it leaves the file: unlinking a lock file races).
     p.note("remove the table lock", remove_file_if_any(&format!("/run/cutover/table-{table}.lock")));
+    p.note("delete route_localnet markers", delete_localnet_markers(table));
     p
 }
 
@@ -41,6 +42,24 @@ fn remove_file_if_any(path: &str) -> Result<(), String> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{path}: {e}")),
         _ => Ok(()),
     }
+}
+
+/// The table's markers under /run/cutover/localnet (`cutover::localnet`); a bridge
+/// directory left without markers is removed too.
+pub fn delete_localnet_markers(table: &str) -> Result<(), String> {
+    let dir = std::path::Path::new(cutover::localnet::DEFAULT_DIR);
+    let Ok(bridges) = std::fs::read_dir(dir) else { return Ok(()) };
+    for b in bridges.flatten() {
+        let marker = b.path().join(table);
+        if marker.exists() {
+            std::fs::remove_file(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+            let left = std::fs::read_dir(b.path()).map(|d| d.flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.')));
+            if let Ok(false) = left {
+                let _ = std::fs::remove_dir_all(b.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_absent(stderr: &str) -> bool {

@@ -25,6 +25,7 @@ pub mod flows;
 pub mod hardening;
 pub mod http;
 pub mod ids;
+pub mod lab;
 pub mod manifest;
 pub mod netns;
 pub mod sd_server;
