@@ -4,23 +4,19 @@
 use super::*;
 
 impl Releaser {
-    /// Health gate, switch, drain, stop, prune, record.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn cut_over(
-        &self,
-        service: &str,
-        kind: OperationKind,
-        from: Option<u32>,
-        to: u32,
-        manifest: &Manifest,
-        info: ContainerInfo,
-        progress: &ProgressTx,
-    ) -> Result<Outcome, ReleaseError> {
-        if manifest.handoff.is_some() {
-            return self.handoff_cut_over(service, kind, from, to, manifest, info, progress).await; // see handoff_mode
+    /// Take the traffic over to a started release, the way its mode does it.
+    pub(super) async fn cut_over(&self, release: Inflight<'_>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        match Mode::of(release.manifest) {
+            Mode::Nat => self.nat_cut_over(release, progress).await,
+            Mode::Handoff => self.handoff_cut_over(release, progress).await, // see handoff_mode
         }
+    }
+
+    /// Health gate, switch, drain, stop, prune, record.
+    async fn nat_cut_over(&self, release: Inflight<'_>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let Inflight { service, kind, from, to, manifest, ref info } = release;
         let health_started = Instant::now();
-        if let Err(reason) = self.wait_healthy(service, to, manifest, &info, progress).await {
+        if let Err(reason) = self.wait_healthy(&release, progress).await {
             let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
             self.abandon(service, to, kind, from, "refused", &reason).await?;
             return Err(ReleaseError::Unhealthy { service: service.into(), release: to, reason, logs });
@@ -56,8 +52,8 @@ impl Releaser {
         if let Some(old) = from.and_then(|f| state.services.get(service).and_then(|svc| svc.release(f)).cloned()) {
             self.set_phase(service, Phase::Draining).await?;
             let started = Instant::now();
-            if let Err(reason) = self.drain_and_watch(service, to, &old, manifest, &info, progress).await {
-                return self.switch_back(service, kind, &old, to, &info, &reason, progress).await;
+            if let Err(reason) = self.drain_and_watch(&release, &old, progress).await {
+                return self.switch_back(&release, &old, &reason, progress).await;
             }
             drain_ms = Some(ms(started.elapsed()));
             self.observe(|m| m.drained(service, started.elapsed())); // metrics hook
@@ -83,7 +79,8 @@ impl Releaser {
             self.set_phase(service, Phase::Stopped).await?;
         }
 
-        self.finish_release(service, kind, from, to, &info.id, Some(health_ms), Some(switch_us), drain_ms).await?;
+        let timings = Timings { health_ms: Some(health_ms), switch_us: Some(switch_us), drain_ms };
+        self.finish_release(&release, timings).await?;
         self.observe(|m| m.release(service, kind, "switched")); // metrics hook
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome {

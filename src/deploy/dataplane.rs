@@ -61,7 +61,7 @@ impl Releaser {
         let mut targets = Vec::new();
         let mut bridges = Vec::new();
         for (name, svc) in &state.services {
-            if svc.manifest.handoff.is_some() {
+            if Mode::of(&svc.manifest) == Mode::Handoff {
                 continue;
             }
             let active = match overriding {
@@ -148,7 +148,7 @@ impl Releaser {
     /// route_localnet on the bridges in use, and the DOCKER-USER accept while any
     /// service exists.
     pub(super) async fn assert_host(&self, state: &State, desired: &Desired) -> Result<(), ReleaseError> {
-        let any_nat = state.services.values().any(|s| s.manifest.handoff.is_none());
+        let any_nat = state.services.values().any(|s| Mode::of(&s.manifest) == Mode::Nat);
         if any_nat {
             self.firewall.ensure_forward_accept(&self.settings.table, self.settings.mark)?;
         } else {

@@ -8,15 +8,8 @@ impl Releaser {
     /// keeping it running at least `watch` long; meanwhile watch the new release. Err
     /// with the reason if the new release exits or fails its health check while the old
     /// one can still take the traffic back.
-    pub(super) async fn drain_and_watch(
-        &self,
-        service: &str,
-        to: u32,
-        old: &Release,
-        manifest: &Manifest,
-        new: &ContainerInfo,
-        progress: &ProgressTx,
-    ) -> Result<(), String> {
+    pub(super) async fn drain_and_watch(&self, release: &Inflight<'_>, old: &Release, progress: &ProgressTx) -> Result<(), String> {
+        let Inflight { service, to, manifest, info: ref new, .. } = *release;
         let timeout = old.manifest.drain_timeout;
         let watch = manifest.watch;
         let started = Instant::now();

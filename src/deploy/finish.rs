@@ -7,20 +7,11 @@ impl Releaser {
     /// The old release has stopped (both modes): let the engine restart the new one from
     /// now on, keep the old one for rollback, prune beyond `keep`, close the operation
     /// and record it in the history.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn finish_release(
-        &self,
-        service: &str,
-        kind: OperationKind,
-        from: Option<u32>,
-        to: u32,
-        container_id: &str,
-        health_ms: Option<u64>,
-        switch_us: Option<u64>,
-        drain_ms: Option<u64>,
-    ) -> Result<(), ReleaseError> {
+    pub(super) async fn finish_release(&self, release: &Inflight<'_>, timings: Timings) -> Result<(), ReleaseError> {
+        let Inflight { service, kind, from, to, ref info, .. } = *release;
+        let Timings { health_ms, switch_us, drain_ms } = timings;
         // Established: from now on the engine restarts it after a crash or a reboot.
-        if let Err(e) = self.engine.keep_running(container_id.to_string()).await {
+        if let Err(e) = self.engine.keep_running(info.id.clone()).await {
             tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
         }
         let s = service.to_string();

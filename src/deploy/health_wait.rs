@@ -8,14 +8,9 @@ use super::*;
 const IPV6_POLL: Duration = Duration::from_millis(50);
 
 impl Releaser {
-    pub(super) async fn wait_healthy(
-        &self,
-        service: &str,
-        release: u32,
-        manifest: &Manifest,
-        info: &ContainerInfo,
-        progress: &ProgressTx,
-    ) -> Result<(), String> {
+    /// Until the new release is healthy (Err: why it is not, by the deadline or for good).
+    pub(super) async fn wait_healthy(&self, inflight: &Inflight<'_>, progress: &ProgressTx) -> Result<(), String> {
+        let Inflight { service, to: release, manifest, ref info, .. } = *inflight;
         let health = &manifest.health;
         let started = Instant::now();
         let deadline = started + health.deadline;

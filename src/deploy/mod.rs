@@ -152,6 +152,49 @@ pub struct Settings {
     pub pause_at: Option<Phase>,
 }
 
+/// How a service's releases take over its traffic, chosen by its manifest. Matched where
+/// the two ways part (starting a release, cutting over to it); everywhere else a
+/// service's mode is asked with [`Mode::of`], never read off the manifest's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Host ports switched by one NAT map transaction (`ports`).
+    Nat,
+    /// Listeners handed from one generation to the next in a shared namespace (`handoff`).
+    Handoff,
+}
+
+impl Mode {
+    pub fn of(manifest: &Manifest) -> Mode {
+        if manifest.handoff.is_some() {
+            Mode::Handoff
+        } else {
+            Mode::Nat
+        }
+    }
+}
+
+/// A release in flight, from its started container to the finish: what every step of a
+/// cutover needs, passed as one value.
+pub(super) struct Inflight<'a> {
+    pub service: &'a str,
+    pub kind: OperationKind,
+    /// The release serving until the switch (none for a service's first release).
+    pub from: Option<u32>,
+    pub to: u32,
+    /// The manifest the new release runs with.
+    pub manifest: &'a Manifest,
+    /// The new release's container as it was started.
+    pub info: ContainerInfo,
+}
+
+/// What a finished release took, as recorded in its history entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Timings {
+    pub health_ms: Option<u64>,
+    pub switch_us: Option<u64>,
+    pub drain_ms: Option<u64>,
+}
+
 /// The release engine of one daemon.
 pub struct Releaser {
     engine: Arc<dyn Engine>,
@@ -417,7 +460,8 @@ impl Releaser {
         .await?;
         self.checkpoint(service, Phase::Starting).await;
         let manifest = target.manifest.clone();
-        let mut outcome = self.cut_over(service, OperationKind::Rollback, from, number, &manifest, info, progress).await?;
+        let release = Inflight { service, kind: OperationKind::Rollback, from, to: number, manifest: &manifest, info };
+        let mut outcome = self.cut_over(release, progress).await?;
         outcome.start_ms = Some(start_ms);
         outcome.total_ms = Some(ms(start_began.elapsed()));
         Ok(outcome)

@@ -13,7 +13,7 @@ impl Releaser {
         let mut notes = self.handoff_reconcile().await?;
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
-            if svc.manifest.handoff.is_some() {
+            if Mode::of(&svc.manifest) == Mode::Handoff {
                 continue; // handoff mode: done by handoff_reconcile
             }
             // Re-read addresses: they change when the engine restarts containers.
@@ -49,7 +49,7 @@ impl Releaser {
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
             let Some(op) = svc.operation.clone() else { continue };
-            if svc.manifest.handoff.is_some() {
+            if Mode::of(&svc.manifest) == Mode::Handoff {
                 continue; // handoff mode: done by handoff_reconcile
             }
             let note = self.recover(name, svc, &op).await?;
@@ -58,7 +58,7 @@ impl Releaser {
         let state = self.snapshot().await;
         self.dataplane.lock().await.applied = None;
         let desired = self.desired(&state, None).await?;
-        if state.services.values().any(|s| s.manifest.handoff.is_none()) {
+        if state.services.values().any(|s| Mode::of(&s.manifest) == Mode::Nat) {
             self.program(&desired).await?;
         } else {
             // Nothing to forward: leave no empty table behind.

@@ -10,7 +10,7 @@ impl Releaser {
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
-        if svc.manifest.handoff.is_some() {
+        if Mode::of(&svc.manifest) == Mode::Handoff {
             return self.handoff_release_new(service, image, progress).await; // see handoff_mode
         }
         let mut manifest = svc.manifest.clone();
@@ -55,7 +55,8 @@ impl Releaser {
         })
         .await?;
         self.checkpoint(service, Phase::Starting).await;
-        let mut outcome = self.cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await?;
+        let release = Inflight { service, kind: OperationKind::Deploy, from, to: number, manifest: &manifest, info };
+        let mut outcome = self.cut_over(release, progress).await?;
         outcome.start_ms = Some(start_ms);
         outcome.total_ms = Some(ms(begun.elapsed()));
         Ok(outcome)

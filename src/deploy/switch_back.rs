@@ -5,17 +5,14 @@ use super::*;
 impl Releaser {
     /// The new release failed while the old one was still running: point the host
     /// ports back at the old release, remove the new one, and report it.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn switch_back(
         &self,
-        service: &str,
-        kind: OperationKind,
+        release: &Inflight<'_>,
         old: &Release,
-        to: u32,
-        new: &ContainerInfo,
         reason: &str,
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
+        let Inflight { service, kind, to, info: ref new, .. } = *release;
         tracing::error!(service, release = to, reason, "the new release failed after the switch; switching back");
         self.observe(|m| m.release(service, kind, "reverted")); // metrics hook
         let switch_guard = self.switching.lock().await;
