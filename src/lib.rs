@@ -17,6 +17,7 @@ pub mod deploy;
 pub mod docker;
 pub mod drain;
 pub mod embedded;
+pub mod exit;
 pub mod handoff;
 pub mod health;
 pub mod host;

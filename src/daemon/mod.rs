@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::api::{self, code, ManifestText, ProgressLine, Reply, Request};
+use crate::api::{self, ErrorCode, ManifestText, ProgressLine, Reply, Request};
 use crate::deploy::{ReleaseError, Releaser};
 use crate::manifest::Manifest;
 use crate::state::{ReleaseStatus, State};
@@ -69,7 +69,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     if !access.permits(cred.uid(), cred.gid()) {
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control request refused: not root nor in the allowed group");
         let _ = write_reply(&mut write, &Reply::Error {
-            code: code::DENIED.into(),
+            code: ErrorCode::Denied,
             message: format!(
                 "uid {} may not control cutover: run as root, or start the daemon with --allow-group for your group",
                 cred.uid()
@@ -87,7 +87,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     }
     if line.len() > api::MAX_REQUEST {
         let _ = write_reply(&mut write, &Reply::Error {
-            code: code::INVALID.into(),
+            code: ErrorCode::Invalid,
             message: format!("request longer than {} bytes refused", api::MAX_REQUEST),
         })
         .await;
@@ -102,7 +102,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "malformed control request");
-            let _ = write_reply(&mut write, &Reply::Error { code: code::INVALID.into(), message: format!("malformed request: {e}") }).await;
+            let _ = write_reply(&mut write, &Reply::Error { code: ErrorCode::Invalid, message: format!("malformed request: {e}") }).await;
             return;
         }
     };
@@ -117,22 +117,22 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     }
     let reply = match task.await {
         Ok(Ok(data)) => Reply::Done { data },
-        Ok(Err((code, message))) => Reply::Error { code: code.into(), message },
-        Err(e) => Reply::Error { code: code::REFUSED.into(), message: format!("the operation panicked: {e}") },
+        Ok(Err((code, message))) => Reply::Error { code, message },
+        Err(e) => Reply::Error { code: ErrorCode::Refused, message: format!("the operation panicked: {e}") },
     };
     if !client_gone {
         let _ = write_reply(&mut write, &reply).await;
     }
 }
 
-type Answer = Result<serde_json::Value, (&'static str, String)>;
+type Answer = Result<serde_json::Value, (ErrorCode, String)>;
 
-fn fail(e: ReleaseError) -> (&'static str, String) {
-    (e.code(), e.to_string())
+fn fail(e: ReleaseError) -> (ErrorCode, String) {
+    (ErrorCode::from(&e), e.to_string())
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Answer {
-    serde_json::to_value(v).map_err(|e| (code::REFUSED, format!("cannot encode the answer: {e}")))
+    serde_json::to_value(v).map_err(|e| (ErrorCode::Refused, format!("cannot encode the answer: {e}")))
 }
 
 async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::ProgressTx) -> Answer {
@@ -162,13 +162,13 @@ async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::Progr
 async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::deploy::ProgressTx) -> Answer {
     let mut parsed = Vec::new();
     for m in &manifests {
-        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (code::INVALID, e.to_string()))?;
+        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (ErrorCode::Invalid, e.to_string()))?;
         parsed.push(manifest);
     }
     let mut names = std::collections::BTreeSet::new();
     for m in &parsed {
         if !names.insert(m.name.clone()) {
-            return Err((code::INVALID, format!("service `{}` is named by two manifests", m.name)));
+            return Err((ErrorCode::Invalid, format!("service `{}` is named by two manifests", m.name)));
         }
     }
     let mut outcomes = Vec::new();
@@ -182,7 +182,7 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
                 if !done.is_empty() {
                     message.push_str(&format!(" (already applied: {})", done.join(", ")));
                 }
-                return Err((e.code(), message));
+                return Err((ErrorCode::from(&e), message));
             }
         }
     }

@@ -61,17 +61,6 @@ fn logs_suffix(logs: &str) -> String {
     }
 }
 
-impl ReleaseError {
-    /// The API error code (mapped to exit codes by the client).
-    pub fn code(&self) -> &'static str {
-        match self {
-            ReleaseError::Busy(_) => "busy",
-            ReleaseError::NotFound(_) | ReleaseError::Invalid(_) => "invalid",
-            _ => "refused",
-        }
-    }
-}
-
 /// Health probing and connection counting, as the state machine needs them.
 pub trait Checks: Send + Sync + 'static {
     /// One health probe of `container` (http/tcp kinds).
@@ -114,9 +103,6 @@ pub struct Progress {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<usize>,
 }
-
-/// The outcome as the CLI reads it back.
-pub type OutcomeView = Outcome;
 
 pub type ProgressTx = mpsc::UnboundedSender<Progress>;
 

@@ -417,7 +417,7 @@ async fn rollback_without_a_kept_release_is_refused() {
     let w = world();
     w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
     let err = w.releaser.rollback("web", None, &w.tx).await.unwrap_err();
-    assert_eq!(err.code(), "refused");
+    assert_eq!(crate::api::ErrorCode::from(&err), crate::api::ErrorCode::Refused);
     assert!(matches!(w.releaser.rollback("web", Some(7), &w.tx).await, Err(ReleaseError::Invalid(_))));
 }
 
