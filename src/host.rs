@@ -425,19 +425,9 @@ impl Drop for ExitWatch {
 /// engine event, which matters when clients are being sent to it. Polled on a small
 /// dedicated thread (with a short timeout, so dropping the watch ends the thread).
 pub fn watch_exit(pid: u32) -> Result<ExitWatch, HostError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let raw_pid = libc::pid_t::try_from(pid)
         .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidInput) })?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // passed to the kernel.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
-    if fd < 0 {
-        return Err(HostError::Pidfd { pid, source: io::Error::last_os_error() });
-    }
-    let raw = std::os::fd::RawFd::try_from(fd)
-        .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidData) })?;
-    // SAFETY: `raw` was just returned by pidfd_open and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let pidfd = crate::pidfd::open(raw_pid).map_err(|source| HostError::Pidfd { pid, source })?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_thread = stop.clone();
@@ -459,4 +449,43 @@ pub fn watch_exit(pid: u32) -> Result<ExitWatch, HostError> {
         })
         .map_err(|source| HostError::Pidfd { pid, source })?;
     Ok(ExitWatch { exited: rx, stop })
+}
+
+/// The host networking a release needs, as one narrow seam (the state machine's tests
+/// replace it): host ports in use, conntrack flows, `route_localnet`, process exits.
+pub trait HostNet: Send + Sync + 'static {
+    /// Ports host processes listen on (TCP) or have bound (UDP), each with the address it
+    /// is bound to (`None`: every address).
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError>;
+    /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
+    /// to `addr` (either family), so their next packets are NAT'd afresh.
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError>;
+    /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
+    /// within `idle`: they keep an old release draining.
+    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
+    /// Set `route_localnet` of `ifname`; returns the value it had.
+    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError>;
+    /// Watch process `pid` until it exits.
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError>;
+}
+
+/// The real host: `/proc`, sysctl files, conntrack and pidfds of this module.
+pub struct RealHost;
+
+impl HostNet for RealHost {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError> {
+        listening_sockets()
+    }
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError> {
+        delete_conntrack(protocol, port, addr).map(|_| ())
+    }
+    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError> {
+        Ok(udp_flow_idle_times(port, addr)?.into_iter().filter(|t| *t < idle).count())
+    }
+    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError> {
+        set_route_localnet(ifname, on)
+    }
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
+        watch_exit(pid)
+    }
 }

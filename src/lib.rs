@@ -26,5 +26,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod nat;
 pub mod netns;
+pub mod pidfd;
 pub mod plan;
 pub mod state;

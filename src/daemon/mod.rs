@@ -4,8 +4,6 @@
 //! An operation, once started, runs to its end even if the client goes away: a deploy
 //! half done because a terminal closed would be worse than one nobody watches.
 
-pub mod checks;
-
 use std::future::Future;
 use std::sync::Arc;
 

@@ -66,7 +66,7 @@ impl Releaser {
                 });
                 for p in manifest.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
                     for addr in &addrs {
-                        if let Err(e) = self.checks.forget_flows(Protocol::Udp, p.host, *addr) {
+                        if let Err(e) = self.effects.host.forget_flows(Protocol::Udp, p.host, *addr) {
                             tracing::warn!(service, error = %e, "could not delete old UDP flows");
                         }
                     }

@@ -159,8 +159,11 @@ impl Releaser {
             if state.route_localnet_before.contains_key(&b.ifname) {
                 continue;
             }
-            let before = crate::host::set_route_localnet(&b.ifname, true)
-                .map_err(|e| ReleaseError::Refused(format!("cannot enable route_localnet on {}: {e}", b.ifname)))?;
+            let before = self
+                .effects
+                .host
+                .set_route_localnet(&b.ifname, true)
+                .map_err(|source| ReleaseError::RouteLocalnet { ifname: b.ifname.clone(), source })?;
             changed.insert(b.ifname.clone(), before);
         }
         if !changed.is_empty() {
@@ -202,7 +205,7 @@ impl Releaser {
                 )));
             }
         }
-        let listening = self.checks.host_ports().map_err(ReleaseError::Refused)?;
+        let listening = self.effects.host.host_ports()?;
         for p in &manifest.ports {
             if listening.iter().any(|(protocol, port, addr)| clash(p, *protocol, *port, *addr)) {
                 return Err(ReleaseError::Conflict(format!(

@@ -36,7 +36,7 @@ impl Releaser {
         // The engine's events tell of a crash within milliseconds; polling alone would
         // leave clients on a dead release for up to a poll interval.
         let mut events = self.engine.events(self.settings.instance.clone());
-        let mut exit = new.pid.and_then(|pid| crate::host::watch_exit(pid).ok());
+        let mut exit = new.pid.and_then(|pid| self.effects.host.watch_exit(pid).ok());
         loop {
             // The new release first: a failure here is worth more than a drain count.
             if let Some(reason) = self.new_release_failed(manifest, new, &mut next_probe).await {
@@ -46,7 +46,7 @@ impl Releaser {
                 // No TCP port: an empty list would count every connection of the release.
                 _ if ports.is_empty() => 0,
                 None => 0,
-                Some(pid) => match self.checks.open_connections(pid, ports.clone()).await {
+                Some(pid) => match self.effects.connections.open_connections(pid, ports.clone()).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");
@@ -56,7 +56,7 @@ impl Releaser {
             };
             let mut udp_busy = if udp_addrs.is_some() { 0 } else { usize::MAX };
             for (port, addr) in udp_ports.iter().flat_map(|p| udp_addrs.iter().flatten().map(move |a| (*p, *a))) {
-                let busy = self.checks.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
+                let busy = self.effects.host.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
                     tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
                     usize::MAX
                 });
@@ -129,7 +129,7 @@ impl Releaser {
             HealthKind::Docker => (current.health.as_deref() == Some("unhealthy")).then(|| "Docker reports it unhealthy".to_string()),
             HealthKind::Http | HealthKind::Tcp => {
                 let (Some(addr), Some(port)) = (current.addr, manifest.health_port()) else { return None };
-                self.checks.probe(health.clone(), (addr, port).into()).await.err()
+                self.effects.probe.probe(health.clone(), (addr, port).into()).await.err().map(|e| e.to_string())
             }
         }
     }

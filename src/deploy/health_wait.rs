@@ -41,7 +41,7 @@ impl Releaser {
                 HealthKind::Http | HealthKind::Tcp => {
                     let addr = current.addr.ok_or_else(|| "it has no IPv4 address on its network".to_string())?;
                     let port = manifest.health_port().ok_or_else(|| "no port to check; set health.port".to_string())?;
-                    self.checks.probe(health.clone(), (addr, port).into()).await
+                    self.effects.probe.probe(health.clone(), (addr, port).into()).await.map_err(|e| e.to_string())
                 }
             };
             // Healthy over IPv4 is not enough for IPv6 clients: the switch would send them
@@ -79,7 +79,7 @@ impl Releaser {
     pub(super) async fn ipv6_unready(&self, current: &ContainerInfo) -> Result<Option<String>, String> {
         let Some(addr6) = current.addr6 else { return Ok(None) };
         let Some(pid) = current.pid else { return Ok(Some(format!("the container's process (to read the state of {addr6})"))) };
-        match self.checks.ipv6_readiness(pid, addr6).await {
+        match self.effects.ipv6.readiness(pid, addr6).await {
             Ok(Ipv6Readiness::Usable) => Ok(None),
             Ok(Ipv6Readiness::Waiting(what)) => Ok(Some(what)),
             Ok(Ipv6Readiness::Failed(why)) => Err(why),

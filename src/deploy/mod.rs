@@ -8,18 +8,20 @@
 //! one and every rule untouched. Does not know how rules or containers are made: that is
 //! `nat` and `docker`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{mpsc, Mutex};
 
-use crate::dad::Ipv6Readiness;
+use crate::dad::{Ipv6Paths, Ipv6Readiness};
+use crate::drain::Connections;
+use crate::health::Probe;
+use crate::host::{HostError, HostNet};
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
-use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol};
+use crate::manifest::{HealthKind, Manifest, PortSpec, Protocol};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
 use crate::state::{
@@ -51,6 +53,14 @@ pub enum ReleaseError {
     State(#[from] StateError),
     #[error(transparent)]
     Handoff(#[from] crate::handoff::brokers::BrokersError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("cannot enable route_localnet on {ifname}: {source}")]
+    RouteLocalnet {
+        ifname: String,
+        #[source]
+        source: HostError,
+    },
 }
 
 fn logs_suffix(logs: &str) -> String {
@@ -61,30 +71,25 @@ fn logs_suffix(logs: &str) -> String {
     }
 }
 
-/// Health probing and connection counting, as the state machine needs them.
-pub trait Checks: Send + Sync + 'static {
-    /// One health probe of `container` (http/tcp kinds).
-    fn probe(&self, health: HealthSpec, addr: std::net::SocketAddr) -> BoxFuture<'_, Result<(), String>>;
-    /// Open TCP connections on `ports` (local side) inside the network namespace of
-    /// `pid`; the release's own outgoing connections (a database pool) do not count.
-    fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>>;
-    /// Ports host processes listen on (TCP) or have bound (UDP), each with the address it
-    /// is bound to (`None`: every address).
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String>;
-    /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
-    /// to `addr` (either family), so their next packets are NAT'd afresh.
-    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String>;
-    /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
-    /// within `idle`: they keep an old release draining. Defaults to none for fakes
-    /// without UDP.
-    fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, String> {
-        Ok(0)
-    }
-    /// Whether IPv6 traffic reaches `addr`, the IPv6 address of the release whose process
-    /// is `pid`: no address on the path (its own, the host's on its bridge) is still in
-    /// duplicate address detection. Defaults to usable for fakes without IPv6.
-    fn ipv6_readiness(&self, _pid: u32, _addr: std::net::Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
-        Box::pin(async { Ok(Ipv6Readiness::Usable) })
+/// The OS effects a release needs besides the engine and the firewall, each behind its
+/// own narrow trait with a typed error (the real ones: [`Effects::real`]).
+#[derive(Clone)]
+pub struct Effects {
+    pub probe: Arc<dyn Probe>,
+    pub connections: Arc<dyn Connections>,
+    pub host: Arc<dyn HostNet>,
+    pub ipv6: Arc<dyn Ipv6Paths>,
+}
+
+impl Effects {
+    /// The host's own: network probes, sock_diag, /proc and conntrack, address flags.
+    pub fn real() -> Effects {
+        Effects {
+            probe: Arc::new(crate::health::NetworkProbe),
+            connections: Arc::new(crate::drain::SockDiag),
+            host: Arc::new(crate::host::RealHost),
+            ipv6: Arc::new(crate::dad::NetlinkAddresses),
+        }
     }
 }
 
@@ -185,7 +190,7 @@ pub(super) struct Timings {
 pub struct Releaser {
     engine: Arc<dyn Engine>,
     firewall: Arc<dyn Firewall>,
-    checks: Arc<dyn Checks>,
+    effects: Effects,
     settings: Settings,
     store: StateStore,
     state: Mutex<State>,
@@ -222,7 +227,7 @@ impl Releaser {
     pub fn new(
         engine: Arc<dyn Engine>,
         firewall: Arc<dyn Firewall>,
-        checks: Arc<dyn Checks>,
+        effects: Effects,
         settings: Settings,
         store: StateStore,
     ) -> Result<Releaser, ReleaseError> {
@@ -230,7 +235,7 @@ impl Releaser {
         Ok(Releaser {
             engine,
             firewall,
-            checks,
+            effects,
             settings,
             store,
             state: Mutex::new(state),
@@ -517,7 +522,7 @@ impl Releaser {
             dp.carried.clear();
             drop(dp);
             for (ifname, before) in restore {
-                if let Err(e) = crate::host::set_route_localnet(&ifname, before) {
+                if let Err(e) = self.effects.host.set_route_localnet(&ifname, before) {
                     errors.push(e.to_string());
                 }
             }

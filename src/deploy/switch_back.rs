@@ -24,7 +24,7 @@ impl Releaser {
         let addrs = new.addr.map(IpAddr::V4).into_iter().chain(new.addr6.map(IpAddr::V6));
         for addr in addrs {
             for p in &old.manifest.ports {
-                if let Err(e) = self.checks.forget_flows(p.protocol, p.host, addr) {
+                if let Err(e) = self.effects.host.forget_flows(p.protocol, p.host, addr) {
                     tracing::warn!(service, error = %e, "could not delete the failed release's flows");
                 }
             }

@@ -11,7 +11,12 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use super::*;
+use crate::dad::DadError;
 use crate::docker::Published;
+use crate::drain::DrainError;
+use crate::health::HealthError;
+use crate::host::{ExitWatch, HostError};
+use crate::manifest::HealthSpec;
 use crate::plan::{Element, ElementKey, ElementOp, Traffic};
 
 #[derive(Debug, Clone)]
@@ -220,35 +225,55 @@ struct FakeChecks {
     firewall: Arc<FakeFirewall>,
 }
 
-impl Checks for FakeChecks {
-    fn probe(&self, _health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+fn refused(addr: SocketAddr) -> HealthError {
+    HealthError::Connect { addr, source: std::io::ErrorKind::ConnectionRefused.into() }
+}
+
+impl crate::health::Probe for FakeChecks {
+    fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), HealthError>> {
         Box::pin(async move {
-            let SocketAddr::V4(v4) = addr else { return Err("v6".into()) };
+            let SocketAddr::V4(v4) = addr else { return Err(refused(addr)) };
             match self.engine.image_at(*v4.ip()) {
-                Some(img) if img.contains("broken") => Err("GET /healthz answered 503".into()),
+                Some(img) if img.contains("broken") => Err(HealthError::Status { addr, path: health.path, status: 503 }),
                 // Healthy for the gate, failing right after the switch.
                 Some(img) if img.contains("dies-later") && self.probes.fetch_add(1, Ordering::SeqCst) > 0 => {
-                    Err("connection refused".into())
+                    Err(refused(addr))
                 }
                 Some(_) => Ok(()),
-                None => Err("connection refused".into()),
+                None => Err(refused(addr)),
             }
         })
     }
-    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
+}
+
+impl crate::drain::Connections for FakeChecks {
+    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, DrainError>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+}
+
+impl crate::host::HostNet for FakeChecks {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, HostError> {
         Ok(BTreeSet::from([(Protocol::Tcp, 22, None), (Protocol::Tcp, 53, Some([127, 0, 0, 53].into()))]))
     }
-    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError> {
         self.forgotten.lock().unwrap().push((protocol, port, addr));
         Ok(())
     }
-    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, String> {
+    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
         Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
     }
-    fn ipv6_readiness(&self, _pid: u32, _addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
+    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+        Ok(false)
+    }
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
+        // No process: the drain watch relies on the engine's view, as the fake engine is.
+        Err(HostError::Pidfd { pid, source: std::io::ErrorKind::Unsupported.into() })
+    }
+}
+
+impl crate::dad::Ipv6Paths for FakeChecks {
+    fn readiness(&self, _pid: u32, _addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, DadError>> {
         Box::pin(async move {
             self.ipv6_checked_while.lock().unwrap().push(self.firewall.target(8080));
             let mut answers = self.ipv6.lock().unwrap();
@@ -274,7 +299,8 @@ fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeF
     let checks = Arc::new(FakeChecks { engine: engine.clone(), firewall: firewall.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
-    let releaser = Releaser::new(engine.clone(), firewall.clone(), checks.clone(), settings, store).unwrap();
+    let effects = Effects { probe: checks.clone(), connections: checks.clone(), host: checks.clone(), ipv6: checks.clone() };
+    let releaser = Releaser::new(engine.clone(), firewall.clone(), effects, settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     World { engine, firewall, checks, releaser, tx, _dir: dir }

@@ -200,19 +200,45 @@ impl Firewall for NoFirewall {
 
 struct NoChecks;
 
-impl Checks for NoChecks {
-    fn probe(&self, _health: HealthSpec, _addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+impl crate::health::Probe for NoChecks {
+    fn probe(&self, _health: crate::manifest::HealthSpec, _addr: SocketAddr) -> BoxFuture<'_, Result<(), crate::health::HealthError>> {
         Box::pin(async { panic!("handoff mode must not probe an address") })
     }
-    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
+}
+
+impl crate::drain::Connections for NoChecks {
+    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, crate::drain::DrainError>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+}
+
+impl crate::host::HostNet for NoChecks {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, HostError> {
         Ok(BTreeSet::new())
     }
-    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), String> {
+    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), HostError> {
         Ok(())
     }
+    fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
+        Ok(0)
+    }
+    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+        panic!("handoff mode must not touch route_localnet")
+    }
+    fn watch_exit(&self, pid: u32) -> Result<crate::host::ExitWatch, HostError> {
+        Err(HostError::Pidfd { pid, source: std::io::ErrorKind::Unsupported.into() })
+    }
+}
+
+impl crate::dad::Ipv6Paths for NoChecks {
+    fn readiness(&self, _pid: u32, _addr: std::net::Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, crate::dad::DadError>> {
+        Box::pin(async { Ok(Ipv6Readiness::Usable) })
+    }
+}
+
+fn no_effects() -> Effects {
+    let none = Arc::new(NoChecks);
+    Effects { probe: none.clone(), connections: none.clone(), host: none.clone(), ipv6: none }
 }
 
 struct World {
@@ -232,7 +258,7 @@ fn world_in(dir: &Path, engine: Arc<FakeEngine>) -> World {
         log: log.clone(),
     });
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) , pause_at: None};
-    let releaser = Releaser::new(engine.clone(), Arc::new(NoFirewall), Arc::new(NoChecks), settings, StateStore::open(dir).unwrap())
+    let releaser = Releaser::new(engine.clone(), Arc::new(NoFirewall), no_effects(), settings, StateStore::open(dir).unwrap())
         .unwrap()
         .with_handoff(brokers.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
