@@ -71,15 +71,10 @@ fn read_flag(path: &Path) -> Result<bool, HostError> {
     }
 }
 
-/// Is `route_localnet` on for `ifname`? It lets packets from 127.0.0.0/8 be routed out of
-/// the interface, which host clients connecting to `127.0.0.1:<port>` need once their
-/// packets are DNAT'd to a release behind that interface.
-pub fn route_localnet(ifname: &str) -> Result<bool, HostError> {
-    read_flag(&sysctl_path(ifname)?)
-}
-
 /// Set `route_localnet` of `ifname`; returns the previous value so a caller can restore
-/// it. Writes only when the value changes.
+/// it. Writes only when the value changes. It lets packets from 127.0.0.0/8 be routed out
+/// of the interface, which host clients connecting to `127.0.0.1:<port>` need once their
+/// packets are DNAT'd to a release behind that interface.
 pub fn set_route_localnet(ifname: &str, on: bool) -> Result<bool, HostError> {
     let path = sysctl_path(ifname)?;
     let previous = read_flag(&path)?;
@@ -143,12 +138,8 @@ fn proc_net_addr(hex: &str) -> Option<IpAddr> {
 /// from that process.
 ///
 /// `/proc/net` follows the network namespace of the process's main thread; call this from
-/// a daemon whose main thread never `setns`-es.
-pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
-    Ok(listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
-}
-
-/// [`listening_ports`] with the address each socket is bound to (`None`: every address).
+/// a daemon whose main thread never `setns`-es. Each with the address it is bound to
+/// (`None`: every address).
 pub fn listening_sockets() -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError> {
     let tables = [
         ("/proc/net/tcp", Protocol::Tcp, false),
@@ -354,7 +345,7 @@ mod tests {
     #[test]
     fn interface_names_cannot_escape_proc() {
         for bad in ["", "..", "a/b", "0123456789abcdef"] {
-            assert!(matches!(route_localnet(bad), Err(HostError::InvalidInterface(_))), "{bad}");
+            assert!(matches!(set_route_localnet(bad, false), Err(HostError::InvalidInterface(_))), "{bad}");
         }
         assert_eq!(
             sysctl_path("docker0").unwrap(),
@@ -395,7 +386,7 @@ conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown.
     #[test]
     fn loopback_route_localnet_is_readable() {
         // Every Linux host has `lo`; reading needs no privilege.
-        route_localnet("lo").unwrap();
+        read_flag(&sysctl_path("lo").unwrap()).unwrap();
     }
 }
 

@@ -175,10 +175,9 @@ impl Releaser {
     /// Refuse host ports other services, other containers or host processes use.
     pub(super) async fn check_ports(&self, manifest: &Manifest) -> Result<(), ReleaseError> {
         let state = self.snapshot().await;
-        // A port is taken when the protocol and number match and the host addresses overlap
-        // (`host_ip` unset means every address).
+        // The plan's conflict rule: protocol and number match, host addresses overlap.
         let clash = |p: &PortSpec, protocol: Protocol, port: u16, addr: Option<std::net::IpAddr>| {
-            p.protocol == protocol && p.host == port && crate::manifest::host_addresses_overlap(p.host_ip, addr)
+            plan::host_ports_clash((p.protocol, p.host, p.host_ip), (protocol, port, addr))
         };
         let at = |p: &PortSpec| p.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default();
         for p in &manifest.ports {

@@ -29,6 +29,7 @@ use crate::state::{
     StateStore,
 };
 use dataplane::Dataplane;
+pub use dataplane::targets_of;
 
 /// Why a release operation did not happen. The old release still serves in every case.
 #[derive(Debug, thiserror::Error)]
@@ -258,10 +259,6 @@ impl Releaser {
         if let Some(m) = &self.metrics {
             record(m);
         }
-    }
-
-    pub fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     /// A copy of the current state.

@@ -45,6 +45,12 @@ pub use sysctl::{ipv6_forwarding_on, route_localnet, set_route_localnet, Ipv6For
 pub use udp::{ask_from_port, assert_idle_flow_moves, lost, summary, Answer, DeployUnderDatagrams, UdpClient};
 pub use wrk::{new_connection_load, Latency, SocketErrors, Wrk, WrkReport, WrkRun};
 
+/// Host ports processes use (protocol and number, any address), as cutover's conflict
+/// check reads them from `/proc/net`.
+pub fn listening_ports() -> Result<std::collections::BTreeSet<(cutover::manifest::Protocol, u16)>, cutover::host::HostError> {
+    Ok(cutover::host::listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
+}
+
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
 pub fn test_backend() -> Option<String> {
     std::env::var("CUTOVER_TEST_BACKEND").ok().filter(|b| !b.is_empty())
