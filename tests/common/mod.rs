@@ -51,6 +51,40 @@ pub fn listening_ports() -> Result<std::collections::BTreeSet<(cutover::manifest
     Ok(cutover::host::listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
 }
 
+/// The preamble of every NAT scenario against the engine: root and Docker required (or
+/// the test is skipped as the kit decides), and the test's own bridge network.
+pub fn nat_network(ids: &Ids) -> DockerNetwork {
+    require_root();
+    require_docker();
+    DockerNetwork::new(ids)
+}
+
+/// What most NAT scenarios start from: [`nat_network`], demo images `v1` and `v2`, and a
+/// client on "another host". Destructure it in this order, so the client goes before
+/// the network, as the test's daemon (started after) goes before both.
+pub struct TwoReleases {
+    pub net: DockerNetwork,
+    pub v1: String,
+    pub v2: String,
+    pub client: ClientHost,
+}
+
+pub fn two_releases(ids: &Ids) -> TwoReleases {
+    let net = nat_network(ids);
+    let v1 = demo_image(ids, "v1", &[]);
+    let v2 = demo_image(ids, "v2", &[]);
+    let client = ClientHost::new(ids);
+    TwoReleases { net, v1, v2, client }
+}
+
+/// Write `service` into the daemon's directory and `cutover apply` it (which must
+/// succeed); returns the manifest file.
+pub fn apply(daemon: &Daemon, service: ServiceYaml) -> std::path::PathBuf {
+    let file = service.write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    file
+}
+
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
 pub fn test_backend() -> Option<String> {
     std::env::var("CUTOVER_TEST_BACKEND").ok().filter(|b| !b.is_empty())
