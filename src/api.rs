@@ -2,7 +2,8 @@
 //! the unix socket, answered by zero or more progress lines and one final line.
 //!
 //! Newline-delimited JSON keeps it debuggable with `socat` and implementable from any
-//! language. A request line longer than [`MAX_REQUEST`] is refused unread.
+//! language. Wire types only (requests, typed replies and error codes): no I/O, and
+//! nothing that decides what an error means to a user (that is `exit`). A request line longer than [`MAX_REQUEST`] is refused unread.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,10 +1,13 @@
 //! cutover: zero-downtime releases of containers and processes on one Linux host.
 //!
-//! Layers, each pointing only downwards:
+//! Layers, each pointing only downwards (docs/architecture.md):
 //! - `cli`, `commands`: argument types and one file per subcommand (orchestration only);
-//! - `daemon`, `client`, `api`: the control plane between CLI and daemon;
+//! - `demo`: the `cutover demo` scenario and its load generator, apart from the product;
+//! - `daemon`, `client`, `api`, `exit`: the control plane between CLI and daemon, and
+//!   the one mapping of errors to exit codes;
 //! - `deploy`, `handoff`: the domain (the release state machine, fd handoff);
-//! - `nat`, `docker`, `health`, `drain`, `dad`, `netns`, `host`: effects on the OS, each behind a trait;
+//! - `nat`, `docker`, `health`, `drain`, `dad`, `netns`, `host`, `pidfd`, `metrics`:
+//!   effects on the OS, each behind a narrow trait;
 //! - `manifest`, `plan`, `state`: the model, pure data and pure functions.
 
 pub mod api;

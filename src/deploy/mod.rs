@@ -1,5 +1,17 @@
 //! The release state machine: deploy, rollback, apply, remove and the restart-time
-//! reconcile, over the [`Engine`], [`Firewall`] and [`Checks`] traits.
+//! reconcile, over the [`Engine`] and [`Firewall`] traits and the narrow [`Effects`].
+//!
+//! This file holds the [`Releaser`], its public operations and the types they share; each
+//! step of a release has a file of its own:
+//! - `start`: record the intent, start the new release unpublished;
+//! - `cut_over`: the [`Mode`] dispatch, then (NAT) health gate, switch, drain, stop;
+//! - `health_wait`: the health gate and the IPv6 path (`dad`);
+//! - `drain`: drain the old release while watching the new one;
+//! - `switch_back`: back to the old release when the new one fails after the switch;
+//! - `finish`: keep, prune and record a switched release, or undo a refused one;
+//! - `dataplane`: desired state, programming the firewall, traffic, host settings, ports;
+//! - `recover`: reconcile after a restart, refresh after the engine came back;
+//! - `handoff_mode`: the same steps for services whose listeners are handed over.
 //!
 //! Owns the order of the steps and what is recorded before each (see `state::Phase`):
 //! start the new release unpublished, gate on health (and on its IPv6 path being usable,

@@ -1,5 +1,5 @@
 //! Starting a new release: record the intent, create and start its container
-//! unpublished, then hand it to `cut_over`.
+//! unpublished, then hand it to `cut_over`. Must not switch traffic or touch rules.
 
 use super::*;
 

@@ -1,4 +1,6 @@
-//! Switching back to the old release when the new one failed after the switch.
+//! Switching back to the old release when the new one failed after the switch: one
+//! transaction back, the failed release's half-open flows forgotten, the release removed.
+//! Only reached from `drain`, while the old release still runs; must not stop it.
 
 use super::*;
 
