@@ -590,4 +590,7 @@ mod start;
 mod switch_back;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod fakes;
+#[cfg(test)]
 mod tests;

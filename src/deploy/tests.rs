@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,128 +12,14 @@ use futures_util::future::BoxFuture;
 
 use super::*;
 use crate::dad::DadError;
-use crate::docker::Published;
+
 use crate::drain::DrainError;
 use crate::health::HealthError;
 use crate::host::{ExitWatch, HostError};
 use crate::manifest::HealthSpec;
 use crate::plan::{Element, ElementKey, ElementOp, Traffic};
 
-#[derive(Debug, Clone)]
-struct FakeContainer {
-    info: ContainerInfo,
-    image: String,
-}
-
-#[derive(Default)]
-struct FakeEngine {
-    containers: Mutex<BTreeMap<String, FakeContainer>>,
-    next_ip: AtomicU8,
-    /// Containers also get an IPv6 address (a network created with `--ipv6`).
-    dual_stack: AtomicBool,
-}
-
-impl FakeEngine {
-    fn running(&self) -> Vec<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().filter(|c| c.info.running).map(|c| c.info.name.clone()).collect()
-    }
-    fn names(&self) -> Vec<String> {
-        self.containers.lock().unwrap().values().map(|c| c.info.name.clone()).collect()
-    }
-    fn image_at(&self, addr: Ipv4Addr) -> Option<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().find(|c| c.info.addr == Some(addr) && c.info.running).map(|c| c.image.clone())
-    }
-    fn fresh_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(172, 17, 0, 2 + self.next_ip.fetch_add(1, Ordering::SeqCst))
-    }
-    /// The IPv6 address that goes with `ip` on a dual-stack network.
-    fn ip6_of(&self, ip: Ipv4Addr) -> Option<Ipv6Addr> {
-        self.dual_stack.load(Ordering::SeqCst).then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip.octets()[3])))
-    }
-}
-
-impl Engine for FakeEngine {
-    fn keep_running(&self, _id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
-        Box::pin(async move {
-            if spec.image.contains("missing") {
-                return Err(DockerError::NoImage(spec.image));
-            }
-            let id = format!("id-{}", spec.name);
-            let ip = self.fresh_ip();
-            let info = ContainerInfo {
-                id: id.clone(),
-                name: spec.name.clone(),
-                running: !spec.image.contains("crash"),
-                pid: Some(100),
-                addr: Some(ip),
-                addr6: self.ip6_of(ip),
-                exit_code: spec.image.contains("crash").then_some(3),
-                restarts: 0,
-                health: None,
-                labels: spec.labels.clone(),
-            };
-            self.containers.lock().unwrap().insert(id, FakeContainer { info: info.clone(), image: spec.image });
-            Ok(info)
-        })
-    }
-    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            let ip = self.fresh_ip();
-            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
-                c.info.running = true;
-                // Docker may hand out another address on start.
-                c.info.addr = Some(ip);
-                c.info.addr6 = self.ip6_of(ip);
-            }
-            Ok(())
-        })
-    }
-    fn inspect(&self, id: String, _network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>> {
-        Box::pin(async move { Ok(self.containers.lock().unwrap().get(&id).map(|c| c.info.clone())) })
-    }
-    fn stop(&self, id: String, _timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
-                c.info.running = false;
-            }
-            Ok(())
-        })
-    }
-    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            let mut c = self.containers.lock().unwrap();
-            c.remove(&id);
-            c.retain(|_, v| v.info.name != id);
-            Ok(())
-        })
-    }
-    fn logs_tail(&self, _id: String, _lines: usize) -> BoxFuture<'_, Result<String, DockerError>> {
-        Box::pin(async { Ok("listening\nhealth check failing\n".to_string()) })
-    }
-    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
-        Box::pin(async {
-            Ok(vec![
-                Published { protocol: Protocol::Tcp, port: 9999, host_ip: None, container: "someone-else".into() },
-                Published { protocol: Protocol::Tcp, port: 9998, host_ip: Some([10, 0, 0, 9].into()), container: "on-one-address".into() },
-            ])
-        })
-    }
-    fn bridge(&self, _network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn list_instance(&self, _instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
-        Box::pin(async move { Ok(self.containers.lock().unwrap().values().map(|c| c.info.clone()).collect()) })
-    }
-    fn events(&self, _instance: String) -> futures_util::stream::BoxStream<'_, Result<(String, String), DockerError>> {
-        Box::pin(futures_util::stream::empty())
-    }
-}
+use super::fakes::FakeEngine;
 
 #[derive(Default)]
 struct FakeFirewall {
