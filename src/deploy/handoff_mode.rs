@@ -309,15 +309,7 @@ impl Releaser {
         loop {
             let now_ = Instant::now();
             if now_ >= next_inspect {
-                let current = self
-                    .engine
-                    .inspect(info.id.clone(), manifest.network.clone())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "its container disappeared".to_string())?;
-                if !current.running {
-                    return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
-                }
+                let current = self.still_running(info, manifest).await?;
                 docker_health = current.health;
                 next_inspect = now_ + health.interval;
             }

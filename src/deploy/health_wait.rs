@@ -16,15 +16,7 @@ impl Releaser {
         let deadline = started + health.deadline;
         let mut healthy = false;
         loop {
-            let current = self
-                .engine
-                .inspect(info.id.clone(), manifest.network.clone())
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "its container disappeared".to_string())?;
-            if !current.running {
-                return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
-            }
+            let current = self.still_running(info, manifest).await?;
             if current.restarts > info.restarts {
                 return Err(format!("its container crashed (exit code {}) and was restarted", current.exit_code.unwrap_or(-1)));
             }
@@ -71,6 +63,21 @@ impl Releaser {
             });
             tokio::time::sleep(pause.min(deadline - now_)).await;
         }
+    }
+
+    /// The new release's container as the engine sees it now (both modes' readiness
+    /// gates); Err with the reason to refuse it when it is gone or has exited.
+    pub(super) async fn still_running(&self, info: &ContainerInfo, manifest: &Manifest) -> Result<ContainerInfo, String> {
+        let current = self
+            .engine
+            .inspect(info.id.clone(), manifest.network.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "its container disappeared".to_string())?;
+        if !current.running {
+            return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
+        }
+        Ok(current)
     }
 
     /// What keeps IPv6 traffic from a release with an IPv6 address (`Ok(None)`: nothing,
