@@ -36,14 +36,6 @@ fn load(url: &str, secs: u64) -> WrkRun {
     Wrk::new(url).at(At::Host).duration(Duration::from_secs(secs)).connections(8).threads(2).timeout(Duration::from_secs(5)).start()
 }
 
-#[track_caller]
-fn all_new_connections_answer(url: &str, release: &str) {
-    for i in 0..20 {
-        let body = get_ok(At::Host, url);
-        assert_eq!(body.trim(), release, "request {i} was answered by `{}`", body.trim());
-    }
-}
-
 /// Names of the test's containers that are running.
 fn running(ids: &Ids) -> Vec<String> {
     let filter = format!("label={INSTANCE_LABEL}={}", ids.tag);
@@ -77,7 +69,7 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     let wrk = load(&url, 8);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
     assert!(report.count("v1") > 0 && report.count("v2") > 0, "both releases answered during the run: {:?}", report.bodies);
@@ -87,7 +79,7 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     let wrk = load(&url, 8);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["rollback", &ids.service]);
-    all_new_connections_answer(&url, "v1");
+    all_new_connections_answer(At::Host, &url, "v1");
     let report = wrk.wait();
     report.assert_no_failures();
     assert!(report.count("v2") > 0 && report.count("v1") > 0, "{:?}", report.bodies);
@@ -100,7 +92,7 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     daemon.restart();
     assert!(daemon.log().contains("listeners taken back from release process"), "{}", daemon.log());
     daemon.cli_ok(&["rollback", &ids.service, "--to", "2"]);
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
     assert_eq!(running(&ids), vec![c(2)]);
@@ -111,7 +103,7 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     std::thread::sleep(Duration::from_secs(1));
     let out = daemon.cli_expect(&["deploy", &ids.service, "--image", &never], 1);
     assert!(out.stderr.contains("not ready within"), "{out:?}");
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
     assert_eq!(report.count("v2"), report.requests, "only v2 answered: {:?}", report.bodies);

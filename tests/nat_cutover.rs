@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Every new connection after a switch is answered by `release`.
-#[track_caller]
-fn all_new_connections_answer(at: At, url: &str, release: &str) {
-    for i in 0..20 {
-        let body = get_ok(at.clone(), url);
-        assert_eq!(body.trim(), release, "request {i} after the switch was answered by `{}`", body.trim());
-    }
-}
-
 #[test]
 fn deploy_and_rollback_under_load_from_another_host() {
     let ids = Ids::new("deploy_and_rollback_under_load_from_another_host");

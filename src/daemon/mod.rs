@@ -199,7 +199,7 @@ pub fn status(state: &State, only: Option<&str>) -> Vec<api::ServiceStatus> {
             kept.sort_unstable_by(|a, b| b.cmp(a));
             api::ServiceStatus {
                 name: name.clone(),
-                mode: if svc.manifest.handoff.is_some() { "handoff".into() } else { "nat".into() },
+                mode: crate::deploy::Mode::of(&svc.manifest).name().into(),
                 active: svc.active,
                 image: active.map(|r| r.image.clone()),
                 container: active.map(|r| r.container.clone()),

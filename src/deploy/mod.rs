@@ -175,6 +175,14 @@ impl Mode {
             Mode::Nat
         }
     }
+
+    /// As `status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Handoff => "handoff",
+        }
+    }
 }
 
 /// A release in flight, from its started container to the finish: what every step of a

@@ -9,6 +9,8 @@
 //! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`], [`NewFlows`]: real clients and their results;
 //! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
 //! - [`set_route_localnet`], [`ipv6_forwarding_on`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
+//! - the NAT scenario preamble: [`nat_network`], [`two_releases`], [`apply`], and
+//!   [`all_new_connections_answer`]; [`listening_ports`] for tests that pick host ports.
 //!
 //! It must not touch anything that does not carry the test's tag: other tables, other
 //! DOCKER-USER rules, other containers.
@@ -37,7 +39,7 @@ pub use docker::{
     DockerNetwork,
 };
 pub use flows::{Connect, NewFlows, NewFlowsSeen};
-pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
+pub use http::{all_new_connections_answer, curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
 pub use manifest::ServiceYaml;
 pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
