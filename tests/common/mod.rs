@@ -35,7 +35,7 @@ pub use cleanup::{remove_tagged, sweep_stale, INSTANCE_LABEL};
 pub use cmd::{run, try_run, wait_for, Outcome, DOCKER};
 pub use daemon::{CliOutput, Daemon, CUTOVER};
 pub use docker::{
-    containers_of, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
+    containers_of, running_container_names, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
     DockerNetwork,
 };
 pub use flows::{Connect, NewFlows, NewFlowsSeen};
@@ -85,6 +85,13 @@ pub fn apply(daemon: &Daemon, service: ServiceYaml) -> std::path::PathBuf {
     let file = service.write(daemon.dir());
     daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
     file
+}
+
+/// A TCP port nothing listens on right now, for tests without [`Ids`] (the kernel's pick;
+/// a tiny race accepted).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap_or_else(|e| panic!("bind a free port: {e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("local address: {e}")).port()
 }
 
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
