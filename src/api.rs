@@ -2,7 +2,8 @@
 //! the unix socket, answered by zero or more progress lines and one final line.
 //!
 //! Newline-delimited JSON keeps it debuggable with `socat` and implementable from any
-//! language. A request line longer than [`MAX_REQUEST`] is refused unread.
+//! language. Wire types only (requests, typed replies and error codes): no I/O, and
+//! nothing that decides what an error means to a user (that is `exit`). A request line longer than [`MAX_REQUEST`] is refused unread.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,16 +64,30 @@ pub struct ProgressLine {
     pub connections: Option<usize>,
 }
 
-/// Error codes; the CLI maps them to exit codes.
-pub mod code {
-    /// Refused or failed safely: exit 1.
-    pub const REFUSED: &str = "refused";
-    /// Another operation on the service runs: exit 1.
-    pub const BUSY: &str = "busy";
-    /// Invalid input: exit 2.
-    pub const INVALID: &str = "invalid";
-    /// Not allowed to talk to the daemon: exit 1.
-    pub const DENIED: &str = "denied";
+/// Why the daemon did not do what was asked, on the wire; the CLI maps it to its exit
+/// code (`exit`). An unknown code is a message this CLI does not understand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Refused or failed safely.
+    Refused,
+    /// Another operation on the service runs.
+    Busy,
+    /// Invalid input.
+    Invalid,
+    /// Not allowed to talk to the daemon.
+    Denied,
+}
+
+impl From<&crate::deploy::ReleaseError> for ErrorCode {
+    fn from(e: &crate::deploy::ReleaseError) -> ErrorCode {
+        use crate::deploy::ReleaseError;
+        match e {
+            ReleaseError::Busy(_) => ErrorCode::Busy,
+            ReleaseError::NotFound(_) | ReleaseError::Invalid(_) => ErrorCode::Invalid,
+            _ => ErrorCode::Refused,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,7 +95,7 @@ pub mod code {
 pub enum Reply {
     Progress(ProgressLine),
     Done { data: serde_json::Value },
-    Error { code: String, message: String },
+    Error { code: ErrorCode, message: String },
 }
 
 impl From<crate::deploy::Progress> for ProgressLine {
@@ -109,6 +124,15 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"ping","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"launch"}"#).is_err());
+    }
+
+    #[test]
+    fn error_codes_are_typed_on_the_wire() {
+        let r = Reply::Error { code: ErrorCode::Busy, message: "m".into() };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"type":"error","code":"busy","message":"m"}"#);
+        assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Reply>(r#"{"type":"error","code":"later","message":"m"}"#).is_err());
     }
 }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::api::{code, ProgressLine, Reply, Request};
-use crate::commands::{Exit, Failure};
+use crate::api::{ProgressLine, Reply, Request};
+use crate::exit::{Exit, Failure};
 
 /// Colours and progress bars only on a terminal, and never with NO_COLOR set.
 pub fn colour_enabled() -> bool {
@@ -54,8 +54,7 @@ pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value,
             }
             Reply::Error { code: c, message } => {
                 view.finish();
-                let exit = if c == code::INVALID { Exit::Invalid } else { Exit::Refused };
-                return Err(Failure::new(exit, message));
+                return Err(Failure::new(Exit::from(c), message));
             }
         }
     }

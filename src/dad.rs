@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 
+use futures_util::future::BoxFuture;
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -29,6 +30,25 @@ use netlink_sys::protocols::NETLINK_ROUTE;
 use netlink_sys::{Socket, SocketAddr};
 
 use crate::netns::{self, NetnsError};
+
+/// Whether IPv6 traffic reaches a release yet: the seam the state machine's tests replace.
+pub trait Ipv6Paths: Send + Sync + 'static {
+    /// Whether IPv6 traffic reaches `addr`, the IPv6 address of the release whose process
+    /// is `pid`: no address on the path (its own, the host's on its bridge) is still in
+    /// duplicate address detection.
+    fn readiness(&self, pid: u32, addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, DadError>>;
+}
+
+/// The real check: address flags read over netlink on a blocking thread.
+pub struct NetlinkAddresses;
+
+impl Ipv6Paths for NetlinkAddresses {
+    fn readiness(&self, pid: u32, addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, DadError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || release_readiness(pid, addr)).await.map_err(DadError::Task)?
+        })
+    }
+}
 
 /// Failures to read IPv6 address flags.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +71,8 @@ pub enum DadError {
     Decode(#[source] netlink_packet_core::DecodeError),
     #[error("an RTM_GETADDR message of {0} bytes did not fit the receive buffer")]
     Truncated(usize),
+    #[error("the IPv6 readiness task did not finish: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// Where an address is in duplicate address detection.

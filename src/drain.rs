@@ -17,6 +17,7 @@
 use std::io;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{
     AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT,
@@ -28,6 +29,26 @@ use netlink_sys::{Socket, SocketAddr};
 use tokio::time::Instant;
 
 use crate::netns::{self, NetnsError};
+
+/// Counting the connections a release still serves: the seam the state machine's tests
+/// replace.
+pub trait Connections: Send + Sync + 'static {
+    /// Open TCP connections on `ports` (local side) inside the network namespace of
+    /// `pid`; the release's own outgoing connections (a database pool) do not count.
+    fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, DrainError>>;
+}
+
+/// The real count: sock_diag inside the release's namespace, on a blocking thread
+/// (entering a namespace is per thread, never on a runtime worker).
+pub struct SockDiag;
+
+impl Connections for SockDiag {
+    fn open_connections(&self, pid: u32, ports: Vec<u16>) -> BoxFuture<'_, Result<usize, DrainError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || open_connections_on_ports(pid, &ports)).await.map_err(DrainError::Task)?
+        })
+    }
+}
 
 /// Failures while counting a release's connections.
 #[derive(Debug, thiserror::Error)]

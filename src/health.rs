@@ -8,8 +8,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+use crate::manifest::{HealthKind, HealthSpec};
 
 /// Why a release was found unhealthy.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,26 @@ pub enum HealthError {
     Status { addr: SocketAddr, path: String, status: u16 },
     #[error("health check of {addr}{path} answered a malformed status line {line:?}")]
     Malformed { addr: SocketAddr, path: String, line: String },
+}
+
+/// One health probe of a release's address, as the release code needs it: the seam the
+/// state machine's tests replace.
+pub trait Probe: Send + Sync + 'static {
+    fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), HealthError>>;
+}
+
+/// The real probe: an HTTP GET for `type: http`, a TCP connect otherwise.
+pub struct NetworkProbe;
+
+impl Probe for NetworkProbe {
+    fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), HealthError>> {
+        Box::pin(async move {
+            match health.kind {
+                HealthKind::Http => probe_http(addr, &health.path, health.timeout).await,
+                _ => probe_tcp(addr, health.timeout).await,
+            }
+        })
+    }
 }
 
 /// The status line is all the probe reads; a longer first line is not HTTP.

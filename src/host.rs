@@ -198,12 +198,8 @@ fn proc_net_addr(hex: &str) -> Option<IpAddr> {
 /// from that process.
 ///
 /// `/proc/net` follows the network namespace of the process's main thread; call this from
-/// a daemon whose main thread never `setns`-es.
-pub fn listening_ports() -> Result<BTreeSet<(Protocol, u16)>, HostError> {
-    Ok(listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
-}
-
-/// [`listening_ports`] with the address each socket is bound to (`None`: every address).
+/// a daemon whose main thread never `setns`-es. Each with the address it is bound to
+/// (`None`: every address).
 pub fn listening_sockets() -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError> {
     let tables = [
         ("/proc/net/tcp", Protocol::Tcp, false),
@@ -368,7 +364,7 @@ mod tests {
     #[test]
     fn interface_names_cannot_escape_proc() {
         for bad in ["", "..", "a/b", "0123456789abcdef"] {
-            assert!(matches!(route_localnet(bad), Err(HostError::InvalidInterface(_))), "{bad}");
+            assert!(matches!(set_route_localnet(bad, false), Err(HostError::InvalidInterface(_))), "{bad}");
         }
         assert_eq!(
             sysctl_path("docker0").unwrap(),
@@ -431,7 +427,7 @@ mod tests {
     #[test]
     fn loopback_route_localnet_is_readable() {
         // Every Linux host has `lo`; reading needs no privilege.
-        route_localnet("lo").unwrap();
+        read_flag(&sysctl_path("lo").unwrap()).unwrap();
     }
 }
 
@@ -461,19 +457,9 @@ impl Drop for ExitWatch {
 /// engine event, which matters when clients are being sent to it. Polled on a small
 /// dedicated thread (with a short timeout, so dropping the watch ends the thread).
 pub fn watch_exit(pid: u32) -> Result<ExitWatch, HostError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let raw_pid = libc::pid_t::try_from(pid)
         .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidInput) })?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // passed to the kernel.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
-    if fd < 0 {
-        return Err(HostError::Pidfd { pid, source: io::Error::last_os_error() });
-    }
-    let raw = std::os::fd::RawFd::try_from(fd)
-        .map_err(|_| HostError::Pidfd { pid, source: io::Error::from(io::ErrorKind::InvalidData) })?;
-    // SAFETY: `raw` was just returned by pidfd_open and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let pidfd = crate::pidfd::open(raw_pid).map_err(|source| HostError::Pidfd { pid, source })?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_thread = stop.clone();
@@ -495,4 +481,75 @@ pub fn watch_exit(pid: u32) -> Result<ExitWatch, HostError> {
         })
         .map_err(|source| HostError::Pidfd { pid, source })?;
     Ok(ExitWatch { exited: rx, stop })
+}
+
+/// The host networking a release needs, as one narrow seam (the state machine's tests
+/// replace it): host ports in use, conntrack flows, `route_localnet`, process exits.
+pub trait HostNet: Send + Sync + 'static {
+    /// Ports host processes listen on (TCP) or have bound (UDP), each with the address it
+    /// is bound to (`None`: every address).
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError>;
+    /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
+    /// to `addr` (either family), so their next packets are NAT'd afresh.
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError>;
+    /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
+    /// within `idle`: they keep an old release draining.
+    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
+    /// Set `route_localnet` of `ifname`; returns the value it had.
+    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError>;
+    /// Watch process `pid` until it exits.
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError>;
+}
+
+/// How long one conntrack dump answers for: a drain poll asks about every UDP port of
+/// the old release within a few milliseconds, and all of them read the same dump.
+const DUMP_REUSE: Duration = Duration::from_millis(100);
+
+/// The real host: `/proc`, sysctl files, conntrack and pidfds of this module.
+#[derive(Default)]
+pub struct RealHost {
+    /// The last conntrack dump and when it was taken.
+    flows: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<Entry>>)>>,
+}
+
+impl RealHost {
+    /// One dump per drain poll, not one per port: a fresh dump unless the last one is
+    /// younger than [`DUMP_REUSE`].
+    fn recent_flows(&self) -> Result<std::sync::Arc<Vec<Entry>>, HostError> {
+        let mut cached = self.flows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, flows)) = cached.as_ref() {
+            if at.elapsed() < DUMP_REUSE {
+                return Ok(flows.clone());
+            }
+        }
+        let flows = std::sync::Arc::new(crate::conntrack::dump()?);
+        *cached = Some((std::time::Instant::now(), flows.clone()));
+        Ok(flows)
+    }
+}
+
+impl HostNet for RealHost {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<IpAddr>)>, HostError> {
+        listening_sockets()
+    }
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError> {
+        // The drain's last dump serves here too: after the switch no new flow can be
+        // answered by the old release, so no entry to delete is younger than it.
+        let flows = self.recent_flows()?;
+        for e in flows_of(&flows, protocol, port, addr) {
+            crate::conntrack::delete(&e.orig)?;
+        }
+        Ok(())
+    }
+    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError> {
+        let timeouts = UdpTimeouts::of_host()?;
+        let flows = self.recent_flows()?;
+        Ok(udp_idle_times(&flows, port, addr, timeouts).into_iter().filter(|t| *t < idle).count())
+    }
+    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError> {
+        set_route_localnet(ifname, on)
+    }
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
+        watch_exit(pid)
+    }
 }

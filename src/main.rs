@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(cutover::commands::exit_code(&err))
+            ExitCode::from(cutover::exit::exit_code(&err))
         }
     }
 }

@@ -447,19 +447,40 @@ pub fn element_ops(from: &[Element], to: &[Element]) -> Vec<ElementOp> {
     ops
 }
 
-/// Host ports of `targets` whose key another service already uses.
-pub fn conflicts<'a>(existing: &'a [Target], new: &[Target]) -> Vec<&'a Target> {
-    existing
-        .iter()
-        .filter(|e| {
-            new.iter().any(|n| {
-                n.protocol == e.protocol
-                    && n.host_port == e.host_port
-                    && n.service != e.service
-                    && crate::manifest::host_addresses_overlap(n.host_ip, e.host_ip)
-            })
-        })
-        .collect()
+/// A host port as the NAT keys it: protocol, number, and the host address it is bound to
+/// (`None`: every address).
+pub type HostPort = (Protocol, u16, Option<IpAddr>);
+
+/// The one conflict rule: two host ports clash when protocol and number match and their
+/// host addresses overlap (every address overlaps each one).
+pub fn host_ports_clash(a: HostPort, b: HostPort) -> bool {
+    a.0 == b.0 && a.1 == b.1 && crate::manifest::host_addresses_overlap(a.2, b.2)
+}
+
+/// The map elements `targets` would get, before any release runs (what `cutover plan`
+/// prints): the keys and maps of [`elements`], the release address a placeholder. An
+/// IPv6 element is marked as depending on the release having an IPv6 address.
+pub fn preview_elements(table: &str, targets: &[Target]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in targets {
+        // Ask for both families: the release's IPv6 address is unknown before it runs.
+        let both = Target { addr6: Some(std::net::Ipv6Addr::UNSPECIFIED), ..t.clone() };
+        for e in target_elements(&both) {
+            let when = if e.key.family == Family::Ipv6 && t.host_ip.is_none() {
+                "  # (only if the release has an IPv6 address on its network)"
+            } else {
+                ""
+            };
+            out.push(format!(
+                "add element inet {table} {} {{ {} : <address of {}'s active release> . {} }}{when}",
+                e.key.map(),
+                e.key,
+                t.service,
+                e.port
+            ));
+        }
+    }
+    out
 }
 
 impl fmt::Display for Rule {
@@ -551,20 +572,34 @@ impl fmt::Display for Ruleset {
     }
 }
 
-/// Render element changes as `nft` commands. `map` is unused for keys of other maps:
-/// each element goes to the map of its key.
-pub fn render_ops(table: &str, map: &str, ops: &[ElementOp]) -> String {
-    let map_of = |k: &ElementKey| if k.map() == DNAT_MAP { map.to_string() } else { k.map().to_string() };
-    ops.iter()
-        .map(|op| match op {
-            ElementOp::Delete(k) => format!("delete element inet {table} {} {{ {k} }}\n", map_of(k)),
-            ElementOp::Add(e) => format!("add element inet {table} {} {{ {e} }}\n", map_of(&e.key)),
-        })
-        .collect()
-}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Host ports of `existing` whose key another service of `new` uses: the conflict
+    /// rule over targets.
+    fn conflicts<'a>(existing: &'a [Target], new: &[Target]) -> Vec<&'a Target> {
+        existing
+            .iter()
+            .filter(|e| {
+                new.iter().any(|n| {
+                    n.service != e.service && host_ports_clash((n.protocol, n.host_port, n.host_ip), (e.protocol, e.host_port, e.host_ip))
+                })
+            })
+            .collect()
+    }
+
+    /// Element changes as `nft` commands, to read them in assertions. `map` is unused for
+    /// keys of other maps: each element goes to the map of its key.
+    fn render_ops(table: &str, map: &str, ops: &[ElementOp]) -> String {
+        let map_of = |k: &ElementKey| if k.map() == DNAT_MAP { map.to_string() } else { k.map().to_string() };
+        ops.iter()
+            .map(|op| match op {
+                ElementOp::Delete(k) => format!("delete element inet {table} {} {{ {k} }}\n", map_of(k)),
+                ElementOp::Add(e) => format!("add element inet {table} {} {{ {e} }}\n", map_of(&e.key)),
+            })
+            .collect()
+    }
 
     fn target(service: &str, release: u32, port: u16, addr: [u8; 4]) -> Target {
         Target::new(service, release, Protocol::Tcp, port, addr.into(), 80)

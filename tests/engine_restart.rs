@@ -39,12 +39,7 @@ fn restart_engine() {
 #[test]
 fn exclusive_engine_restart_during_a_drain_completes_or_undoes_the_release() {
     let ids = Ids::new("exclusive_engine_restart_during_a_drain");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[]);
-    let v2 = demo_image(&ids, "v2", &[]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
     let manifest = ServiceYaml::http(&ids.service, &v1, port, &net.name)
@@ -54,7 +49,7 @@ fn exclusive_engine_restart_during_a_drain_completes_or_undoes_the_release() {
         .set("keep", "3")
         .write(daemon.dir());
     daemon.cli_ok(&["apply", manifest.to_str().unwrap_or_default()]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    let url = client.url(port);
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
     // A long request holds v1 in its drain.
     let slow = SlowRequest::start(&ids, client.at(), &format!("{url}slow?ms=30000"), Duration::from_secs(60));

@@ -19,19 +19,13 @@ fn status_json(daemon: &Daemon, service: &str) -> serde_json::Value {
 /// throughout sees no failed request.
 fn kill_at(test: &str, phase: &str, expect_active: u64, expect_outcome: &str) {
     let ids = Ids::new(test);
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[]);
-    let v2 = demo_image(&ids, "v2", &[]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let mut daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s").write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s"));
     // The hook from now on: the first release is in place.
     daemon.restart_with(&["--pause-at", phase]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    let url = client.url(port);
     let run = new_connection_load(&url, client.at(), 14);
 
     std::thread::scope(|scope| {
@@ -96,18 +90,15 @@ fn kill9_while_draining_finishes_the_release() {
 #[test]
 fn a_release_crashing_after_the_switch_is_switched_back() {
     let ids = Ids::new("a_release_crashing_after_the_switch");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     // Ready at once, dead 1.5 s later: about 1 s after the switch.
     let v2 = demo_image(&ids, "v2", &[("CRASH_AFTER_MS", "1500")]);
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "8s").write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "8s"));
+    let url = client.url(port);
     let connections = 4;
     let run = new_connection_load(&url, client.at(), 12);
     std::thread::sleep(Duration::from_secs(1));
@@ -142,9 +133,7 @@ fn a_release_crashing_after_the_switch_is_switched_back() {
 #[test]
 fn two_deploys_of_one_service_one_runs_the_other_is_busy() {
     let ids = Ids::new("two_deploys_of_one_service");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let slow = demo_image(&ids, "slow", &[("START_DELAY_MS", "3000")]);
     let daemon = Daemon::start(&ids);
@@ -230,17 +219,11 @@ fn table_shape(table: &str) -> String {
 fn soak_deploy_rollback_cycles_under_load() {
     let cycles: usize = std::env::var("CUTOVER_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let ids = Ids::new("soak_deploy_rollback_cycles");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[]);
-    let v2 = demo_image(&ids, "v2", &[]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s").set("drain_timeout", "3s").set("keep", "1").write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).deadline("20s").set("watch", "0s").set("drain_timeout", "3s").set("keep", "1"));
+    let url = client.url(port);
     let pid = daemon.pid().unwrap_or_else(|| panic!("daemon pid"));
     let mut baseline = None;
     let mut requests = 0;

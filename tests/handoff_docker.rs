@@ -36,22 +36,6 @@ fn load(url: &str, secs: u64) -> WrkRun {
     Wrk::new(url).at(At::Host).duration(Duration::from_secs(secs)).connections(8).threads(2).timeout(Duration::from_secs(5)).start()
 }
 
-#[track_caller]
-fn all_new_connections_answer(url: &str, release: &str) {
-    for i in 0..20 {
-        let body = get_ok(At::Host, url);
-        assert_eq!(body.trim(), release, "request {i} was answered by `{}`", body.trim());
-    }
-}
-
-/// Names of the test's containers that are running.
-fn running(ids: &Ids) -> Vec<String> {
-    let filter = format!("label={INSTANCE_LABEL}={}", ids.tag);
-    let out = run(&mut common::cmd::cmd(DOCKER, ["ps", "--format", "{{.Names}}", "--filter", &filter]));
-    let mut names: Vec<String> = out.split_whitespace().map(str::to_string).collect();
-    names.sort();
-    names
-}
 
 #[test]
 fn handoff_deploy_rollback_restart_and_refusal_under_load() {
@@ -77,21 +61,21 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     let wrk = load(&url, 8);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
     assert!(report.count("v1") > 0 && report.count("v2") > 0, "both releases answered during the run: {:?}", report.bodies);
-    assert_eq!(running(&ids), vec![c(2)], "release 1 is stopped (kept for rollback)");
+    assert_eq!(running_container_names(&ids), vec![c(2)], "release 1 is stopped (kept for rollback)");
 
     // Rollback under load: the kept container starts, fetches the same listener again.
     let wrk = load(&url, 8);
     std::thread::sleep(Duration::from_secs(1));
     daemon.cli_ok(&["rollback", &ids.service]);
-    all_new_connections_answer(&url, "v1");
+    all_new_connections_answer(At::Host, &url, "v1");
     let report = wrk.wait();
     report.assert_no_failures();
     assert!(report.count("v2") > 0 && report.count("v1") > 0, "{:?}", report.bodies);
-    assert_eq!(running(&ids), vec![c(1)]);
+    assert_eq!(running_container_names(&ids), vec![c(1)]);
 
     // The daemon dies and comes back under load: it takes the listener back from the
     // running release (pidfd_getfd), so the next release gets the very same socket.
@@ -100,10 +84,10 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     daemon.restart();
     assert!(daemon.log().contains("listeners taken back from release process"), "{}", daemon.log());
     daemon.cli_ok(&["rollback", &ids.service, "--to", "2"]);
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
-    assert_eq!(running(&ids), vec![c(2)]);
+    assert_eq!(running_container_names(&ids), vec![c(2)]);
 
     // A release that never gets ready is refused (exit 1) within the deadline; v2 never
     // stopped serving, and nothing of the refused release is left.
@@ -111,11 +95,11 @@ fn handoff_deploy_rollback_restart_and_refusal_under_load() {
     std::thread::sleep(Duration::from_secs(1));
     let out = daemon.cli_expect(&["deploy", &ids.service, "--image", &never], 1);
     assert!(out.stderr.contains("not ready within"), "{out:?}");
-    all_new_connections_answer(&url, "v2");
+    all_new_connections_answer(At::Host, &url, "v2");
     let report = wrk.wait();
     report.assert_no_failures();
     assert_eq!(report.count("v2"), report.requests, "only v2 answered: {:?}", report.bodies);
-    assert_eq!(running(&ids), vec![c(2)]);
+    assert_eq!(running_container_names(&ids), vec![c(2)]);
     let filter = format!("name={}", c(3));
     let all = run(&mut common::cmd::cmd(DOCKER, ["ps", "-a", "--format", "{{.Names}}", "--filter", &filter]));
     assert!(all.trim().is_empty(), "the refused release's container is removed: {all}");

@@ -98,8 +98,7 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     let (host6, _) = add_ipv6(&client, ula(&ids, 2));
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
 
     let table = nft_table_text(&ids.table).expect("table");
     let prefix = format!("{:x}:{:x}:{:x}:1:", 0xfd63, 0x7574, common::ids::fnv1a(&ids.tag) & 0xffff);
@@ -110,7 +109,7 @@ fn ipv6_clients_reach_v1_then_v2_across_a_deploy() {
     assert!(table.contains(&element), "an IPv6 element for the release:\n{table}");
 
     let url6 = format!("http://[{host6}]:{port}/");
-    let url4 = format!("http://{}:{port}/", client.host_addr());
+    let url4 = client.url(port);
     assert_eq!(get_ok(client.at(), &url6).trim(), "v1");
     assert_eq!(get_ok(client.at(), &url4).trim(), "v1");
 

@@ -146,16 +146,13 @@ fn value(samples: &BTreeMap<Series, f64>, name: &str, labels: &[(&str, &str)]) -
 #[test]
 fn a_scrape_during_a_deploy_finds_the_switch() {
     let ids = Ids::new("a_scrape_during_a_deploy_finds_the_switch");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let v2 = demo_image(&ids, "v2", &[]);
     let metrics_addr = format!("127.0.0.1:{}", ids.port());
     let daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "15s").write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "15s"));
     let url = format!("http://127.0.0.1:{port}/");
     assert_eq!(get_ok(At::Host, &url).trim(), "v1");
 
@@ -294,17 +291,11 @@ fn assert_counted_once(packets: f64, bytes: f64, n: usize, path: &str) {
 #[test]
 fn packet_and_byte_counters_grow_with_a_services_traffic() {
     let ids = Ids::new("packet_and_byte_counters_grow_with_a_services_traffic");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[]);
-    let v2 = demo_image(&ids, "v2", &[]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let metrics_addr = format!("127.0.0.1:{}", ids.port());
     let daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s").write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s"));
     let service = ids.service.as_str();
     const N: usize = 10;
 
@@ -313,7 +304,7 @@ fn packet_and_byte_counters_grow_with_a_services_traffic() {
     assert_eq!((p0, b0), (0.0, 0.0), "nothing has used the host port yet");
 
     // Clients on another host: both directions pass prerouting.
-    let remote = format!("http://{}:{port}/", client.host_addr());
+    let remote = client.url(port);
     requests(client.at(), &remote, N, "v1");
     let (p1, b1) = traffic(&metrics_addr, service);
     assert_counted_once(p1 - p0, b1 - b0, N, "another host");
@@ -332,8 +323,7 @@ fn packet_and_byte_counters_grow_with_a_services_traffic() {
     // A second service changes the counting rules, so the whole table is rewritten (its
     // counters start at zero in the kernel): what they had counted is carried.
     let other = format!("b-{}", ids.tag);
-    let file = ServiceYaml::http(&other, &v1, ids.port(), &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    apply(&daemon, ServiceYaml::http(&other, &v1, ids.port(), &net.name));
     let (p4, b4) = traffic(&metrics_addr, service);
     assert!(p4 >= p3 && b4 >= b3, "a whole-table sync does not reset the counters: {p3} -> {p4} packets, {b3} -> {b4} bytes");
     assert_eq!(traffic(&metrics_addr, &other), (0.0, 0.0), "the new service is counted from zero, on its own");

@@ -12,30 +12,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Every new connection after a switch is answered by `release`.
-#[track_caller]
-fn all_new_connections_answer(at: At, url: &str, release: &str) {
-    for i in 0..20 {
-        let body = get_ok(at.clone(), url);
-        assert_eq!(body.trim(), release, "request {i} after the switch was answered by `{}`", body.trim());
-    }
-}
-
 #[test]
 fn deploy_and_rollback_under_load_from_another_host() {
     let ids = Ids::new("deploy_and_rollback_under_load_from_another_host");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[]);
-    let v2 = demo_image(&ids, "v2", &[]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
 
-    let url = format!("http://{}:{port}/", client.host_addr());
+    let url = client.url(port);
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
 
     // A slow request in flight across the switch, and a load of new connections.
@@ -70,9 +55,7 @@ fn deploy_and_rollback_under_load_from_another_host() {
 #[test]
 fn host_clients_via_loopback_and_host_address() {
     let ids = Ids::new("host_clients_via_loopback_and_host_address");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     // The test sets route_localnet itself: off everywhere it could come from, so the
     // daemon must turn it on for loopback clients to work (NOTES: either alone fails).
     let _all = set_route_localnet("all", false);
@@ -82,12 +65,11 @@ fn host_clients_via_loopback_and_host_address() {
     let other = ClientHost::new(&ids); // only for a host address that is not loopback
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
     assert!(route_localnet(&net.bridge), "the daemon enables route_localnet on the release's bridge");
 
     let loopback = format!("http://127.0.0.1:{port}/");
-    let host_addr = format!("http://{}:{port}/", other.host_addr());
+    let host_addr = other.url(port);
     assert_eq!(get_ok(At::Host, &loopback).trim(), "v1");
     assert_eq!(get_ok(At::Host, &host_addr).trim(), "v1");
 
@@ -111,15 +93,12 @@ fn host_clients_via_loopback_and_host_address() {
 #[test]
 fn clients_in_another_container_reach_the_host_port() {
     let ids = Ids::new("clients_in_another_container_reach_the_host_port");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let v2 = demo_image(&ids, "v2", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
 
     // A client container on the same bridge calls the host's address on that bridge:
     // without the hairpin masquerade the replies would bypass the NAT and be dropped.
@@ -146,17 +125,14 @@ fn clients_in_another_container_reach_the_host_port() {
 #[test]
 fn a_release_that_never_gets_healthy_is_refused_and_changes_nothing() {
     let ids = Ids::new("a_release_that_never_gets_healthy_is_refused");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let bad = demo_image(&ids, "bad", &[("HEALTH", "fail")]);
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
+    let url = client.url(port);
 
     let rules_before = nft_table_text(&ids.table).expect("table exists");
     let containers_before = containers_of(&ids);
@@ -185,16 +161,13 @@ fn a_release_that_never_gets_healthy_is_refused_and_changes_nothing() {
 #[test]
 fn the_daemon_killed_keeps_traffic_and_restart_restores_a_lost_table() {
     let ids = Ids::new("the_daemon_killed_keeps_traffic");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let client = ClientHost::new(&ids);
     let mut daemon = Daemon::start(&ids);
     let port = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
-    let url = format!("http://{}:{port}/", client.host_addr());
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
+    let url = client.url(port);
 
     let run = new_connection_load(&url, client.at(), 6);
     std::thread::sleep(Duration::from_secs(2));
@@ -215,14 +188,11 @@ fn the_daemon_killed_keeps_traffic_and_restart_restores_a_lost_table() {
 #[test]
 fn invalid_manifests_exit_2_and_change_nothing() {
     let ids = Ids::new("invalid_manifests_exit_2");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let good = ServiceYaml::http(&ids.service, &v1, port, &net.name).write(daemon.dir());
-    daemon.cli_ok(&["apply", good.to_str().unwrap()]);
+    let good = apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
     let rules = nft_table_text(&ids.table);
     let state = daemon.cli_ok(&["status", "--json"]).stdout;
     let containers = containers_of(&ids);

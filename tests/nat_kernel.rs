@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+mod common;
+
 use cutover::host;
 use cutover::manifest::Protocol;
 use cutover::nat::{Firewall, MessageRejected, NatError, NftFirewall};
@@ -388,7 +390,7 @@ fn docker_user_exists() -> bool {
 
 /// A host port no process uses, derived from the pid so parallel runs differ.
 fn free_host_port(offset: u16) -> u16 {
-    let used = host::listening_ports().unwrap();
+    let used = common::listening_ports().unwrap();
     (0..500u16)
         .map(|i| 42000 + ((pid() as u16 % 500 + offset + i) % 3000))
         .find(|p| !used.contains(&(Protocol::Tcp, *p)) && !used.contains(&(Protocol::Udp, *p)))
@@ -521,7 +523,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
 
     // Host clients via 127.0.0.1 need route_localnet on the interface toward the release
     // (and the loopback masquerade in the table). Set it ourselves and restore it.
-    let all = host::route_localnet("all").unwrap();
+    let all = common::route_localnet("all");
     let previous = host::set_route_localnet(&rel_b.host_if, false).unwrap();
     let ifname = rel_b.host_if.clone();
     cleanup.call(move || {
@@ -534,7 +536,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
         assert!(who_from(None, lo).is_err(), "127.0.0.1 must not work without route_localnet");
     }
     assert!(!host::set_route_localnet(&rel_b.host_if, true).unwrap());
-    assert!(host::route_localnet(&rel_b.host_if).unwrap());
+    assert!(common::route_localnet(&rel_b.host_if));
     assert_eq!(who_from(None, lo).unwrap(), "B");
     // A host client over loopback: the request is counted at output, the answer at
     // prerouting, each once.
@@ -547,7 +549,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
     assert_eq!((after.packets - before.packets, after.bytes - before.bytes), (2, 31 + 29), "{before:?} -> {after:?}");
 
     // The host port is not a listening socket of the host (only a DNAT).
-    assert!(!host::listening_ports().unwrap().contains(&(Protocol::Tcp, port)));
+    assert!(!common::listening_ports().unwrap().contains(&(Protocol::Tcp, port)));
 
     if docker {
         fw.remove_forward_accept(&table, MARK).unwrap();
@@ -561,7 +563,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
 fn listening_ports_sees_a_real_listener() {
     let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let u = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
-    let ports = host::listening_ports().unwrap();
+    let ports = common::listening_ports().unwrap();
     assert!(ports.contains(&(Protocol::Tcp, l.local_addr().unwrap().port())));
     assert!(ports.contains(&(Protocol::Udp, u.local_addr().unwrap().port())));
 }

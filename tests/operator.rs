@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -43,12 +45,6 @@ fn engine_missing() -> Option<String> {
         return Some(format!("{DOCKER} version fails: the engine does not answer"));
     }
     None
-}
-
-/// A TCP port nothing listens on right now (the kernel's pick; tiny race accepted).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -333,7 +329,7 @@ fn json_outputs_of_apply_deploy_status_history_remove_parse() {
     assert!(net.status.success(), "docker network create: {}", text(&net.stderr));
     d.network = true;
     let service = format!("op-{pid}");
-    let port = free_port();
+    let port = common::free_port();
     let manifest = format!(
         "name: {service}\nimage: {}\nports: [{{host: {port}, container: 80}}]\nhealth: {{type: http, path: /healthz, interval: 200ms}}\ndrain_timeout: 1s\nstop_timeout: 2s\nnetwork: {}\n",
         d.images[0], d.instance
@@ -395,7 +391,7 @@ fn demo_runs_to_the_end_with_no_failed_request_and_cleans_up() {
         }
     }
     let _guard = Guard(&table, &lab, &images);
-    let port = free_port().to_string();
+    let port = common::free_port().to_string();
     let out = cutover(&["demo", "--port", &port, "--lab-name", &lab, "--settle", "1s", "--json"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "cutover demo: {:?}\n{stdout}\n{}", out.status, text(&out.stderr));

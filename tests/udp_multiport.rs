@@ -38,9 +38,7 @@ fn udp_image(ids: &Ids, release: &str) -> String {
 #[test]
 fn udp_service_switches_under_a_stream_of_datagrams() {
     let ids = Ids::new("udp_service_switches_under_a_stream_of_datagrams");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = udp_image(&ids, "v1");
     let v2 = udp_image(&ids, "v2");
     let v3 = udp_image(&ids, "v3");
@@ -143,9 +141,7 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
         eprintln!("skipped: the one-transaction check is about the nftables backend");
         return;
     }
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = udp_image(&ids, "v1");
     let v2 = udp_image(&ids, "v2");
     let client = ClientHost::new(&ids);
@@ -153,7 +149,7 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
     let (tcp, udp) = (ids.port(), ids.port());
     let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, &[("drain_timeout", "3s"), ("udp_idle", "1s")]);
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
-    let url = format!("http://{}:{tcp}/", client.host_addr());
+    let url = client.url(tcp);
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
 
     let monitor = Monitor::start(&format!("{}_probe", ids.table));
@@ -190,9 +186,7 @@ fn tcp_and_udp_ports_switch_in_one_transaction() {
 #[test]
 fn a_port_with_host_ip_is_served_on_that_address_only() {
     let ids = Ids::new("a_port_with_host_ip_is_served_on_that_address_only");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let v2 = demo_image(&ids, "v2", &[]);
     let bound = ClientHost::nth(&ids, 0);
@@ -211,8 +205,8 @@ fn a_port_with_host_ip_is_served_on_that_address_only() {
     std::fs::write(&file, text).expect("manifest");
     daemon.cli_ok(&["apply", file.to_str().unwrap()]);
 
-    let on_bound = format!("http://{}:{port}/", bound.host_addr());
-    let on_other = format!("http://{}:{port}/", other.host_addr());
+    let on_bound = bound.url(port);
+    let on_other = other.url(port);
     assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v1");
     // Another local address of the host is not forwarded: nothing listens there.
     let refused = curl_within(other.at(), &on_other, Duration::from_secs(3));

@@ -16,6 +16,6 @@ pub async fn run(socket: &Path, args: ApplyArgs) -> anyhow::Result<()> {
         manifests.push(ManifestText { file: file.display().to_string(), text });
     }
     let data = crate::client::call(socket, &Request::Apply { manifests }).await?;
-    print_outcomes(&data, args.json);
+    print_outcomes(&data, args.json)?;
     Ok(())
 }

@@ -12,8 +12,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::DaemonArgs;
 use crate::commands::{Exit, Failure};
-use crate::daemon::{checks::RealChecks, table_lock, Access};
-use crate::deploy::{Releaser, Settings};
+use crate::daemon::{table_lock, Access};
+use crate::deploy::{Effects, Releaser, Settings};
 use crate::handoff::notify::notify_service_manager;
 use crate::docker::DockerEngine;
 use crate::state::StateStore;
@@ -57,7 +57,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
     // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
     let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
-    let mut releaser = Releaser::new(Arc::new(engine), firewall, Arc::new(RealChecks::new()), settings, store)?.with_handoff(brokers);
+    let mut releaser = Releaser::new(Arc::new(engine), firewall, Effects::real(), settings, store)?.with_handoff(brokers);
     // Bound before READY, so a taken address fails the start instead of going unnoticed.
     let metrics = match args.metrics {
         Some(addr) => {

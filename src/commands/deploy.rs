@@ -8,6 +8,6 @@ use crate::commands::print_outcomes;
 
 pub async fn run(socket: &Path, args: DeployArgs) -> anyhow::Result<()> {
     let data = crate::client::call(socket, &Request::Deploy { service: args.name, image: args.image }).await?;
-    print_outcomes(&data, args.json);
+    print_outcomes(&data, args.json)?;
     Ok(())
 }

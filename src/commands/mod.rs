@@ -2,8 +2,6 @@
 //! daemon (or runs the supervisor), prints, and returns a [`Failure`] whose exit code
 //! `main` turns into the process status.
 
-use std::fmt;
-
 pub mod apply;
 pub mod completions;
 pub mod daemon;
@@ -19,43 +17,8 @@ pub mod run;
 pub mod status;
 
 use crate::cli::{Cli, Command};
-
-/// Process exit codes, documented in README.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// The operation was refused or failed safely (the old release still serves).
-    Refused = 1,
-    /// Invalid input (manifest, arguments).
-    Invalid = 2,
-    /// The daemon is not reachable.
-    Unreachable = 3,
-}
-
-/// An error with the exit code it maps to.
-#[derive(Debug)]
-pub struct Failure {
-    pub exit: Exit,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(exit: Exit, message: impl Into<String>) -> Self {
-        Failure { exit, message: message.into() }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failure {}
-
-/// The exit code for an error returned by a command.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    err.downcast_ref::<Failure>().map(|f| f.exit as u8).unwrap_or(Exit::Refused as u8)
-}
+/// The subcommands' failures and their exit codes live below both commands and client.
+pub use crate::exit::{Exit, Failure};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket;
@@ -76,16 +39,18 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Print what deploy/rollback/apply did: a line per service, or JSON.
-pub fn print_outcomes(data: &serde_json::Value, json: bool) {
+/// Print what deploy/rollback/apply did: a line per service, or JSON. An answer that is
+/// not one or more outcomes is an error, not an empty print.
+pub fn print_outcomes(data: &serde_json::Value, json: bool) -> Result<(), Failure> {
     if json {
         println!("{data}");
-        return;
+        return Ok(());
     }
-    let list: Vec<crate::deploy::OutcomeView> = match data {
-        serde_json::Value::Array(_) => serde_json::from_value(data.clone()).unwrap_or_default(),
-        _ => serde_json::from_value(data.clone()).map(|o| vec![o]).unwrap_or_default(),
-    };
+    let list: Vec<crate::deploy::Outcome> = match data {
+        serde_json::Value::Array(_) => serde_json::from_value(data.clone()),
+        _ => serde_json::from_value(data.clone()).map(|o| vec![o]),
+    }
+    .map_err(|e| Failure::new(Exit::Refused, format!("unexpected answer from the daemon: {e}")))?;
     for o in list {
         let from = o.from.map(|f| format!("release {f} -> ")).unwrap_or_default();
         let mut parts = Vec::new();
@@ -105,4 +70,5 @@ pub fn print_outcomes(data: &serde_json::Value, json: bool) {
         let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
         println!("{}: {}{} {}{}", o.service, from, if o.to == 0 { "-".to_string() } else { format!("release {}", o.to) }, o.outcome, detail);
     }
+    Ok(())
 }

@@ -27,26 +27,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             ));
             continue;
         }
-        for p in &m.ports {
-            // A port bound on one host address lives in the map keyed by address, of that
-            // address's family; otherwise IPv4 and, when the release has one, IPv6.
-            let (maps, key) = match p.host_ip {
-                Some(ip) => (vec![(plan::map_name(plan::Family::of(&ip), true), "")], format!("{ip} . {} . {}", p.protocol, p.host)),
-                None => (
-                    vec![(plan::DNAT_MAP, ""), (plan::DNAT6_MAP, " (only if the release has an IPv6 address on its network)")],
-                    format!("{} . {}", p.protocol, p.host),
-                ),
-            };
-            for (map, when) in maps {
-                notes.push(format!(
-                    "add element inet {} {map} {{ {key} : <address of {}'s active release> . {} }}{}",
-                    args.table,
-                    m.name,
-                    p.container,
-                    if when.is_empty() { String::new() } else { format!("  #{when}") }
-                ));
-            }
-        }
+        // No release runs yet: the plan's own elements, with a placeholder address.
+        let targets = crate::deploy::targets_of(&m.name, 0, m, std::net::Ipv4Addr::UNSPECIFIED, None);
+        notes.extend(plan::preview_elements(&args.table, &targets));
         notes.push(format!(
             "# {}: the postrouting chain also masquerades hairpin traffic on the bridge of network `{}`",
             m.name, m.network

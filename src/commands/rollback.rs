@@ -8,6 +8,6 @@ use crate::commands::print_outcomes;
 
 pub async fn run(socket: &Path, args: RollbackArgs) -> anyhow::Result<()> {
     let data = crate::client::call(socket, &Request::Rollback { service: args.name, to: args.to }).await?;
-    print_outcomes(&data, args.json);
+    print_outcomes(&data, args.json)?;
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! An operation, once started, runs to its end even if the client goes away: a deploy
 //! half done because a terminal closed would be worse than one nobody watches.
 
-pub mod checks;
 pub mod table_lock;
 
 use std::future::Future;
@@ -15,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-use crate::api::{self, code, ManifestText, ProgressLine, Reply, Request};
+use crate::api::{self, ErrorCode, ManifestText, ProgressLine, Reply, Request};
 use crate::deploy::{ReleaseError, Releaser};
 use crate::limits::{Caps, Limiter, LogThrottle};
 use crate::manifest::Manifest;
@@ -126,7 +125,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     if !access.permits(cred.uid(), cred.gid(), &groups) {
         tracing::warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control request refused: not root nor in the allowed group");
         let _ = write_reply(&mut write, &Reply::Error {
-            code: code::DENIED.into(),
+            code: ErrorCode::Denied,
             message: format!(
                 "uid {} may not control cutover: run as root, or start the daemon with --allow-group for your group",
                 cred.uid()
@@ -151,7 +150,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     }
     if line.len() > api::MAX_REQUEST {
         let _ = write_reply(&mut write, &Reply::Error {
-            code: code::INVALID.into(),
+            code: ErrorCode::Invalid,
             message: format!("request longer than {} bytes refused", api::MAX_REQUEST),
         })
         .await;
@@ -166,7 +165,7 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "malformed control request");
-            let _ = write_reply(&mut write, &Reply::Error { code: code::INVALID.into(), message: format!("malformed request: {e}") }).await;
+            let _ = write_reply(&mut write, &Reply::Error { code: ErrorCode::Invalid, message: format!("malformed request: {e}") }).await;
             return;
         }
     };
@@ -181,22 +180,22 @@ async fn handle(stream: UnixStream, releaser: Arc<Releaser>, access: Access) {
     }
     let reply = match task.await {
         Ok(Ok(data)) => Reply::Done { data },
-        Ok(Err((code, message))) => Reply::Error { code: code.into(), message },
-        Err(e) => Reply::Error { code: code::REFUSED.into(), message: format!("the operation panicked: {e}") },
+        Ok(Err((code, message))) => Reply::Error { code, message },
+        Err(e) => Reply::Error { code: ErrorCode::Refused, message: format!("the operation panicked: {e}") },
     };
     if !client_gone {
         let _ = write_reply(&mut write, &reply).await;
     }
 }
 
-type Answer = Result<serde_json::Value, (&'static str, String)>;
+type Answer = Result<serde_json::Value, (ErrorCode, String)>;
 
-fn fail(e: ReleaseError) -> (&'static str, String) {
-    (e.code(), e.to_string())
+fn fail(e: ReleaseError) -> (ErrorCode, String) {
+    (ErrorCode::from(&e), e.to_string())
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Answer {
-    serde_json::to_value(v).map_err(|e| (code::REFUSED, format!("cannot encode the answer: {e}")))
+    serde_json::to_value(v).map_err(|e| (ErrorCode::Refused, format!("cannot encode the answer: {e}")))
 }
 
 async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::ProgressTx) -> Answer {
@@ -226,13 +225,13 @@ async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::Progr
 async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::deploy::ProgressTx) -> Answer {
     let mut parsed = Vec::new();
     for m in &manifests {
-        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (code::INVALID, e.to_string()))?;
+        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (ErrorCode::Invalid, e.to_string()))?;
         parsed.push(manifest);
     }
     let mut names = std::collections::BTreeSet::new();
     for m in &parsed {
         if !names.insert(m.name.clone()) {
-            return Err((code::INVALID, format!("service `{}` is named by two manifests", m.name)));
+            return Err((ErrorCode::Invalid, format!("service `{}` is named by two manifests", m.name)));
         }
     }
     check_host_facts(&manifests, &parsed)?;
@@ -247,7 +246,7 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
                 if !done.is_empty() {
                     message.push_str(&format!(" (already applied: {})", done.join(", ")));
                 }
-                return Err((e.code(), message));
+                return Err((ErrorCode::from(&e), message));
             }
         }
     }
@@ -256,14 +255,14 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
 
 /// The checks of a manifest that need this host's facts, before anything changes:
 /// every `host_ip` must be a local address (the DNAT matches only those).
-fn check_host_facts(texts: &[ManifestText], parsed: &[Manifest]) -> Result<(), (&'static str, String)> {
+fn check_host_facts(texts: &[ManifestText], parsed: &[Manifest]) -> Result<(), (ErrorCode, String)> {
     if parsed.iter().all(|m| m.ports.iter().all(|p| p.host_ip.is_none())) {
         return Ok(());
     }
-    let local = crate::host::local_addresses().map_err(|e| (code::REFUSED, e.to_string()))?;
+    let local = crate::host::local_addresses().map_err(|e| (ErrorCode::Refused, e.to_string()))?;
     for (text, m) in texts.iter().zip(parsed) {
         if let Some(why) = crate::host::host_ip_problem(m, &local) {
-            return Err((code::INVALID, format!("{}: {why}", text.file)));
+            return Err((ErrorCode::Invalid, format!("{}: {why}", text.file)));
         }
     }
     Ok(())
@@ -281,7 +280,7 @@ pub fn status(state: &State, only: Option<&str>) -> Vec<api::ServiceStatus> {
             kept.sort_unstable_by(|a, b| b.cmp(a));
             api::ServiceStatus {
                 name: name.clone(),
-                mode: if svc.manifest.handoff.is_some() { "handoff".into() } else { "nat".into() },
+                mode: crate::deploy::Mode::of(&svc.manifest).name().into(),
                 active: svc.active,
                 image: active.map(|r| r.image.clone()),
                 container: active.map(|r| r.container.clone()),

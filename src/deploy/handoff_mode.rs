@@ -207,21 +207,13 @@ impl Releaser {
             }
         })
         .await?;
-        self.handoff_cut_over(service, OperationKind::Deploy, from, number, &manifest, info, progress).await
+        let release = Inflight { service, kind: OperationKind::Deploy, from, to: number, manifest: &manifest, info };
+        self.cut_over(release, progress).await
     }
 
     /// Readiness gate, stop of the old release, prune, record (deploy and rollback).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn handoff_cut_over(
-        &self,
-        service: &str,
-        kind: OperationKind,
-        from: Option<u32>,
-        to: u32,
-        manifest: &Manifest,
-        info: ContainerInfo,
-        progress: &ProgressTx,
-    ) -> Result<Outcome, ReleaseError> {
+    pub(super) async fn handoff_cut_over(&self, release: Inflight<'_>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let Inflight { service, kind, from, to, manifest, ref info } = release;
         let brokers = self.brokers(service)?;
         if !brokers.is_open(service) {
             // E.g. restoring it at restart failed; a started release would wait in vain.
@@ -229,7 +221,7 @@ impl Releaser {
             brokers.open(service, &spec, None)?;
         }
         let ready_started = Instant::now();
-        if let Err(reason) = self.handoff_wait_ready(&*brokers, service, to, manifest, &info, progress).await {
+        if let Err(reason) = self.handoff_wait_ready(&*brokers, service, to, manifest, info, progress).await {
             if let Some(pid) = info.pid {
                 brokers.forget(service, i32::try_from(pid).unwrap_or(i32::MAX));
             }
@@ -280,7 +272,7 @@ impl Releaser {
             }
             self.set_phase(service, Phase::Stopped).await?;
         }
-        self.finish_release(service, kind, from, to, &info.id, Some(health_ms), None, drain_ms).await?;
+        self.finish_release(&release, Timings { health_ms: Some(health_ms), switch_us: None, drain_ms }).await?;
         self.observe(|m| {
             m.health_wait(service, Duration::from_millis(health_ms));
             if let Some(d) = drain_ms {
@@ -317,15 +309,7 @@ impl Releaser {
         loop {
             let now_ = Instant::now();
             if now_ >= next_inspect {
-                let current = self
-                    .engine
-                    .inspect(info.id.clone(), manifest.network.clone())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "its container disappeared".to_string())?;
-                if !current.running {
-                    return Err(format!("its container exited with code {}", current.exit_code.unwrap_or(-1)));
-                }
+                let current = self.still_running(info, manifest).await?;
                 docker_health = current.health;
                 next_inspect = now_ + health.interval;
             }
@@ -380,7 +364,7 @@ impl Releaser {
     pub(super) async fn handoff_reconcile(&self) -> Result<Vec<String>, ReleaseError> {
         let mut notes = Vec::new();
         let state = self.snapshot().await;
-        for (name, svc) in state.services.iter().filter(|(_, s)| s.manifest.handoff.is_some()) {
+        for (name, svc) in state.services.iter().filter(|(_, s)| Mode::of(&s.manifest) == Mode::Handoff) {
             if let Err(e) = self.handoff_restore(name, svc, &mut notes).await {
                 tracing::error!(service = %name, error = %e, "handoff service not restored");
                 notes.push(format!("{name}: handoff mode NOT restored, its releases cannot fetch listeners: {e}"));

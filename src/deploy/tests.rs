@@ -4,131 +4,22 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
 use super::*;
-use crate::docker::Published;
+use crate::dad::DadError;
+
+use crate::drain::DrainError;
+use crate::health::HealthError;
+use crate::host::{ExitWatch, HostError};
+use crate::manifest::HealthSpec;
 use crate::plan::{Element, ElementKey, ElementOp, Traffic};
 
-#[derive(Debug, Clone)]
-struct FakeContainer {
-    info: ContainerInfo,
-    image: String,
-}
-
-#[derive(Default)]
-struct FakeEngine {
-    containers: Mutex<BTreeMap<String, FakeContainer>>,
-    next_ip: AtomicU8,
-    /// Containers also get an IPv6 address (a network created with `--ipv6`).
-    dual_stack: AtomicBool,
-}
-
-impl FakeEngine {
-    fn running(&self) -> Vec<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().filter(|c| c.info.running).map(|c| c.info.name.clone()).collect()
-    }
-    fn names(&self) -> Vec<String> {
-        self.containers.lock().unwrap().values().map(|c| c.info.name.clone()).collect()
-    }
-    fn image_at(&self, addr: Ipv4Addr) -> Option<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().find(|c| c.info.addr == Some(addr) && c.info.running).map(|c| c.image.clone())
-    }
-    fn fresh_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(172, 17, 0, 2 + self.next_ip.fetch_add(1, Ordering::SeqCst))
-    }
-    /// The IPv6 address that goes with `ip` on a dual-stack network.
-    fn ip6_of(&self, ip: Ipv4Addr) -> Option<Ipv6Addr> {
-        self.dual_stack.load(Ordering::SeqCst).then(|| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(ip.octets()[3])))
-    }
-}
-
-impl Engine for FakeEngine {
-    fn keep_running(&self, _id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
-        Box::pin(async move {
-            if spec.image.contains("missing") {
-                return Err(DockerError::NoImage(spec.image));
-            }
-            let id = format!("id-{}", spec.name);
-            let ip = self.fresh_ip();
-            let info = ContainerInfo {
-                id: id.clone(),
-                name: spec.name.clone(),
-                running: !spec.image.contains("crash"),
-                pid: Some(100),
-                addr: Some(ip),
-                addr6: self.ip6_of(ip),
-                exit_code: spec.image.contains("crash").then_some(3),
-                restarts: 0,
-                health: None,
-                labels: spec.labels.clone(),
-            };
-            self.containers.lock().unwrap().insert(id, FakeContainer { info: info.clone(), image: spec.image });
-            Ok(info)
-        })
-    }
-    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            let ip = self.fresh_ip();
-            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
-                c.info.running = true;
-                // Docker may hand out another address on start.
-                c.info.addr = Some(ip);
-                c.info.addr6 = self.ip6_of(ip);
-            }
-            Ok(())
-        })
-    }
-    fn inspect(&self, id: String, _network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>> {
-        Box::pin(async move { Ok(self.containers.lock().unwrap().get(&id).map(|c| c.info.clone())) })
-    }
-    fn stop(&self, id: String, _timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
-                c.info.running = false;
-            }
-            Ok(())
-        })
-    }
-    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            let mut c = self.containers.lock().unwrap();
-            c.remove(&id);
-            c.retain(|_, v| v.info.name != id);
-            Ok(())
-        })
-    }
-    fn logs_tail(&self, _id: String, _lines: usize) -> BoxFuture<'_, Result<String, DockerError>> {
-        Box::pin(async { Ok("listening\nhealth check failing\n".to_string()) })
-    }
-    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
-        Box::pin(async {
-            Ok(vec![
-                Published { protocol: Protocol::Tcp, port: 9999, host_ip: None, container: "someone-else".into() },
-                Published { protocol: Protocol::Tcp, port: 9998, host_ip: Some([10, 0, 0, 9].into()), container: "on-one-address".into() },
-            ])
-        })
-    }
-    fn bridge(&self, _network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn list_instance(&self, _instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
-        Box::pin(async move { Ok(self.containers.lock().unwrap().values().map(|c| c.info.clone()).collect()) })
-    }
-    fn events(&self, _instance: String) -> futures_util::stream::BoxStream<'_, Result<(String, String), DockerError>> {
-        Box::pin(futures_util::stream::empty())
-    }
-}
+use super::fakes::FakeEngine;
 
 #[derive(Default)]
 struct FakeFirewall {
@@ -220,35 +111,55 @@ struct FakeChecks {
     firewall: Arc<FakeFirewall>,
 }
 
-impl Checks for FakeChecks {
-    fn probe(&self, _health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+fn refused(addr: SocketAddr) -> HealthError {
+    HealthError::Connect { addr, source: std::io::ErrorKind::ConnectionRefused.into() }
+}
+
+impl crate::health::Probe for FakeChecks {
+    fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), HealthError>> {
         Box::pin(async move {
-            let SocketAddr::V4(v4) = addr else { return Err("v6".into()) };
+            let SocketAddr::V4(v4) = addr else { return Err(refused(addr)) };
             match self.engine.image_at(*v4.ip()) {
-                Some(img) if img.contains("broken") => Err("GET /healthz answered 503".into()),
+                Some(img) if img.contains("broken") => Err(HealthError::Status { addr, path: health.path, status: 503 }),
                 // Healthy for the gate, failing right after the switch.
                 Some(img) if img.contains("dies-later") && self.probes.fetch_add(1, Ordering::SeqCst) > 0 => {
-                    Err("connection refused".into())
+                    Err(refused(addr))
                 }
                 Some(_) => Ok(()),
-                None => Err("connection refused".into()),
+                None => Err(refused(addr)),
             }
         })
     }
-    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
+}
+
+impl crate::drain::Connections for FakeChecks {
+    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, DrainError>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+}
+
+impl crate::host::HostNet for FakeChecks {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, HostError> {
         Ok(BTreeSet::from([(Protocol::Tcp, 22, None), (Protocol::Tcp, 53, Some([127, 0, 0, 53].into()))]))
     }
-    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), String> {
+    fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError> {
         self.forgotten.lock().unwrap().push((protocol, port, addr));
         Ok(())
     }
-    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, String> {
+    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
         Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
     }
-    fn ipv6_readiness(&self, _pid: u32, _addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, String>> {
+    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+        Ok(false)
+    }
+    fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
+        // No process: the drain watch relies on the engine's view, as the fake engine is.
+        Err(HostError::Pidfd { pid, source: std::io::ErrorKind::Unsupported.into() })
+    }
+}
+
+impl crate::dad::Ipv6Paths for FakeChecks {
+    fn readiness(&self, _pid: u32, _addr: Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, DadError>> {
         Box::pin(async move {
             self.ipv6_checked_while.lock().unwrap().push(self.firewall.target(8080));
             let mut answers = self.ipv6.lock().unwrap();
@@ -274,7 +185,8 @@ fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeF
     let checks = Arc::new(FakeChecks { engine: engine.clone(), firewall: firewall.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
-    let releaser = Releaser::new(engine.clone(), firewall.clone(), checks.clone(), settings, store).unwrap();
+    let effects = Effects { probe: checks.clone(), connections: checks.clone(), host: checks.clone(), ipv6: checks.clone() };
+    let releaser = Releaser::new(engine.clone(), firewall.clone(), effects, settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     World { engine, firewall, checks, releaser, tx, _dir: dir }
@@ -417,7 +329,7 @@ async fn rollback_without_a_kept_release_is_refused() {
     let w = world();
     w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
     let err = w.releaser.rollback("web", None, &w.tx).await.unwrap_err();
-    assert_eq!(err.code(), "refused");
+    assert_eq!(crate::api::ErrorCode::from(&err), crate::api::ErrorCode::Refused);
     assert!(matches!(w.releaser.rollback("web", Some(7), &w.tx).await, Err(ReleaseError::Invalid(_))));
 }
 

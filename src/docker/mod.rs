@@ -182,6 +182,45 @@ impl DockerEngine {
         &self.docker
     }
 
+    /// Create bridge network `name` with `labels`, or reuse one of that name (left by a
+    /// run that was killed).
+    pub async fn ensure_network(&self, name: &str, labels: HashMap<String, String>) -> Result<(), DockerError> {
+        let api = |action, source| DockerError::Api { action, target: name.to_string(), source };
+        // Inspect first: engines of API 1.41 create a second network of the same name
+        // instead of refusing it, and then neither can be removed by name.
+        match self.docker.inspect_network(name, None).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(e) => return Err(api("inspect network", e)),
+        }
+        let request = bollard::models::NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        self.docker.create_network(request).await.map_err(|e| api("create network", e))?;
+        Ok(())
+    }
+
+    /// Remove network `name`; one that is already gone is fine.
+    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+        match self.docker.remove_network(name).await {
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Api { action: "remove network", target: name.to_string(), source }),
+        }
+    }
+
+    /// Remove image `tag`, even if a stopped container still uses it; one that is already
+    /// gone is fine.
+    pub async fn remove_image(&self, tag: &str) -> Result<(), DockerError> {
+        let opts = bollard::query_parameters::RemoveImageOptionsBuilder::default().force(true).build();
+        match self.docker.remove_image(tag, Some(opts), None).await {
+            Ok(_) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Api { action: "remove image", target: tag.to_string(), source }),
+        }
+    }
+
     async fn inspect_inner(&self, id: &str, network: &str) -> Result<Option<ContainerInfo>, DockerError> {
         let resp = match self.docker.inspect_container(id, None::<InspectContainerOptions>).await {
             Ok(r) => r,

@@ -36,18 +36,6 @@ pub enum AdoptError {
     Missing { pid: i32, name: String, addr: std::net::SocketAddr },
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // passed.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor (close-on-exec by definition of
-    // pidfd_open); nothing else owns it. It fits an i32 (fds are ints).
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
-}
-
 fn pidfd_getfd(pidfd: &OwnedFd, target: i32) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     // SAFETY: pidfd_getfd takes a pidfd, an fd number in the target process and flags
@@ -64,7 +52,7 @@ fn pidfd_getfd(pidfd: &OwnedFd, target: i32) -> std::io::Result<OwnedFd> {
 /// to exactly its address). All or nothing: a listener the process does not hold is an
 /// error, and every fd taken so far is closed.
 pub fn take_listeners(pid: i32, specs: &[ListenSpec]) -> Result<Vec<Listener>, AdoptError> {
-    let pidfd = pidfd_open(pid).map_err(|source| AdoptError::Pidfd { pid, source })?;
+    let pidfd = crate::pidfd::open(pid).map_err(|source| AdoptError::Pidfd { pid, source })?;
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|source| AdoptError::FdTable { pid, source })?;
     // Several fds may refer to one socket (dup); the inode tells them apart.

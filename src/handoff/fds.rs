@@ -18,6 +18,9 @@ use tokio::io::Interest;
 use super::protocol::{self, Message, MAX_FDS, MAX_FRAME};
 use super::HandoffError;
 
+/// How long either side of a handover waits for the other's next frame.
+pub const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Where a handoff socket lives: `@name` is an abstract unix name (scoped to the network
 /// namespace it was bound in), anything else a filesystem path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,7 +296,7 @@ impl AsyncSeqPacket {
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        set_timeouts(fd.as_fd(), super::migrate::STEP_TIMEOUT)?;
+        set_timeouts(fd.as_fd(), STEP_TIMEOUT)?;
         Ok(fd)
     }
 

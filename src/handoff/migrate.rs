@@ -28,8 +28,9 @@ use super::listeners::Listener;
 use super::protocol::{self, ErrorCode, Message, CONNECTIONS_HEADER, MAX_BODY, MAX_FDS};
 use super::HandoffError;
 
-/// How long either side waits for the other's next frame during a handover.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long either side waits for the other's next frame during a handover (a property
+/// of the framed channel, so `fds` owns it).
+pub use super::fds::STEP_TIMEOUT;
 
 /// An established connection and the state the next generation needs to resume it.
 #[derive(Debug)]

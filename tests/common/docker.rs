@@ -107,6 +107,15 @@ pub fn running_containers_of(ids: &Ids) -> Vec<String> {
     out.split_whitespace().map(str::to_string).collect()
 }
 
+/// Names of the running containers labelled `cutover.instance=<ids.tag>`, sorted.
+pub fn running_container_names(ids: &Ids) -> Vec<String> {
+    let filter = format!("label={INSTANCE_LABEL}={}", ids.tag);
+    let out = run(&mut cmd(DOCKER, ["ps", "--format", "{{.Names}}", "--filter", &filter]));
+    let mut names: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    names.sort();
+    names
+}
+
 /// A Docker bridge network of one test, with its own Linux bridge `ids.bridge()`, so a
 /// test can set `route_localnet` on it without touching other tests' traffic. Removed on
 /// drop (after the containers on it: create it before the `Daemon`).

@@ -71,6 +71,15 @@ pub fn curl_within(at: impl Into<At>, url: &str, max_time: Duration) -> Result<(
     finish(described, c.output())
 }
 
+/// Every new connection (20 in a row) from `at` is answered by `release`.
+#[track_caller]
+pub fn all_new_connections_answer(at: At, url: &str, release: &str) {
+    for i in 0..20 {
+        let body = get_ok(at.clone(), url);
+        assert_eq!(body.trim(), release, "request {i} was answered by `{}`", body.trim());
+    }
+}
+
 /// GET that must answer 200; returns the body with trailing whitespace trimmed
 /// (`v1\n` -> `v1`). Panics with curl's error otherwise.
 #[track_caller]

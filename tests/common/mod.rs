@@ -9,6 +9,8 @@
 //! - [`Wrk`], [`curl`], [`SlowRequest`], [`UdpClient`], [`NewFlows`]: real clients and their results;
 //! - [`Daemon`]: a `cutover daemon` of the test and its CLI;
 //! - [`set_route_localnet`], [`ipv6_forwarding_on`], [`DockerNetwork`], [`demo_image`], [`require_docker`].
+//! - the NAT scenario preamble: [`nat_network`], [`two_releases`], [`apply`], and
+//!   [`all_new_connections_answer`]; [`listening_ports`] for tests that pick host ports.
 //!
 //! It must not touch anything that does not carry the test's tag: other tables, other
 //! DOCKER-USER rules, other containers.
@@ -39,17 +41,64 @@ pub use sd_server::sd_server_command;
 pub use cmd::{run, try_run, wait_for, Outcome, DOCKER};
 pub use daemon::{CliOutput, Daemon, CUTOVER};
 pub use docker::{
-    containers_of, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
+    containers_of, running_container_names, running_containers_of, demo_image, demo_image_with, docker_available, image_exists, require_docker, require_root, DemoImage,
     DockerNetwork,
 };
 pub use flows::{Connect, NewFlows, NewFlowsSeen};
-pub use http::{curl, curl_within, get_ok, CurlError, SlowRequest};
+pub use http::{all_new_connections_answer, curl, curl_within, get_ok, CurlError, SlowRequest};
 pub use ids::{Ids, Subnet};
 pub use manifest::ServiceYaml;
 pub use netns::{client_container, link_exists, netns_exists, At, ClientHost};
 pub use sysctl::{ipv6_forwarding_on, route_localnet, set_route_localnet, Ipv6ForwardingGuard, RouteLocalnetGuard};
 pub use udp::{ask_from_port, assert_idle_flow_moves, lost, summary, Answer, DeployUnderDatagrams, UdpClient};
 pub use wrk::{new_connection_load, Latency, SocketErrors, Wrk, WrkReport, WrkRun};
+
+/// Host ports processes use (protocol and number, any address), as cutover's conflict
+/// check reads them from `/proc/net`.
+pub fn listening_ports() -> Result<std::collections::BTreeSet<(cutover::manifest::Protocol, u16)>, cutover::host::HostError> {
+    Ok(cutover::host::listening_sockets()?.into_iter().map(|(proto, port, _)| (proto, port)).collect())
+}
+
+/// The preamble of every NAT scenario against the engine: root and Docker required (or
+/// the test is skipped as the kit decides), and the test's own bridge network.
+pub fn nat_network(ids: &Ids) -> DockerNetwork {
+    require_root();
+    require_docker();
+    DockerNetwork::new(ids)
+}
+
+/// What most NAT scenarios start from: [`nat_network`], demo images `v1` and `v2`, and a
+/// client on "another host". Destructure it in this order, so the client goes before
+/// the network, as the test's daemon (started after) goes before both.
+pub struct TwoReleases {
+    pub net: DockerNetwork,
+    pub v1: String,
+    pub v2: String,
+    pub client: ClientHost,
+}
+
+pub fn two_releases(ids: &Ids) -> TwoReleases {
+    let net = nat_network(ids);
+    let v1 = demo_image(ids, "v1", &[]);
+    let v2 = demo_image(ids, "v2", &[]);
+    let client = ClientHost::new(ids);
+    TwoReleases { net, v1, v2, client }
+}
+
+/// Write `service` into the daemon's directory and `cutover apply` it (which must
+/// succeed); returns the manifest file.
+pub fn apply(daemon: &Daemon, service: ServiceYaml) -> std::path::PathBuf {
+    let file = service.write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap_or_default()]);
+    file
+}
+
+/// A TCP port nothing listens on right now, for tests without [`Ids`] (the kernel's pick;
+/// a tiny race accepted).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap_or_else(|e| panic!("bind a free port: {e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("local address: {e}")).port()
+}
 
 /// The backend the kit's daemons run with: `CUTOVER_TEST_BACKEND` (`nftables` when unset).
 pub fn test_backend() -> Option<String> {

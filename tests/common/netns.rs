@@ -135,6 +135,11 @@ impl ClientHost {
         self.subnet.host_side()
     }
 
+    /// The URL of an HTTP service on host `port`, as clients in this namespace reach it.
+    pub fn url(&self, port: u16) -> String {
+        format!("http://{}:{port}/", self.host_addr())
+    }
+
     /// This namespace's own address, the source address the host sees.
     pub fn addr(&self) -> Ipv4Addr {
         self.subnet.client_side()

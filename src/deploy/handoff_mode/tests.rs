@@ -2,127 +2,20 @@
 //! relative to the new one being ready, what is left after a refusal, what a restart
 //! does with the listeners.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::Mutex as StdMutex;
 
 use futures_util::future::BoxFuture;
 
 use super::*;
-use crate::docker::Published;
+
 use crate::handoff::brokers::{BrokersError, Readiness};
 use crate::plan::ElementOp;
 
-type Log = Arc<StdMutex<Vec<String>>>;
-
-#[derive(Default)]
-struct FakeEngine {
-    containers: StdMutex<BTreeMap<String, (ContainerInfo, ContainerSpec)>>,
-    next_pid: AtomicU32,
-    log: Log,
-}
-
-impl FakeEngine {
-    fn running(&self) -> Vec<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().filter(|(i, _)| i.running).map(|(i, _)| i.name.clone()).collect()
-    }
-    fn names(&self) -> Vec<String> {
-        self.containers.lock().unwrap().values().map(|(i, _)| i.name.clone()).collect()
-    }
-    fn spec(&self, name: &str) -> ContainerSpec {
-        self.containers.lock().unwrap().values().find(|(i, _)| i.name == name).unwrap().1.clone()
-    }
-    fn pid_of(&self, name: &str) -> Option<u32> {
-        self.containers.lock().unwrap().values().find(|(i, _)| i.name == name).and_then(|(i, _)| i.pid)
-    }
-    fn image_of_pid(&self, pid: i32) -> Option<String> {
-        let c = self.containers.lock().unwrap();
-        c.values().find(|(i, _)| i.running && i.pid == Some(pid as u32)).map(|(_, s)| s.image.clone())
-    }
-    fn note(&self, s: String) {
-        self.log.lock().unwrap().push(s);
-    }
-}
-
-impl Engine for FakeEngine {
-    fn keep_running(&self, _id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn events(&self, _instance: String) -> futures_util::stream::BoxStream<'_, Result<(String, String), DockerError>> {
-        Box::pin(futures_util::stream::empty())
-    }
-
-    fn run(&self, spec: ContainerSpec) -> BoxFuture<'_, Result<ContainerInfo, DockerError>> {
-        Box::pin(async move {
-            let crash = spec.image.contains("crash");
-            let info = ContainerInfo {
-                id: format!("id-{}", spec.name),
-                name: spec.name.clone(),
-                running: !crash,
-                pid: (!crash).then(|| 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst)),
-                addr: None,
-                addr6: None,
-                exit_code: crash.then_some(3),
-                restarts: 0,
-                health: None,
-                labels: spec.labels.clone(),
-            };
-            self.note(format!("run {}", spec.name));
-            self.containers.lock().unwrap().insert(info.id.clone(), (info.clone(), spec));
-            Ok(info)
-        })
-    }
-    fn start(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            let pid = 1000 + self.next_pid.fetch_add(1, Ordering::SeqCst);
-            if let Some((i, _)) = self.containers.lock().unwrap().get_mut(&id) {
-                i.running = true;
-                i.pid = Some(pid);
-            }
-            self.note(format!("start {id}"));
-            Ok(())
-        })
-    }
-    fn inspect(&self, id: String, _network: String) -> BoxFuture<'_, Result<Option<ContainerInfo>, DockerError>> {
-        Box::pin(async move { Ok(self.containers.lock().unwrap().get(&id).map(|(i, _)| i.clone())) })
-    }
-    fn stop(&self, id: String, _timeout: Duration) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            if let Some((i, _)) = self.containers.lock().unwrap().get_mut(&id) {
-                i.running = false;
-                i.pid = None;
-            }
-            self.note(format!("stop {id}"));
-            Ok(())
-        })
-    }
-    fn remove(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {
-        Box::pin(async move {
-            self.containers.lock().unwrap().retain(|k, (i, _)| *k != id && i.name != id);
-            self.note(format!("remove {id}"));
-            Ok(())
-        })
-    }
-    fn logs_tail(&self, _id: String, _lines: usize) -> BoxFuture<'_, Result<String, DockerError>> {
-        Box::pin(async { Ok("slow start\n".to_string()) })
-    }
-    fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn bridge(&self, _network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>> {
-        Box::pin(async { Ok(None) })
-    }
-    fn list_instance(&self, _instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn image_command(&self, _image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
-        Box::pin(async { Ok(ImageCommand { entrypoint: vec!["/srv".into()], cmd: vec!["--port".into(), "80".into()] }) })
-    }
-}
+use super::super::fakes::{FakeEngine, Log};
 
 /// Brokers whose releases take their listeners and report ready as soon as they are
 /// allowed, unless their image says `never`.
@@ -200,19 +93,45 @@ impl Firewall for NoFirewall {
 
 struct NoChecks;
 
-impl Checks for NoChecks {
-    fn probe(&self, _health: HealthSpec, _addr: SocketAddr) -> BoxFuture<'_, Result<(), String>> {
+impl crate::health::Probe for NoChecks {
+    fn probe(&self, _health: crate::manifest::HealthSpec, _addr: SocketAddr) -> BoxFuture<'_, Result<(), crate::health::HealthError>> {
         Box::pin(async { panic!("handoff mode must not probe an address") })
     }
-    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, String>> {
+}
+
+impl crate::drain::Connections for NoChecks {
+    fn open_connections(&self, _pid: u32, _ports: Vec<u16>) -> BoxFuture<'_, Result<usize, crate::drain::DrainError>> {
         Box::pin(async { Ok(0) })
     }
-    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, String> {
+}
+
+impl crate::host::HostNet for NoChecks {
+    fn host_ports(&self) -> Result<BTreeSet<(Protocol, u16, Option<std::net::IpAddr>)>, HostError> {
         Ok(BTreeSet::new())
     }
-    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), String> {
+    fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), HostError> {
         Ok(())
     }
+    fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
+        Ok(0)
+    }
+    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+        panic!("handoff mode must not touch route_localnet")
+    }
+    fn watch_exit(&self, pid: u32) -> Result<crate::host::ExitWatch, HostError> {
+        Err(HostError::Pidfd { pid, source: std::io::ErrorKind::Unsupported.into() })
+    }
+}
+
+impl crate::dad::Ipv6Paths for NoChecks {
+    fn readiness(&self, _pid: u32, _addr: std::net::Ipv6Addr) -> BoxFuture<'_, Result<Ipv6Readiness, crate::dad::DadError>> {
+        Box::pin(async { Ok(Ipv6Readiness::Usable) })
+    }
+}
+
+fn no_effects() -> Effects {
+    let none = Arc::new(NoChecks);
+    Effects { probe: none.clone(), connections: none.clone(), host: none.clone(), ipv6: none }
 }
 
 struct World {
@@ -221,6 +140,11 @@ struct World {
     releaser: Releaser,
     tx: ProgressTx,
     log: Log,
+}
+
+/// The shared fake engine, its releases logging a slow start.
+fn fake_engine() -> Arc<FakeEngine> {
+    Arc::new(FakeEngine { logs: "slow start\n", ..Default::default() })
 }
 
 fn world_in(dir: &Path, engine: Arc<FakeEngine>) -> World {
@@ -232,7 +156,7 @@ fn world_in(dir: &Path, engine: Arc<FakeEngine>) -> World {
         log: log.clone(),
     });
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) , pause_at: None};
-    let releaser = Releaser::new(engine.clone(), Arc::new(NoFirewall), Arc::new(NoChecks), settings, StateStore::open(dir).unwrap())
+    let releaser = Releaser::new(engine.clone(), Arc::new(NoFirewall), no_effects(), settings, StateStore::open(dir).unwrap())
         .unwrap()
         .with_handoff(brokers.clone());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -260,7 +184,7 @@ async fn active(w: &World) -> Option<u32> {
 #[tokio::test]
 async fn the_first_release_runs_the_image_command_under_handoff_exec_in_the_namespace() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     let o = w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     assert_eq!((o.from, o.to, o.outcome.as_str()), (None, 1, "switched"));
     let spec = w.engine.spec("cutover-web-1");
@@ -278,7 +202,7 @@ async fn the_first_release_runs_the_image_command_under_handoff_exec_in_the_name
 #[tokio::test]
 async fn deploy_stops_the_old_release_only_after_the_new_one_is_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     let pid1 = w.engine.pid_of("cutover-web-1").unwrap();
     let o = w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
@@ -297,7 +221,7 @@ async fn deploy_stops_the_old_release_only_after_the_new_one_is_ready() {
 #[tokio::test]
 async fn a_release_that_never_gets_ready_is_stopped_removed_and_the_old_one_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     let err = w.releaser.deploy("web", "web:never", &w.tx).await.unwrap_err();
     let msg = err.to_string();
@@ -317,7 +241,7 @@ async fn a_release_that_never_gets_ready_is_stopped_removed_and_the_old_one_keep
 #[tokio::test]
 async fn a_failed_first_release_leaves_no_service_and_no_listener() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     assert!(w.releaser.apply(manifest("web:never"), &w.tx).await.is_err());
     assert!(w.releaser.snapshot().await.services.is_empty());
     assert!(w.engine.names().is_empty());
@@ -327,7 +251,7 @@ async fn a_failed_first_release_leaves_no_service_and_no_listener() {
 #[tokio::test]
 async fn rollback_starts_the_kept_release_trusts_its_new_process_and_stops_the_current_one() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
     let o = w.releaser.rollback("web", None, &w.tx).await.unwrap();
@@ -341,7 +265,7 @@ async fn rollback_starts_the_kept_release_trusts_its_new_process_and_stops_the_c
 #[tokio::test]
 async fn a_restarted_daemon_takes_the_listeners_back_from_the_running_release() {
     let dir = tempfile::tempdir().unwrap();
-    let engine: Arc<FakeEngine> = Arc::default();
+    let engine = fake_engine();
     {
         let w = world_in(dir.path(), engine.clone());
         w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
@@ -360,7 +284,7 @@ async fn a_restarted_daemon_takes_the_listeners_back_from_the_running_release() 
 async fn a_restart_in_the_middle_of_a_deploy_undoes_or_finishes_it() {
     for (phase, expect_active) in [(Phase::Starting, 1), (Phase::Healthy, 1), (Phase::Switched, 2)] {
         let dir = tempfile::tempdir().unwrap();
-        let engine: Arc<FakeEngine> = Arc::default();
+        let engine = fake_engine();
         {
             // The first daemon's state directory is locked while it lives: the state
             // "it saved when it died" is written into `dir`.
@@ -393,7 +317,7 @@ async fn a_restart_in_the_middle_of_a_deploy_undoes_or_finishes_it() {
 #[tokio::test]
 async fn switching_modes_or_changing_the_listeners_of_a_served_service_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     let nat = Manifest::parse(Path::new("w.yaml"), "name: web\nimage: web:1\nports: [{host: 8080, container: 80}]\n").unwrap();
     assert!(matches!(w.releaser.apply(nat, &w.tx).await, Err(ReleaseError::Conflict(_))));
@@ -406,7 +330,7 @@ async fn switching_modes_or_changing_the_listeners_of_a_served_service_is_refuse
 #[tokio::test]
 async fn remove_closes_the_listeners_and_removes_every_container() {
     let dir = tempfile::tempdir().unwrap();
-    let w = world_in(dir.path(), Arc::default());
+    let w = world_in(dir.path(), fake_engine());
     w.releaser.apply(manifest("web:1"), &w.tx).await.unwrap();
     w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
     w.releaser.remove("web").await.unwrap();

@@ -1,0 +1,205 @@
+//! Recovery: after a daemon restart (`reconcile`: finish or undo an interrupted
+//! operation, re-program the rules) and after the engine came back (`refresh`,
+//! `watch_engine`). Must not start new releases.
+
+use super::*;
+
+impl Releaser {
+    /// After a restart: rebuild the rules from state (one atomic transaction, so
+    /// traffic never notices), finish or undo an interrupted operation, and re-assert
+    /// the host settings.
+    pub async fn reconcile(&self) -> Result<Vec<String>, ReleaseError> {
+        // Handoff-mode services are restored (brokers, interrupted operations) there.
+        let mut notes = self.handoff_reconcile().await?;
+        let state = self.snapshot().await;
+        for (name, svc) in &state.services {
+            if Mode::of(&svc.manifest) == Mode::Handoff {
+                continue; // handoff mode: done by handoff_reconcile
+            }
+            // Re-read addresses: they change when the engine restarts containers.
+            for number in svc.active.into_iter().chain(svc.operation.as_ref().map(|o| o.to)) {
+                let Some(rel) = svc.release(number) else { continue };
+                match self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await? {
+                    Some(mut info) => {
+                        if !info.running && Some(number) == svc.active {
+                            self.engine.start(rel.container_id.clone()).await?;
+                            notes.push(format!("{name}: started release {number}'s container again"));
+                            // A start hands out the address anew.
+                            info = match self.engine.inspect(ServiceState::container_ref(rel), rel.manifest.network.clone()).await? {
+                                Some(i) => i,
+                                None => continue,
+                            };
+                        }
+                        let addr = info.addr;
+                        if addr.is_some() && addr != rel.addr {
+                            let n = name.clone();
+                            self.commit(move |s| {
+                                if let Some(r) = s.services.get_mut(&n).and_then(|svc| svc.release_mut(number)) {
+                                    r.addr = addr;
+                                }
+                            })
+                            .await?;
+                        }
+                    }
+                    None => notes.push(format!("{name}: the container of release {number} is gone")),
+                }
+            }
+        }
+        // Interrupted operations.
+        let state = self.snapshot().await;
+        for (name, svc) in &state.services {
+            let Some(op) = svc.operation.clone() else { continue };
+            if Mode::of(&svc.manifest) == Mode::Handoff {
+                continue; // handoff mode: done by handoff_reconcile
+            }
+            let note = self.recover(name, svc, &op).await?;
+            notes.push(note);
+        }
+        let state = self.snapshot().await;
+        self.dataplane.lock().await.applied = None;
+        let desired = self.desired(&state, None).await?;
+        if state.services.values().any(|s| Mode::of(&s.manifest) == Mode::Nat) {
+            self.program(&desired).await?;
+        } else {
+            // Nothing to forward: leave no empty table behind.
+            self.firewall.delete_table(&self.settings.table)?;
+        }
+        self.assert_host(&state, &desired).await?;
+        Ok(notes)
+    }
+
+    /// After the engine came back (or a container of ours restarted): re-read the
+    /// addresses of the active releases, stop kept releases the engine restarted, and
+    /// re-assert the rules and host settings. Safe while an operation runs: it programs
+    /// what the recorded state says.
+    pub async fn refresh(&self) -> Result<(), ReleaseError> {
+        let state = self.snapshot().await;
+        let mut addrs = Vec::new();
+        for (name, svc) in &state.services {
+            for rel in &svc.releases {
+                let network = rel.manifest.network.clone();
+                if matches!(rel.status, ReleaseStatus::Failed | ReleaseStatus::Removed) {
+                    // Removing it may have failed while the engine was away.
+                    if !rel.container_id.is_empty() {
+                        self.engine.remove(rel.container_id.clone()).await?;
+                    }
+                    continue;
+                }
+                let Some(info) = self.engine.inspect(ServiceState::container_ref(rel), network).await? else { continue };
+                let serving = Some(rel.number) == svc.active || svc.operation.as_ref().is_some_and(|o| o.to == rel.number || o.from == Some(rel.number));
+                if rel.status == ReleaseStatus::Stopped && info.running && !serving {
+                    tracing::warn!(service = %name, release = rel.number, "a kept release was started by the engine; stopping it");
+                    self.engine.stop(rel.container_id.clone(), rel.manifest.stop_timeout).await?;
+                }
+                if info.addr.is_some() && info.addr != rel.addr {
+                    addrs.push((name.clone(), rel.number, info.addr));
+                }
+            }
+        }
+        if !addrs.is_empty() {
+            tracing::info!(changed = addrs.len(), "release addresses changed; updating the rules");
+            self.commit(move |s| {
+                for (name, number, addr) in addrs {
+                    if let Some(r) = s.services.get_mut(&name).and_then(|svc| svc.release_mut(number)) {
+                        r.addr = addr;
+                    }
+                }
+            })
+            .await?;
+        }
+        let _switching = self.switching.lock().await;
+        let state = self.snapshot().await;
+        let desired = self.desired(&state, None).await?;
+        self.program(&desired).await?;
+        self.assert_host(&state, &desired).await
+    }
+
+    /// Follow the engine: refresh on our containers' lifecycle events and whenever the
+    /// event stream comes back after the engine went away. Runs until the daemon stops.
+    pub async fn watch_engine(&self) {
+        let mut was_down = false;
+        loop {
+            let mut events = self.engine.events(self.settings.instance.clone());
+            if was_down {
+                tracing::info!("the Docker engine is back; re-asserting releases and rules");
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "refresh after the engine came back");
+                }
+            }
+            while let Some(event) = futures_util::StreamExt::next(&mut events).await {
+                match event {
+                    Ok((_, action)) if matches!(action.as_str(), "start" | "restart" | "unpause") => {
+                        if let Err(e) = self.refresh().await {
+                            tracing::warn!(error = %e, "refresh after a container event");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the Docker engine's event stream");
+                        break;
+                    }
+                }
+            }
+            was_down = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Finish (after the switch) or undo (before it) an interrupted operation.
+    pub(super) async fn recover(&self, name: &str, svc: &ServiceState, op: &Operation) -> Result<String, ReleaseError> {
+        let to = svc.release(op.to).cloned();
+        let from = op.from.and_then(|n| svc.release(n)).cloned();
+        if op.phase < Phase::Switched {
+            // Undo: the old release keeps serving.
+            if let Some(to) = &to {
+                match op.kind {
+                    OperationKind::Deploy => self.engine.remove(ServiceState::container_ref(to)).await?,
+                    OperationKind::Rollback => self.engine.stop(ServiceState::container_ref(to), to.manifest.stop_timeout).await?,
+                }
+            }
+            let name2 = name.to_string();
+            let op2 = op.clone();
+            self.commit(move |s| {
+                if let Some(svc) = s.services.get_mut(&name2) {
+                    if let Some(r) = svc.release_mut(op2.to) {
+                        r.status = match op2.kind {
+                            OperationKind::Deploy => ReleaseStatus::Failed,
+                            OperationKind::Rollback => ReleaseStatus::Stopped,
+                        };
+                    }
+                    svc.operation = None;
+                    svc.record(HistoryEntry::untimed(op2.kind, op2.from, op2.to, "undone", "the daemon stopped before the switch; undone at restart"));
+                }
+            })
+            .await?;
+            self.observe(|m| m.release(name, op.kind, "undone")); // metrics hook
+            Ok(format!("{name}: undid the interrupted {:?} to release {} (it had not been switched)", op.kind, op.to))
+        } else {
+            if let Some(from) = &from {
+                self.engine.stop(from.container_id.clone(), from.manifest.stop_timeout).await?;
+            }
+            if let Some(to) = &to {
+                self.engine.keep_running(to.container_id.clone()).await?;
+            }
+            let name2 = name.to_string();
+            let op2 = op.clone();
+            self.commit(move |s| {
+                if let Some(svc) = s.services.get_mut(&name2) {
+                    svc.active = Some(op2.to);
+                    if let Some(r) = svc.release_mut(op2.to) {
+                        r.status = ReleaseStatus::Active;
+                    }
+                    if let Some(r) = op2.from.and_then(|f| svc.release_mut(f)) {
+                        r.status = ReleaseStatus::Stopped;
+                        r.stopped_at = Some(now());
+                    }
+                    svc.operation = None;
+                    svc.record(HistoryEntry::untimed(op2.kind, op2.from, op2.to, "finished_after_restart", "the daemon stopped after the switch; finished at restart"));
+                }
+            })
+            .await?;
+            self.observe(|m| m.release(name, op.kind, "finished_after_restart")); // metrics hook
+            Ok(format!("{name}: finished the interrupted {:?} to release {}", op.kind, op.to))
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Starting a new release: record the intent, create and start its container
+//! unpublished, then hand it to `cut_over`. Must not switch traffic or touch rules.
+
+use super::*;
+
+impl Releaser {
+    /// Start a new release of `service` running `image` and cut over to it.
+    pub(super) async fn release_new(&self, service: &str, image: String, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        let begun = Instant::now();
+        let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
+        let number = svc.next_release;
+        let from = svc.active;
+        if Mode::of(&svc.manifest) == Mode::Handoff {
+            return self.handoff_release_new(service, image, progress).await; // see handoff_mode
+        }
+        let mut manifest = svc.manifest.clone();
+        manifest.image = image.clone();
+        let container = format!("cutover-{service}-{number}");
+        let spec = ContainerSpec {
+            name: container.clone(),
+            image: image.clone(),
+            env: manifest.env.clone(),
+            command: manifest.command.clone(),
+            entrypoint: None,
+            network: manifest.network.clone(),
+            labels: BTreeMap::from([
+                (LABEL_SERVICE.to_string(), service.to_string()),
+                (LABEL_RELEASE.to_string(), number.to_string()),
+                (LABEL_INSTANCE.to_string(), self.settings.instance.clone()),
+            ]),
+            stop_signal: manifest.stop_signal.clone(),
+            stop_timeout: manifest.stop_timeout,
+            mounts: Vec::new(),
+        };
+        // Record the intent first: a crash from here on is undone at restart.
+        self.record_new_release(service, number, from, &manifest, &container, &image).await?;
+        self.emit(progress, service, number, "start", format!("starting release {number} ({image}) as {container}"));
+        let start_began = Instant::now();
+        let started = self.engine.run(spec).await;
+        let start_ms = ms(start_began.elapsed());
+        let info = match started {
+            Ok(info) => info,
+            Err(e) => {
+                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await?;
+                return Err(e.into());
+            }
+        };
+        let s = service.to_string();
+        let (id, addr) = (info.id.clone(), info.addr);
+        self.commit(move |st| {
+            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                r.container_id = id;
+                r.addr = addr;
+            }
+        })
+        .await?;
+        self.checkpoint(service, Phase::Starting).await;
+        let release = Inflight { service, kind: OperationKind::Deploy, from, to: number, manifest: &manifest, info };
+        let mut outcome = self.cut_over(release, progress).await?;
+        outcome.start_ms = Some(start_ms);
+        outcome.total_ms = Some(ms(begun.elapsed()));
+        Ok(outcome)
+    }
+
+    /// Record a new release as starting, and the deploy operation, before its container
+    /// exists: a crash from then on is undone at restart.
+    pub(super) async fn record_new_release(
+        &self,
+        service: &str,
+        number: u32,
+        from: Option<u32>,
+        manifest: &Manifest,
+        container: &str,
+        image: &str,
+    ) -> Result<(), ReleaseError> {
+        let s = service.to_string();
+        let (m, c, img) = (manifest.clone(), container.to_string(), image.to_string());
+        self.commit(move |st| {
+            if let Some(svc) = st.services.get_mut(&s) {
+                svc.next_release = number + 1;
+                svc.releases.push(Release {
+                    number,
+                    image: img,
+                    container: c,
+                    container_id: String::new(),
+                    status: ReleaseStatus::Starting,
+                    addr: None,
+                    created_at: now(),
+                    activated_at: None,
+                    stopped_at: None,
+                    manifest: m,
+                });
+                svc.operation = Some(Operation { kind: OperationKind::Deploy, from, to: number, phase: Phase::Starting, started_at: now() });
+            }
+        })
+        .await
+    }
+}
