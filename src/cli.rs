@@ -179,6 +179,10 @@ pub struct ApplyArgs {
     /// Manifest files (YAML).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// When to pull images for the releases this starts: missing, always or never
+    /// (default: each manifest's `pull`).
+    #[arg(long, value_name = "POLICY")]
+    pub pull: Option<crate::manifest::PullPolicy>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +194,9 @@ pub struct DeployArgs {
     /// Image of the new release.
     #[arg(long)]
     pub image: String,
+    /// When to pull the image: missing, always or never (default: the manifest's `pull`).
+    #[arg(long, value_name = "POLICY")]
+    pub pull: Option<crate::manifest::PullPolicy>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -223,6 +230,9 @@ pub struct HistoryArgs {
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
     pub name: String,
+    /// Also delete the named volumes cutover created for the service (their data is lost).
+    #[arg(long)]
+    pub volumes: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::dad::Ipv6Readiness;
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
-use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol};
+use crate::manifest::{HealthKind, HealthSpec, Manifest, PortSpec, Protocol, PullPolicy};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
 use crate::state::{
@@ -140,6 +140,9 @@ pub struct Outcome {
     /// own cost of a release (plus the drain, when connections were open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
+    /// `remove --volumes`: the volumes deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_removed: Option<Vec<String>>,
 }
 
 /// Settings of the daemon that shape every release.
@@ -666,6 +669,11 @@ impl Releaser {
 
     /// `apply`: register or update a service; deploy when what the container runs changed.
     pub async fn apply(&self, manifest: Manifest, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        self.apply_with(manifest, None, progress).await
+    }
+
+    /// [`Releaser::apply`], with the manifest's pull policy overridden for this release.
+    pub async fn apply_with(&self, manifest: Manifest, pull: Option<PullPolicy>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(&manifest.name)?;
         // Handoff mode: refuse mode switches, serve the listeners (see handoff_mode).
         self.handoff_prepare(&manifest).await?;
@@ -679,7 +687,7 @@ impl Releaser {
                     s.services.insert(m.name.clone(), ServiceState::new(m));
                 })
                 .await?;
-                let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                 if result.is_err() {
                     // A service whose first release failed was never there.
                     let n = name.clone();
@@ -706,7 +714,7 @@ impl Releaser {
                 })
                 .await?;
                 if needs_release {
-                    let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                    let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                     if result.is_err() {
                         let n = name.clone();
                         self.commit(move |s| {
@@ -739,13 +747,23 @@ impl Releaser {
 
     /// `deploy NAME --image REF`.
     pub async fn deploy(&self, service: &str, image: &str, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        self.deploy_with(service, image, None, progress).await
+    }
+
+    /// [`Releaser::deploy`], with the manifest's pull policy overridden for this release.
+    pub async fn deploy_with(
+        &self,
+        service: &str,
+        image: &str,
+        pull: Option<PullPolicy>,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         if !self.snapshot().await.services.contains_key(service) {
             return Err(ReleaseError::NotFound(service.to_string()));
         }
-        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
-            return Err(ReleaseError::Invalid(format!("`{image}` is not an image reference")));
-        }
+        // Checked before anything is recorded: a typo spends no release number.
+        crate::docker::registry::check_reference(image).map_err(ReleaseError::Invalid)?;
         let name = service.to_string();
         let img = image.to_string();
         let old = self
@@ -753,7 +771,7 @@ impl Releaser {
                 s.services.get_mut(&name).map(|svc| std::mem::replace(&mut svc.manifest.image, img))
             })
             .await?;
-        let result = self.release_new(service, image.to_string(), progress).await;
+        let result = self.release_new(service, image.to_string(), pull, progress).await;
         if result.is_err() {
             let name = service.to_string();
             self.commit(move |s| {
@@ -767,11 +785,23 @@ impl Releaser {
     }
 
     /// Start a new release of `service` running `image` and cut over to it.
-    async fn release_new(&self, service: &str, image: String, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+    async fn release_new(
+        &self,
+        service: &str,
+        image: String,
+        pull: Option<PullPolicy>,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
         let begun = Instant::now();
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
+        // The image first, before anything is recorded or started: a failed pull changes
+        // nothing, and the pull's time is not part of the switch.
+        let policy = pull.unwrap_or(svc.manifest.pull);
+        let report: crate::docker::registry::ProgressFn<'_> =
+            Box::new(|line: String| self.emit(progress, service, number, "pull", line));
+        self.engine.ensure_image(image.clone(), policy, report).await?;
         if svc.manifest.handoff.is_some() {
             return self.handoff_release_new(service, image, progress).await; // see handoff_mode
         }
@@ -793,6 +823,7 @@ impl Releaser {
             stop_signal: manifest.stop_signal.clone(),
             stop_timeout: manifest.stop_timeout,
             mounts: Vec::new(),
+            options: manifest.container_options(),
         };
         // Record the intent first: a crash from here on is undone at restart.
         self.record_new_release(service, number, from, &manifest, &container, &image).await?;
@@ -1453,6 +1484,17 @@ impl Releaser {
     }
 
     /// `remove NAME`: its host ports stop being forwarded, its containers are removed.
+    /// [`Releaser::remove`], and with `volumes` the named volumes cutover created for the
+    /// service too (as `docker compose down -v`); volumes it did not create are kept.
+    pub async fn remove_with(&self, service: &str, volumes: bool) -> Result<Outcome, ReleaseError> {
+        let mut outcome = self.remove(service).await?;
+        if volumes {
+            let removed = self.engine.remove_volumes(service.to_string(), self.settings.instance.clone()).await?;
+            outcome.volumes_removed = Some(removed);
+        }
+        Ok(outcome)
+    }
+
     pub async fn remove(&self, service: &str) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
@@ -1562,6 +1604,7 @@ pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
     let ports = |m: &Manifest| m.ports.iter().map(|p| (p.protocol, p.container)).collect::<Vec<_>>();
     old.image != new.image
         || old.env != new.env
+        || old.container_options() != new.container_options()
         || old.command != new.command
         || old.network != new.network
         || old.stop_signal != new.stop_signal

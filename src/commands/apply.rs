@@ -11,12 +11,15 @@ use crate::manifest::Manifest;
 pub async fn run(socket: &Path, args: ApplyArgs) -> anyhow::Result<()> {
     let mut manifests = Vec::new();
     for file in &args.files {
-        let text = std::fs::read_to_string(file)
+        // Absolute, so the daemon resolves env files and `./` mounts where this CLI does.
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+        let text = crate::manifest::read_bounded(&file, crate::manifest::MAX_MANIFEST)
             .map_err(|e| Failure::new(Exit::Invalid, format!("{}: cannot read the manifest: {e}", file.display())))?;
-        Manifest::parse(file, &text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        let mut m = Manifest::parse(&file, &text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        m.resolve(&file, &text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
         manifests.push(ManifestText { file: file.display().to_string(), text });
     }
-    let data = crate::client::call(socket, &Request::Apply { manifests }).await?;
+    let data = crate::client::call(socket, &Request::Apply { manifests, pull: args.pull }).await?;
     print_outcomes(&data, args.json);
     Ok(())
 }

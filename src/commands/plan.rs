@@ -11,7 +11,7 @@ use crate::plan::{self, Desired};
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let mut manifests = Vec::new();
     for file in &args.files {
-        let m = Manifest::load(file).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        let m = Manifest::load_resolved(file).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
         manifests.push(m);
     }
     let desired = Desired { table: args.table.clone(), mark: args.mark, targets: Vec::new(), bridges: Vec::new() };
