@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod container;
+mod healthcheck;
 pub mod reference;
+pub use healthcheck::Healthcheck;
 pub use container::{
     parse_env_file, valid_volume_name, ByteSize, ContainerOptions, Cpus, Logging, Mount, MountEntry, MountKind, PullPolicy,
     Ulimit,
@@ -139,6 +141,17 @@ pub struct Manifest {
     pub group_add: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// compose's `healthcheck`, set on every release container; health type `docker`
+    /// waits for its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+    /// More names the release answers to on `network` (compose gives the service's name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_aliases: Vec<String>,
+    /// When set, `network` is created with these labels if it does not exist yet (compose's
+    /// default network); when empty, the network must exist.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
@@ -342,8 +355,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// The checks serde cannot express. Each error points at the field's line.
-    fn validate(&self, file: &Path, text: &str) -> Result<(), ManifestError> {
+    /// The checks serde cannot express. Each error points at the field's line (of the
+    /// first `key:` in `text`).
+    pub fn validate(&self, file: &Path, text: &str) -> Result<(), ManifestError> {
         let err = |key: &str, nth: usize, field: &str, msg: String| {
             ManifestError::invalid(file, find_key_line(text, key, nth), field, msg)
         };
@@ -424,6 +438,14 @@ impl Manifest {
             return Err(err("env_file", 0, "env_file", format!("`{f}` is not a file name")));
         }
         self.container_options().check().map_err(|p| err(&p.key, p.nth, &p.field, p.message))?;
+        if let Some(h) = &self.healthcheck {
+            h.check().map_err(|m| err("healthcheck", 0, "healthcheck", m))?;
+        }
+        if let Some(a) = self.network_aliases.iter().find(|a| !valid_alias(a)) {
+            return Err(err("network_aliases", 0, "network_aliases", format!(
+                "`{a}` is not a host name: use letters, digits, '-', '_' and '.'"
+            )));
+        }
         if let Some(h) = &self.handoff {
             if h.namespace != "host" && h.namespace.strip_prefix("container:").is_none_or(|c| c.is_empty()) {
                 return Err(err("namespace", 0, "handoff.namespace", format!(
@@ -474,6 +496,9 @@ impl Manifest {
             logging: self.logging.clone(),
             group_add: self.group_add.clone(),
             devices: self.devices.clone(),
+            healthcheck: self.healthcheck.clone(),
+            network_aliases: self.network_aliases.clone(),
+            network_labels: self.network_labels.clone(),
         }
     }
 
@@ -545,8 +570,13 @@ pub fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A network alias: a DNS name on the network.
+fn valid_alias(a: &str) -> bool {
+    !a.is_empty() && a.len() <= 253 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// The 1-based line of the `nth` occurrence of `key:` in `text`, if any.
-fn find_key_line(text: &str, key: &str, nth: usize) -> Option<usize> {
+pub fn find_key_line(text: &str, key: &str, nth: usize) -> Option<usize> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| {

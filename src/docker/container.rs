@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bollard::models::{DeviceMapping, HostConfig, HostConfigLogConfig, Mount, MountType, ResourcesUlimits};
+use bollard::models::{DeviceMapping, HealthConfig, HostConfig, HostConfigLogConfig, Mount, MountType, ResourcesUlimits};
 
 use crate::manifest::{ContainerOptions, MountKind};
 
@@ -15,6 +15,9 @@ pub struct ConfigFields {
     pub working_dir: Option<String>,
     pub entrypoint: Option<Vec<String>>,
     pub labels: BTreeMap<String, String>,
+    pub healthcheck: Option<HealthConfig>,
+    /// More DNS names of the container on its network.
+    pub aliases: Vec<String>,
 }
 
 /// Fill `host` from `o` (cutover's own fields of `host`, network and restart policy,
@@ -84,7 +87,21 @@ pub fn apply_options(o: &ContainerOptions, host: &mut HostConfig) -> ConfigField
         working_dir: o.working_dir.clone(),
         entrypoint: o.entrypoint.clone(),
         labels: o.labels.clone(),
+        healthcheck: o.healthcheck.as_ref().map(|h| HealthConfig {
+            test: Some(h.engine_test()),
+            interval: h.interval.map(nanos),
+            timeout: h.timeout.map(nanos),
+            retries: h.retries.map(i64::from),
+            start_period: h.start_period.map(nanos),
+            start_interval: None,
+        }),
+        aliases: o.network_aliases.clone(),
     }
+}
+
+/// The engine takes health durations in nanoseconds.
+fn nanos(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
 fn non_empty(v: &[String]) -> Option<Vec<String>> {
@@ -134,6 +151,14 @@ mod tests {
             logging: Some(Logging { driver: "json-file".into(), options: BTreeMap::from([("max-size".into(), "10m".into())]) }),
             group_add: vec!["1001".into()],
             devices: vec!["/dev/null:/dev/nothing".into()],
+            healthcheck: Some(crate::manifest::Healthcheck {
+                test: vec!["CMD".into(), "/app".into(), "health".into()],
+                interval: Some(std::time::Duration::from_secs(1)),
+                retries: Some(5),
+                ..Default::default()
+            }),
+            network_aliases: vec!["web".into()],
+            network_labels: BTreeMap::new(),
         };
         let mut host = HostConfig::default();
         let config = apply_options(&o, &mut host);
@@ -155,6 +180,10 @@ mod tests {
         assert_eq!(host.shm_size, Some(128 << 20));
         assert_eq!(config.user.as_deref(), Some("1000:1000"));
         assert_eq!(config.labels["team"], "web");
+        let health = config.healthcheck.unwrap();
+        assert_eq!(health.test.unwrap()[0], "CMD");
+        assert_eq!((health.interval, health.retries, health.timeout), (Some(1_000_000_000), Some(5), None));
+        assert_eq!(config.aliases, vec!["web".to_string()]);
     }
 
     #[test]

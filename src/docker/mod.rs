@@ -254,6 +254,7 @@ impl DockerEngine {
             self.remove_inner(&old.id).await?;
         }
         self.ensure_volumes(&spec).await?;
+        self.ensure_network(&spec).await?;
         let network_mode = spec.network.clone();
         let mut host_config = HostConfig {
             network_mode: Some(network_mode),
@@ -281,6 +282,13 @@ impl DockerEngine {
             user: fields.user,
             working_dir: fields.working_dir,
             labels: Some(labels.into_iter().collect::<HashMap<_, _>>()),
+            healthcheck: fields.healthcheck,
+            networking_config: (!fields.aliases.is_empty()).then(|| bollard::models::NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    spec.network.clone(),
+                    bollard::models::EndpointSettings { aliases: Some(fields.aliases.clone()), ..Default::default() },
+                )])),
+            }),
             stop_signal: Some(spec.stop_signal.clone()),
             stop_timeout: Some(i64::try_from(spec.stop_timeout.as_secs()).unwrap_or(i64::MAX)),
             host_config: Some(host_config),
@@ -331,6 +339,33 @@ impl DockerEngine {
                 .map_err(|source| DockerError::Api { action: "create volume", target: name.to_string(), source })?;
         }
         Ok(())
+    }
+
+    /// Create the network of `spec` when it does not exist and the manifest gives the
+    /// labels to create it with (compose's default network, so `docker compose` takes it
+    /// as its own); otherwise the network is the operator's and must exist.
+    async fn ensure_network(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        let labels = &spec.options.network_labels;
+        if labels.is_empty() {
+            return Ok(());
+        }
+        match self.docker.inspect_network(&spec.network, None).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(source) => return Err(DockerError::Api { action: "inspect network", target: spec.network.clone(), source }),
+        }
+        let req = bollard::models::NetworkCreateRequest {
+            name: spec.network.clone(),
+            driver: Some("bridge".to_string()),
+            labels: Some(labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        match self.docker.create_network(req).await {
+            Ok(_) => Ok(()),
+            // Created meanwhile (by compose, or a release of another service).
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Api { action: "create network", target: spec.network.clone(), source }),
+        }
     }
 
     async fn remove_volumes_inner(&self, service: &str, instance: &str) -> Result<Vec<String>, DockerError> {

@@ -324,6 +324,11 @@ pub struct ContainerOptions {
     pub logging: Option<Logging>,
     pub group_add: Vec<String>,
     pub devices: Vec<String>,
+    pub healthcheck: Option<super::Healthcheck>,
+    /// More DNS names of the container on its network.
+    pub network_aliases: Vec<String>,
+    /// Labels of the network when cutover has to create it; empty: it must exist.
+    pub network_labels: BTreeMap<String, String>,
 }
 
 /// A problem with one container field: the field path (`volumes[1]`) and why.
