@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod compose;
 pub mod dad;
 pub mod daemon;
 pub mod deploy;

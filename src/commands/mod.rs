@@ -6,6 +6,7 @@ use std::fmt;
 
 pub mod apply;
 pub mod completions;
+pub mod compose;
 pub mod daemon;
 pub mod demo;
 pub mod demo_image;
