@@ -62,9 +62,8 @@ fn write(dir: &Path, rel: &str, text: &str) {
 fn compose_text(service: &str, api: &str) -> String {
     let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/compose/compose.yaml")).unwrap();
     let example = example.replace("    x-cutover:\n", &format!("    x-cutover:\n      name: {service}\n      watch: 1s\n"));
-    format!(
-        "{example}  api:\n    image: ${{WEB_IMAGE}}\n    ports: [\"${{API_PORT}}:80\"]\n    x-cutover: {{name: {api}, watch: 1s}}\n",
-    )
+    let api = format!("  api:\n    image: ${{WEB_IMAGE}}\n    ports: [\"${{API_PORT}}:80\"]\n    x-cutover: {{name: {api}, watch: 1s}}\nvolumes:\n");
+    example.replacen("volumes:\n  data:", &format!("{api}  data:"), 1)
 }
 
 #[test]
