@@ -60,6 +60,10 @@ fn example_manifests_are_valid_per_plan() {
         ("manifests/web.yaml", "tcp . 8080 : <address of web's active release> . 80"),
         ("manifests/tcp.yaml", "tcp . 6379 : <address of cache's active release> . 6379"),
         ("manifests/sidecar.yaml", "listeners http=tcp://0.0.0.0:8443"),
+        // A compose project: `web` has ports, `cache` stays compose's (tests/compose.rs
+        // runs this file on a real engine with docker-compose).
+        ("manifests/compose/compose.yaml", "tcp . 8080 : <address of web's active release> . 80"),
+        ("manifests/compose/compose.yaml", "left to compose: `cache`"),
     ] {
         let path = repo(file);
         let out = cutover(&["plan", path.to_str().unwrap()]);
@@ -79,6 +83,13 @@ fn every_manifest_under_manifests_is_tested() {
         .collect();
     found.sort();
     assert_eq!(found, ["sidecar.yaml", "tcp.yaml", "web.yaml"], "a new example manifest needs a case in example_manifests_are_valid_per_plan");
+    let compose: Vec<String> = std::fs::read_dir(repo("manifests/compose"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        .collect();
+    assert_eq!(compose, ["compose.yaml"], "a new compose example needs a case in example_manifests_are_valid_per_plan and tests/compose.rs");
 }
 
 #[test]

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+#[cfg(test)]
+use std::time::Duration;
 
 use serde_norway::{Mapping, Value};
 
@@ -409,4 +411,152 @@ fn deploy(src: &Source, key: &str, v: &Value, out: &mut Mapping, notes: &mut Vec
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{load, Request, Vars};
+    use super::*;
+    use crate::manifest::HealthKind;
+
+    const FILE: &str = r#"name: shop
+services:
+  web:
+    image: ${WEB_IMAGE:-example/web:1.0}
+    ports:
+      - "8080:80"
+      - "127.0.0.1:9090:90"
+      - "5353:53/udp"
+      - target: 81
+        published: "8081"
+        host_ip: 127.0.0.2
+    environment:
+      GREETING: ${GREETING:-hi}
+    volumes: ["data:/data", "./conf:/etc/app:ro"]
+    healthcheck:
+      test: ["CMD", "/app", "health"]
+      interval: 1s
+    stop_grace_period: 20s
+    depends_on: [db]
+    deploy:
+      resources:
+        limits: {memory: 64m}
+  db:
+    image: postgres:16
+volumes:
+  data: {}
+"#;
+
+    fn project(text: &str, extra: &[&str], vars: &[(&str, &str)]) -> Result<Project, ComposeError> {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("compose.yaml");
+        std::fs::write(&first, text).unwrap();
+        let mut files = vec![first];
+        for (i, e) in extra.iter().enumerate() {
+            let f = dir.path().join(format!("override{i}.yaml"));
+            std::fs::write(&f, e).unwrap();
+            files.push(f);
+        }
+        let vars: Vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        load(&Request { files, project_name: None, services: Vec::new() }, &vars)
+    }
+
+    fn refused(text: &str) -> String {
+        match project(text, &[], &[]) {
+            Ok(p) => panic!("accepted: {:?}", p.taken),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_service_with_ports_becomes_a_manifest() {
+        let p = project(FILE, &[], &[("GREETING", "from env")]).unwrap();
+        assert_eq!(p.name, "shop");
+        assert_eq!(p.left, vec!["db".to_string()]);
+        assert_eq!(p.taken.len(), 1);
+        let m = &p.taken[0].manifest;
+        assert_eq!(m.name, "web");
+        assert_eq!(m.image, "example/web:1.0");
+        assert_eq!(m.ports.len(), 4);
+        assert_eq!((m.ports[1].host, m.ports[1].host_ip), (9090, Some("127.0.0.1".parse().unwrap())));
+        assert_eq!((m.ports[2].host, m.ports[2].protocol), (5353, Protocol::Udp));
+        assert_eq!((m.ports[3].host, m.ports[3].container), (8081, 81));
+        assert_eq!(m.env["GREETING"], "from env");
+        assert_eq!(m.health.kind, HealthKind::Docker);
+        assert_eq!(m.healthcheck.as_ref().unwrap().interval, Some(Duration::from_secs(1)));
+        assert_eq!(m.stop_timeout, Duration::from_secs(20));
+        assert_eq!(m.network, "shop_default");
+        assert_eq!(m.network_aliases, vec!["web".to_string()]);
+        assert_eq!(m.network_labels["com.docker.compose.project"], "shop");
+        assert_eq!(m.network_labels["com.docker.compose.network"], "default");
+        assert_eq!(m.labels["com.docker.compose.service"], "web");
+        assert_eq!(m.labels["com.docker.compose.oneoff"], "False");
+        assert_eq!(m.volumes[0].0.source.as_deref(), Some("shop_data"));
+        assert!(m.volumes[1].0.source.as_deref().unwrap().starts_with('/'), "bind sources are absolute");
+        assert_eq!(m.mem_limit.map(|b| b.0), Some(64 << 20));
+        assert!(p.notes.iter().any(|n| n.contains("depends_on")), "{:?}", p.notes);
+        // What the daemon gets reads back to the same manifest.
+        let text = serde_norway::to_string(m).unwrap();
+        let back = Manifest::parse(Path::new("x.yaml"), &text).unwrap();
+        assert_eq!(&back, m);
+    }
+
+    #[test]
+    fn override_files_merge_and_x_cutover_names_the_service() {
+        let over = "services:\n  web:\n    image: example/web:2.0\n    x-cutover: {name: shop-web, keep: 5, health: {deadline: 90s}}\n";
+        let p = project(FILE, &[over], &[]).unwrap();
+        let m = &p.taken[0].manifest;
+        assert_eq!((m.name.as_str(), m.image.as_str(), m.keep), ("shop-web", "example/web:2.0", 5));
+        assert_eq!(m.health.deadline, Duration::from_secs(90));
+        assert_eq!(m.health.kind, HealthKind::Docker, "compose's healthcheck still gates");
+        assert_eq!(m.network_aliases, vec!["web".to_string()], "others still reach it by its compose name");
+    }
+
+    #[test]
+    fn keys_cutover_cannot_honour_name_file_line_and_key() {
+        let msg = refused(&FILE.replace("    stop_grace_period", "    container_name: web\n    stop_grace_period"));
+        assert!(msg.contains("compose.yaml:18: services.web.container_name"), "{msg}");
+        let msg = refused(&FILE.replace("    image: ${WEB_IMAGE:-example/web:1.0}\n", "    build: .\n"));
+        assert!(msg.contains("services.web.build") && msg.contains("without `image:`"), "{msg}");
+        let msg = refused(&FILE.replace("      resources:", "      replicas: 3\n      resources:"));
+        assert!(msg.contains("services.web.deploy.replicas"), "{msg}");
+        let msg = refused(&FILE.replace("    depends_on: [db]", "    network_mode: host"));
+        assert!(msg.contains(":19: services.web.network_mode"), "{msg}");
+        let msg = refused(&FILE.replace("    depends_on: [db]", "    privileged: true"));
+        assert!(msg.contains("services.web.privileged"), "{msg}");
+        let msg = refused(&FILE.replace("\"8080:80\"", "\"80\""));
+        assert!(msg.contains("random host port"), "{msg}");
+        let msg = refused(&FILE.replace("    depends_on: [db]", "    networks: [a, b]"));
+        assert!(msg.contains("one network"), "{msg}");
+        let msg = refused(&FILE.replace("volumes:\n  data: {}\n", ""));
+        assert!(msg.contains("not declared"), "{msg}");
+        let msg = refused(&FILE.replace("  web:", "  Web_1:"));
+        assert!(msg.contains("x-cutover"), "{msg}");
+        let msg = refused(&FILE.replace("${WEB_IMAGE:-example/web:1.0}", "${WEB_IMAGE:?set WEB_IMAGE}"));
+        assert!(msg.contains("compose.yaml:4: services.web.image") && msg.contains("set WEB_IMAGE"), "{msg}");
+    }
+
+    #[test]
+    fn project_names_and_networks_follow_compose() {
+        assert_eq!(super::super::normalise_project("My App.v2"), "myappv2");
+        let no_name = FILE.replace("name: shop\n", "");
+        let p = project(&no_name, &[], &[("COMPOSE_PROJECT_NAME", "Env_Name")]).unwrap();
+        assert_eq!(p.name, "env_name");
+        let nets = format!("{FILE}networks:\n  front: {{}}\n  outside: {{external: true, name: edge}}\n");
+        let p = project(&nets.replace("    depends_on: [db]", "    networks: {front: {aliases: [www]}}"), &[], &[]).unwrap();
+        let m = &p.taken[0].manifest;
+        assert_eq!((m.network.as_str(), m.network_aliases.clone()), ("shop_front", vec!["web".to_string(), "www".to_string()]));
+        let p = project(&nets.replace("    depends_on: [db]", "    networks: [outside]"), &[], &[]).unwrap();
+        let m = &p.taken[0].manifest;
+        assert_eq!(m.network, "edge");
+        assert!(m.network_labels.is_empty(), "an external network is never created");
+    }
+
+    #[test]
+    fn short_ports() {
+        assert_eq!(short_port("8000-8001:80-81").unwrap().len(), 2);
+        assert!(short_port("8000-8002:80-81").is_err());
+        assert_eq!(short_port("[::1]:8080:80").unwrap()[0].host_ip, Some("::1".parse().unwrap()));
+        assert!(short_port("8080:80/sctp").is_err());
+    }
 }
