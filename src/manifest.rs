@@ -441,6 +441,10 @@ impl Manifest {
         if let Some(h) = &self.healthcheck {
             h.check().map_err(|m| err("healthcheck", 0, "healthcheck", m))?;
         }
+        if self.handoff.is_some() && (!self.network_aliases.is_empty() || !self.network_labels.is_empty()) {
+            let key = if self.network_aliases.is_empty() { "network_labels" } else { "network_aliases" };
+            return Err(err(key, 0, key, "a handoff-mode service shares a namespace; it has no network of its own".into()));
+        }
         if let Some(a) = self.network_aliases.iter().find(|a| !valid_alias(a)) {
             return Err(err("network_aliases", 0, "network_aliases", format!(
                 "`{a}` is not a host name: use letters, digits, '-', '_' and '.'"

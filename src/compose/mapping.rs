@@ -45,6 +45,7 @@ pub fn map_project(
     top: &Mapping,
     sources: &[Source],
     only: &[String],
+    vars: &super::Vars,
     mut notes: Vec<String>,
 ) -> Result<Project, ComposeError> {
     // Errors name the last file that has the key (an override), else the first.
@@ -78,7 +79,7 @@ pub fn map_project(
             continue;
         }
         let src = src_for(&format!("services.{name}"));
-        let manifest = map_service(project, first, top, src, &name, svc, &mut notes)?;
+        let manifest = map_service(project, first, top, src, &name, svc, vars, &mut notes)?;
         taken.push(Taken { compose_name: name, manifest });
     }
     let mut names = std::collections::BTreeSet::new();
@@ -100,6 +101,7 @@ fn map_service(
     src: &Source,
     name: &str,
     svc: &Mapping,
+    vars: &super::Vars,
     notes: &mut Vec<String>,
 ) -> Result<Manifest, ComposeError> {
     let at = |key: &str| format!("services.{name}.{key}");
@@ -109,6 +111,9 @@ fn map_service(
     for (k, v) in svc {
         let key = k.as_str().unwrap_or_default();
         match key {
+            "environment" => {
+                out.insert(Value::from(key), pass_through(v, vars));
+            }
             k if SHARED.contains(&k) => {
                 out.insert(Value::from(k), v.clone());
             }
@@ -413,6 +418,31 @@ fn deploy(src: &Source, key: &str, v: &Value, out: &mut Mapping, notes: &mut Vec
     Ok(())
 }
 
+/// `environment` entries without a value (`- KEY`, `KEY:`) take the CLI's value, as in
+/// compose, and are left out when it has none.
+fn pass_through(v: &Value, vars: &super::Vars) -> Value {
+    let from_cli = |k: &str| vars.get(k).map(|x| Value::String(x.clone()));
+    match v {
+        Value::Sequence(seq) => Value::Sequence(
+            seq.iter()
+                .filter_map(|e| match e.as_str() {
+                    Some(t) if !t.contains('=') => from_cli(t).map(|x| Value::String(format!("{t}={}", x.as_str().unwrap_or_default()))),
+                    _ => Some(e.clone()),
+                })
+                .collect(),
+        ),
+        Value::Mapping(m) => Value::Mapping(
+            m.iter()
+                .filter_map(|(k, x)| match x {
+                    Value::Null => Some((k.clone(), from_cli(k.as_str().unwrap_or_default())?)),
+                    _ => Some((k.clone(), x.clone())),
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{load, Request, Vars};
@@ -432,6 +462,8 @@ services:
         host_ip: 127.0.0.2
     environment:
       GREETING: ${GREETING:-hi}
+      PASSED:
+      NOT_SET:
     volumes: ["data:/data", "./conf:/etc/app:ro"]
     healthcheck:
       test: ["CMD", "/app", "health"]
@@ -470,7 +502,7 @@ volumes:
 
     #[test]
     fn a_service_with_ports_becomes_a_manifest() {
-        let p = project(FILE, &[], &[("GREETING", "from env")]).unwrap();
+        let p = project(FILE, &[], &[("GREETING", "from env"), ("PASSED", "through")]).unwrap();
         assert_eq!(p.name, "shop");
         assert_eq!(p.left, vec!["db".to_string()]);
         assert_eq!(p.taken.len(), 1);
@@ -482,6 +514,8 @@ volumes:
         assert_eq!((m.ports[2].host, m.ports[2].protocol), (5353, Protocol::Udp));
         assert_eq!((m.ports[3].host, m.ports[3].container), (8081, 81));
         assert_eq!(m.env["GREETING"], "from env");
+        assert_eq!(m.env["PASSED"], "through");
+        assert!(!m.env.contains_key("NOT_SET"), "a value-less entry the CLI does not have is left out");
         assert_eq!(m.health.kind, HealthKind::Docker);
         assert_eq!(m.healthcheck.as_ref().unwrap().interval, Some(Duration::from_secs(1)));
         assert_eq!(m.stop_timeout, Duration::from_secs(20));
@@ -515,13 +549,13 @@ volumes:
     #[test]
     fn keys_cutover_cannot_honour_name_file_line_and_key() {
         let msg = refused(&FILE.replace("    stop_grace_period", "    container_name: web\n    stop_grace_period"));
-        assert!(msg.contains("compose.yaml:18: services.web.container_name"), "{msg}");
+        assert!(msg.contains("compose.yaml:20: services.web.container_name"), "{msg}");
         let msg = refused(&FILE.replace("    image: ${WEB_IMAGE:-example/web:1.0}\n", "    build: .\n"));
         assert!(msg.contains("services.web.build") && msg.contains("without `image:`"), "{msg}");
         let msg = refused(&FILE.replace("      resources:", "      replicas: 3\n      resources:"));
         assert!(msg.contains("services.web.deploy.replicas"), "{msg}");
         let msg = refused(&FILE.replace("    depends_on: [db]", "    network_mode: host"));
-        assert!(msg.contains(":19: services.web.network_mode"), "{msg}");
+        assert!(msg.contains(":21: services.web.network_mode"), "{msg}");
         let msg = refused(&FILE.replace("    depends_on: [db]", "    privileged: true"));
         assert!(msg.contains("services.web.privileged"), "{msg}");
         let msg = refused(&FILE.replace("\"8080:80\"", "\"80\""));

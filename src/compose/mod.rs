@@ -161,7 +161,7 @@ pub fn load(req: &Request, environ: &Vars) -> Result<Project, ComposeError> {
     let merged = merged.unwrap_or_default();
     // Errors point at the last file that mentions a key, the first one otherwise.
     let project = project_name(req.project_name.as_deref(), &vars, &merged, &dir, &sources[0])?;
-    mapping::map_project(&project, &first, &merged, &sources, &req.services, notes)
+    mapping::map_project(&project, &first, &merged, &sources, &req.services, &vars, notes)
 }
 
 /// compose's order: `--project-name`, `COMPOSE_PROJECT_NAME`, the `name:` key, the
