@@ -79,7 +79,8 @@ pub fn map_project(
             continue;
         }
         let src = src_for(&format!("services.{name}"));
-        let manifest = map_service(project, first, top, src, &name, svc, vars, &mut notes)?;
+        let ctx = Ctx { project, first, top, vars };
+        let manifest = map_service(&ctx, src, &name, svc, &mut notes)?;
         taken.push(Taken { compose_name: name, manifest });
     }
     let mut names = std::collections::BTreeSet::new();
@@ -94,16 +95,18 @@ pub fn map_project(
     Ok(Project { name: project.to_string(), file: first.to_path_buf(), taken, left, notes })
 }
 
-fn map_service(
-    project: &str,
-    first: &Path,
-    top: &Mapping,
-    src: &Source,
-    name: &str,
-    svc: &Mapping,
-    vars: &super::Vars,
-    notes: &mut Vec<String>,
-) -> Result<Manifest, ComposeError> {
+/// What every service of the project is mapped against.
+struct Ctx<'a> {
+    project: &'a str,
+    /// The first compose file: paths are relative to its folder.
+    first: &'a Path,
+    /// The merged file.
+    top: &'a Mapping,
+    vars: &'a super::Vars,
+}
+
+fn map_service(ctx: &Ctx<'_>, src: &Source, name: &str, svc: &Mapping, notes: &mut Vec<String>) -> Result<Manifest, ComposeError> {
+    let Ctx { project, first, top, vars } = *ctx;
     let at = |key: &str| format!("services.{name}.{key}");
     let mut out = Mapping::new();
     let mut x_health: Option<Mapping> = None;
