@@ -165,3 +165,61 @@ fn a_compose_project_as_it_is_gets_zero_downtime_releases() {
     daemon.cli_ok(&["remove", &ids.service, "--volumes"]);
     daemon.cli_ok(&["remove", &api]);
 }
+
+#[test]
+fn cutover_first_creates_the_network_compose_then_takes_as_its_own_and_refusals_change_nothing() {
+    let ids = Ids::new("cutover_first_creates_the_network_compose_then_takes_as_its_own_and_refusals_change_nothing");
+    require_root();
+    require_docker();
+    if !Path::new(COMPOSE).exists() || !Path::new("/usr/bin/dig").exists() {
+        panic!("install docker-compose and bind9-dnsutils (.ci/provision does)");
+    }
+    let v1 = demo_image(&ids, "v1", &[]);
+    let cache_image = demo_image(&ids, "cache", &[]);
+    let project = format!("q{}", ids.tag.replace(['-', '.'], "").to_lowercase());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("compose.yaml");
+    let guard = ComposeProject { name: project.clone(), file: file.display().to_string() };
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let text = format!(
+        "services:\n  web:\n    image: {v1}\n    ports: [\"{port}:80\"]\n    restart: always\n    x-cutover: {{name: {}, watch: 1s}}\n  cache:\n    image: {cache_image}\n",
+        ids.service
+    );
+    write(dir.path(), "compose.yaml", &text);
+    let file_arg = file.to_str().unwrap();
+
+    // cutover first: it creates `<project>_default` with compose's labels ...
+    daemon.cli_ok(&["apply", file_arg, "-p", &project]);
+    let net: serde_json::Value =
+        serde_json::from_str(&run(&mut cmd(DOCKER, ["network", "inspect", &format!("{project}_default")]))).unwrap();
+    assert_eq!(net[0]["Labels"]["com.docker.compose.project"], project.as_str());
+    assert_eq!(net[0]["Labels"]["com.docker.compose.network"], "default");
+    // ... which compose then uses as its own: `cache` joins it and reaches `web` by name.
+    guard.run(&["up", "-d", "cache"]);
+    let cache = run(&mut cmd(COMPOSE, ["-p", &project, "-f", file_arg, "ps", "-q", "cache"])).trim().to_string();
+    let web_addr = resolve_in(&cache, "web");
+    assert_eq!(get_ok(At::container(&cache), &format!("http://{web_addr}:80/")), "v1");
+
+    // Keys cutover cannot honour: exit 2 naming file, line and key; nothing changed.
+    let status = || daemon.cli_ok(&["status", "--json"]).stdout;
+    let before = status();
+    for (edit, key) in [
+        ("    build: .\n", "services.web.build"),
+        ("    deploy: {replicas: 3}\n", "services.web.deploy.replicas"),
+        ("    network_mode: host\n", "services.web.network_mode"),
+        ("    container_name: web\n", "services.web.container_name"),
+    ] {
+        let mut bad = text.replacen("    restart: always\n", &format!("    restart: always\n{edit}"), 1);
+        if key.ends_with("build") {
+            bad = bad.replacen(&format!("    image: {v1}\n"), "", 1);
+        }
+        write(dir.path(), "compose.yaml", &bad);
+        let line = bad.lines().position(|l| l.starts_with(edit.trim_end())).unwrap() + 1;
+        let out = daemon.cli_expect(&["apply", file_arg, "-p", &project], 2);
+        let want = format!("{}:{line}: {key}", file.display());
+        assert!(out.stderr.contains(&want), "`{want}` in {}", out.stderr);
+        assert_eq!(status(), before, "{key}: nothing changed");
+    }
+    daemon.cli_ok(&["remove", &ids.service]);
+}
