@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_norway::{Mapping, Value};
 
-use super::{ComposeError, Project, Source, Taken, COMPOSE_VERSION_LABEL};
+use super::{ComposeError, Project, Source, Sources, Taken, COMPOSE_VERSION_LABEL};
 use crate::manifest::{valid_name, Manifest, MountKind, PortSpec, Protocol};
 
 /// compose keys the manifest takes under the same name and syntax.
@@ -49,17 +49,20 @@ pub fn map_project(
     mut notes: Vec<String>,
 ) -> Result<Project, ComposeError> {
     // Errors name the last file that has the key (an override), else the first.
-    let src_for = |key: &str| -> &Source {
-        sources.iter().rev().find(|s| s.line_of(key).is_some()).unwrap_or(&sources[0])
-    };
+    let src = Sources::new(sources).ok_or_else(|| ComposeError::Invalid {
+        file: first.to_path_buf(),
+        line: None,
+        key: "files".into(),
+        message: "name at least one compose file".into(),
+    })?;
     let services = match top.get("services") {
         Some(Value::Mapping(m)) => m.clone(),
-        _ => return Err(sources[0].invalid("services", "must be a map of service names to services")),
+        _ => return Err(src.invalid("services", "must be a map of service names to services")),
     };
     for name in only {
         if !services.contains_key(name.as_str()) {
             let known: Vec<&str> = services.keys().filter_map(Value::as_str).collect();
-            return Err(sources[0].invalid("services", format!("--service {name}: no such service; the file has {}", known.join(", "))));
+            return Err(src.invalid("services", format!("--service {name}: no such service; the file has {}", known.join(", "))));
         }
     }
     let mut taken = Vec::new();
@@ -67,7 +70,7 @@ pub fn map_project(
     for (name, svc) in &services {
         let name = name.as_str().unwrap_or_default().to_string();
         let Value::Mapping(svc) = svc else {
-            return Err(src_for(&format!("services.{name}")).invalid(&format!("services.{name}"), "must be a map"));
+            return Err(src.invalid(&format!("services.{name}"), "must be a map"));
         };
         let wanted = if only.is_empty() {
             svc.contains_key("ports") || svc.contains_key("x-cutover")
@@ -78,15 +81,14 @@ pub fn map_project(
             left.push(name);
             continue;
         }
-        let src = src_for(&format!("services.{name}"));
         let ctx = Ctx { project, first, top, vars };
-        let manifest = map_service(&ctx, src, &name, svc, &mut notes)?;
+        let manifest = map_service(&ctx, &src, &name, svc, &mut notes)?;
         taken.push(Taken { compose_name: name, manifest });
     }
     let mut names = std::collections::BTreeSet::new();
     for t in &taken {
         if !names.insert(t.manifest.name.clone()) {
-            return Err(sources[0].invalid(
+            return Err(src.invalid(
                 &format!("services.{}", t.compose_name),
                 format!("two services become cutover's `{}`: give one an `x-cutover: {{name: ...}}`", t.manifest.name),
             ));
@@ -105,7 +107,7 @@ struct Ctx<'a> {
     vars: &'a super::Vars,
 }
 
-fn map_service(ctx: &Ctx<'_>, src: &Source, name: &str, svc: &Mapping, notes: &mut Vec<String>) -> Result<Manifest, ComposeError> {
+fn map_service(ctx: &Ctx<'_>, src: &Sources<'_>, name: &str, svc: &Mapping, notes: &mut Vec<String>) -> Result<Manifest, ComposeError> {
     let Ctx { project, first, top, vars } = *ctx;
     let at = |key: &str| format!("services.{name}.{key}");
     let mut out = Mapping::new();
@@ -242,13 +244,14 @@ fn map_service(ctx: &Ctx<'_>, src: &Source, name: &str, svc: &Mapping, notes: &m
             v.0.source = Some(volume_name(project, top, src, name, &short)?);
         }
     }
-    m.validate(&src.path, &src.text)?;
-    m.resolve(first, &src.text)?;
+    let file = src.for_key(&format!("services.{name}"));
+    m.validate(&file.path, &file.text)?;
+    m.resolve(first, &file.text)?;
     Ok(m)
 }
 
 /// compose's `ports:` entries as cutover ports.
-fn ports(src: &Source, key: &str, v: &Value) -> Result<Vec<PortSpec>, ComposeError> {
+fn ports(src: &Sources<'_>, key: &str, v: &Value) -> Result<Vec<PortSpec>, ComposeError> {
     let Value::Sequence(seq) = v else { return Err(src.invalid(key, "must be a list")) };
     let mut out = Vec::new();
     for entry in seq {
@@ -325,7 +328,7 @@ pub fn short_port(s: &str) -> Result<Vec<PortSpec>, String> {
 }
 
 /// The service's one network: its key in the top-level `networks:` and its entry.
-fn one_network(src: &Source, key: &str, v: &Value) -> Result<(String, Option<Value>), ComposeError> {
+fn one_network(src: &Sources<'_>, key: &str, v: &Value) -> Result<(String, Option<Value>), ComposeError> {
     let entries: Vec<(String, Option<Value>)> = match v {
         Value::Sequence(s) => s.iter().filter_map(Value::as_str).map(|n| (n.to_string(), None)).collect(),
         Value::Mapping(m) => m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), Some(v.clone())))).collect(),
@@ -343,7 +346,7 @@ fn one_network(src: &Source, key: &str, v: &Value) -> Result<(String, Option<Val
 
 /// The engine's name of network `key`, and the labels to create it with (empty when it
 /// is external, so it must exist).
-fn network_name(project: &str, top: &Mapping, src: &Source, service: &str, key: &str) -> Result<(String, BTreeMap<String, String>), ComposeError> {
+fn network_name(project: &str, top: &Mapping, src: &Sources<'_>, service: &str, key: &str) -> Result<(String, BTreeMap<String, String>), ComposeError> {
     let decl = top.get("networks").and_then(|n| n.get(key));
     if decl.is_none() && key != "default" {
         return Err(src.invalid(&format!("services.{service}.networks"), format!("`{key}` is not declared under the top-level `networks:`")));
@@ -379,7 +382,7 @@ fn network_name(project: &str, top: &Mapping, src: &Source, service: &str, key: 
 }
 
 /// The engine's name of the named volume `short`, as compose names it.
-fn volume_name(project: &str, top: &Mapping, src: &Source, service: &str, short: &str) -> Result<String, ComposeError> {
+fn volume_name(project: &str, top: &Mapping, src: &Sources<'_>, service: &str, short: &str) -> Result<String, ComposeError> {
     let Some(decl) = top.get("volumes").and_then(|v| v.as_mapping()).and_then(|v| v.get(short)) else {
         return Err(src.invalid(&format!("services.{service}.volumes"), format!(
             "the named volume `{short}` is not declared under the top-level `volumes:` (compose refuses it too): add `volumes: {{{short}: {{}}}}`"
@@ -395,7 +398,7 @@ fn volume_name(project: &str, top: &Mapping, src: &Source, service: &str, short:
 }
 
 /// `deploy:`: one replica at most; resource limits map to `mem_limit` and `cpus`.
-fn deploy(src: &Source, key: &str, v: &Value, out: &mut Mapping, notes: &mut Vec<String>, name: &str) -> Result<(), ComposeError> {
+fn deploy(src: &Sources<'_>, key: &str, v: &Value, out: &mut Mapping, notes: &mut Vec<String>, name: &str) -> Result<(), ComposeError> {
     if v.get("replicas").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(src.invalid(&format!("{key}.replicas"), "cutover runs one release of a service at a time: set `replicas: 1` or remove it"));
     }
@@ -571,6 +574,17 @@ volumes:
         assert!(msg.contains("x-cutover"), "{msg}");
         let msg = refused(&FILE.replace("${WEB_IMAGE:-example/web:1.0}", "${WEB_IMAGE:?set WEB_IMAGE}"));
         assert!(msg.contains("compose.yaml:4: services.web.image") && msg.contains("set WEB_IMAGE"), "{msg}");
+    }
+
+    #[test]
+    fn a_refusal_names_the_file_that_holds_the_key() {
+        let base = FILE.replace("    stop_grace_period", "    container_name: web\n    stop_grace_period");
+        let over = "services:\n  web:\n    image: example/web:2.0\n";
+        let msg = project(&base, &[over], &[]).unwrap_err().to_string();
+        assert!(msg.contains("/compose.yaml:20: services.web.container_name"), "{msg}");
+        let over = "services:\n  web:\n    privileged: true\n";
+        let msg = project(FILE, &[over], &[]).unwrap_err().to_string();
+        assert!(msg.contains("/override0.yaml:3: services.web.privileged"), "{msg}");
     }
 
     #[test]

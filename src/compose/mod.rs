@@ -48,8 +48,19 @@ impl Source {
         ComposeError::Invalid { file: self.path.clone(), line: self.line_of(key), key: key.to_string(), message: message.into() }
     }
 
-    /// The line of a dotted key: each segment is searched after the previous one's line.
+    /// Does this file hold the whole dotted key?
+    pub fn has(&self, key: &str) -> bool {
+        self.find(key).1
+    }
+
+    /// The line of a dotted key: each segment is searched after the previous one's line;
+    /// the line of the last segment found.
     pub fn line_of(&self, key: &str) -> Option<usize> {
+        self.find(key).0
+    }
+
+    /// The line of the deepest segment found, and whether every segment was.
+    fn find(&self, key: &str) -> (Option<usize>, bool) {
         let mut from = 0usize;
         let mut found = None;
         for seg in key.split('.') {
@@ -64,12 +75,40 @@ impl Source {
                     from = i + 1;
                     found = Some(i + 1);
                 }
-                None => return found,
+                None => return (found, false),
             }
         }
-        found
+        (found, true)
     }
 }
+
+/// The files of a project (at least one), later ones overriding earlier ones.
+pub struct Sources<'a> {
+    all: &'a [Source],
+    first: &'a Source,
+}
+
+impl<'a> Sources<'a> {
+    pub fn new(all: &'a [Source]) -> Option<Sources<'a>> {
+        Some(Sources { all, first: all.first()? })
+    }
+
+    /// The last file that holds `key` (the override that set it), else the one that holds
+    /// most of it, else the first.
+    pub fn for_key(&self, key: &str) -> &Source {
+        self.all
+            .iter()
+            .rev()
+            .find(|s| s.has(key))
+            .or_else(|| self.all.iter().rev().find(|s| s.line_of(key).is_some()))
+            .unwrap_or(self.first)
+    }
+
+    pub fn invalid(&self, key: &str, message: impl Into<String>) -> ComposeError {
+        self.for_key(key).invalid(key, message)
+    }
+}
+
 
 /// Does this YAML text look like a compose file (a top-level `services:` key)?
 pub fn is_compose(text: &str) -> bool {
@@ -159,7 +198,6 @@ pub fn load(req: &Request, environ: &Vars) -> Result<Project, ComposeError> {
         sources.push(src);
     }
     let merged = merged.unwrap_or_default();
-    // Errors point at the last file that mentions a key, the first one otherwise.
     let project = project_name(req.project_name.as_deref(), &vars, &merged, &dir, &sources[0])?;
     mapping::map_project(&project, &first, &merged, &sources, &req.services, &vars, notes)
 }
