@@ -95,7 +95,7 @@ impl<'a> Sources<'a> {
 
     /// The last file that holds `key` (the override that set it), else the one that holds
     /// most of it, else the first.
-    pub fn for_key(&self, key: &str) -> &Source {
+    pub fn for_key(&self, key: &str) -> &'a Source {
         self.all
             .iter()
             .rev()
@@ -198,7 +198,13 @@ pub fn load(req: &Request, environ: &Vars) -> Result<Project, ComposeError> {
         sources.push(src);
     }
     let merged = merged.unwrap_or_default();
-    let project = project_name(req.project_name.as_deref(), &vars, &merged, &dir, &sources[0])?;
+    let name_src = Sources::new(&sources).map(|s| s.for_key("name")).ok_or_else(|| ComposeError::Invalid {
+        file: first.clone(),
+        line: None,
+        key: "files".into(),
+        message: "name at least one compose file".into(),
+    })?;
+    let project = project_name(req.project_name.as_deref(), &vars, &merged, &dir, name_src)?;
     mapping::map_project(&project, &first, &merged, &sources, &req.services, &vars, notes)
 }
 
