@@ -42,6 +42,9 @@ install -D -m 0644 dist/cutover.service "$root/etc/systemd/system/cutover.servic
 install -d "$root$PREFIX/share/doc/cutover" "$root$PREFIX/share/cutover/manifests"
 install -m 0644 docs/*.md "$root$PREFIX/share/doc/cutover/"
 install -m 0644 manifests/*.yaml "$root$PREFIX/share/cutover/manifests/"
+install -d "$root$PREFIX/share/cutover/manifests/compose"
+install -m 0644 manifests/compose/compose.yaml manifests/compose/.env manifests/compose/web.env \
+  "$root$PREFIX/share/cutover/manifests/compose/"
 
 bash_dir="$root/usr/share/bash-completion/completions"
 zsh_dir="$root$PREFIX/share/zsh/site-functions"

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::manifest::PullPolicy;
+
 /// The largest request line the daemon reads (manifests included).
 pub const MAX_REQUEST: usize = 1 << 20;
 
@@ -29,12 +31,27 @@ impl std::fmt::Debug for ManifestText {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Ping {},
-    Apply { manifests: Vec<ManifestText> },
-    Deploy { service: String, image: String },
+    Apply {
+        manifests: Vec<ManifestText>,
+        /// Overrides the manifests' `pull` for the releases this apply starts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull: Option<PullPolicy>,
+    },
+    Deploy {
+        service: String,
+        image: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull: Option<PullPolicy>,
+    },
     Rollback { service: String, #[serde(default)] to: Option<u32> },
     Status { #[serde(default)] service: Option<String> },
     History { service: String },
-    Remove { service: String },
+    Remove {
+        service: String,
+        /// Also delete the named volumes cutover created for the service.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        volumes: bool,
+    },
 }
 
 impl Request {
@@ -43,7 +60,7 @@ impl Request {
         match self {
             Request::Deploy { service, .. }
             | Request::Rollback { service, .. }
-            | Request::Remove { service } => Some(service),
+            | Request::Remove { service, .. } => Some(service),
             _ => None,
         }
     }

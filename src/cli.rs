@@ -188,12 +188,32 @@ fn parse_phase(s: &str) -> Result<crate::state::Phase, String> {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// Manifest files (YAML).
-    #[arg(required = true)]
+    /// Manifest files (YAML), or compose files (a top-level `services:` key).
+    #[arg(required_unless_present = "compose_files")]
     pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub compose: ComposeArgs,
+    /// When to pull images for the releases this starts: missing, always or never
+    /// (default: each manifest's `pull`).
+    #[arg(long, value_name = "POLICY")]
+    pub pull: Option<crate::manifest::PullPolicy>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How compose files are read (see docs/compose.md).
+#[derive(Debug, Clone, Args)]
+pub struct ComposeArgs {
+    /// A compose file merged over the ones before it, as `docker compose -f`; repeatable.
+    #[arg(short = 'f', long = "file", value_name = "COMPOSE_FILE", id = "compose_files")]
+    pub compose_files: Vec<PathBuf>,
+    /// The compose project (default: COMPOSE_PROJECT_NAME, the file's `name:`, its folder's name).
+    #[arg(long, short = 'p', value_name = "NAME")]
+    pub project_name: Option<String>,
+    /// Release only these compose services (default: those with `ports:` or `x-cutover:`).
+    #[arg(long = "service", value_name = "NAME")]
+    pub services: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +222,9 @@ pub struct DeployArgs {
     /// Image of the new release.
     #[arg(long)]
     pub image: String,
+    /// When to pull the image: missing, always or never (default: the manifest's `pull`).
+    #[arg(long, value_name = "POLICY")]
+    pub pull: Option<crate::manifest::PullPolicy>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -235,6 +258,9 @@ pub struct HistoryArgs {
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
     pub name: String,
+    /// Also delete the named volumes cutover created for the service (their data is lost).
+    #[arg(long)]
+    pub volumes: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -242,8 +268,11 @@ pub struct RemoveArgs {
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    #[arg(required = true)]
+    /// Manifest files (YAML), or compose files (a top-level `services:` key).
+    #[arg(required_unless_present = "compose_files")]
     pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub compose: ComposeArgs,
     /// Table name to render (as the daemon's --table).
     #[arg(long, default_value = crate::plan::DEFAULT_TABLE)]
     pub table: String,

@@ -495,8 +495,14 @@ pub trait HostNet: Send + Sync + 'static {
     /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
     /// within `idle`: they keep an old release draining.
     fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
-    /// Set `route_localnet` of `ifname`; returns the value it had.
-    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError>;
+    /// Daemon `table` needs `route_localnet` on `ifname`: turn it on (again, if someone
+    /// switched it off) and record the claim; `recorded` is the value from before cutover
+    /// when the caller's state has one (see [`crate::localnet`]). Returns the value the
+    /// flag had just before.
+    fn claim_route_localnet(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<bool, HostError>;
+    /// Daemon `table` no longer needs it: the value from before is restored once no other
+    /// daemon needs it either; a bridge that no longer exists is no error.
+    fn release_route_localnet(&self, ifname: &str, table: &str) -> Result<(), HostError>;
     /// Watch process `pid` until it exits.
     fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError>;
 }
@@ -546,8 +552,11 @@ impl HostNet for RealHost {
         let flows = self.recent_flows()?;
         Ok(udp_idle_times(&flows, port, addr, timeouts).into_iter().filter(|t| *t < idle).count())
     }
-    fn set_route_localnet(&self, ifname: &str, on: bool) -> Result<bool, HostError> {
-        set_route_localnet(ifname, on)
+    fn claim_route_localnet(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<bool, HostError> {
+        crate::localnet::Localnet::default().claim_recorded(ifname, table, recorded)
+    }
+    fn release_route_localnet(&self, ifname: &str, table: &str) -> Result<(), HostError> {
+        crate::localnet::Localnet::default().release(ifname, table).map(drop)
     }
     fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
         watch_exit(pid)

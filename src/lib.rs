@@ -15,6 +15,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod compose;
 pub mod conntrack;
 pub mod dad;
 pub mod daemon;

@@ -71,13 +71,13 @@ impl Localnet {
     /// `table` needs `route_localnet` on `ifname`: record that and set the flag to 1
     /// (again, if someone switched it off).
     pub fn claim(&self, ifname: &str, table: &str) -> Result<(), HostError> {
-        self.claim_recorded(ifname, table, None)
+        self.claim_recorded(ifname, table, None).map(drop)
     }
 
     /// [`Localnet::claim`], with the value from before cutover when the caller recorded
     /// it elsewhere (a daemon's state from before the markers existed): used as the value
-    /// to restore if nobody recorded one yet.
-    pub fn claim_recorded(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<(), HostError> {
+    /// to restore if nobody recorded one yet. Returns the flag's value before this claim.
+    pub fn claim_recorded(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<bool, HostError> {
         let marker = self.marker(ifname, table)?;
         let dir = self.bridge_dir(ifname)?;
         let flag = host::route_localnet_path_in(&self.conf, ifname)?;
@@ -92,7 +92,8 @@ impl Localnet {
         if !marker.exists() {
             write_atomic(&marker, "")?;
         }
-        host::write_flag(&flag, true)
+        host::write_flag(&flag, true)?;
+        Ok(now)
     }
 
     /// `table` no longer needs `route_localnet` on `ifname`. When nobody else does, the

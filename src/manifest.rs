@@ -14,6 +14,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod container;
+mod healthcheck;
+pub mod reference;
+pub use healthcheck::Healthcheck;
+pub use container::{
+    parse_env_file, valid_volume_name, ByteSize, ContainerOptions, Cpus, Logging, Mount, MountEntry, MountKind, PullPolicy,
+    Ulimit,
+};
+
 /// A manifest that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -68,9 +77,16 @@ pub struct Manifest {
     pub stop_timeout: Duration,
     #[serde(default = "defaults::keep")]
     pub keep: u32,
-    #[serde(default, deserialize_with = "env_map")]
+    /// The container's environment (`environment` is the compose name); a map or a list
+    /// of `KEY=value`. After [`Manifest::resolve`] it also holds the env files' values
+    /// (this map wins over them).
+    #[serde(default, alias = "environment", deserialize_with = "container::string_map")]
     pub env: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Files of `KEY=VALUE` lines, relative to the manifest's folder; read by
+    /// [`Manifest::resolve`] into `env`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "container::one_or_many")]
+    pub env_file: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "container::words")]
     pub command: Option<Vec<String>>,
     #[serde(default = "defaults::network")]
     pub network: String,
@@ -81,6 +97,66 @@ pub struct Manifest {
     /// fd-handoff mode instead of NAT: both generations share one network namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSpec>,
+    /// When the image is pulled from its registry: `missing` (default), `always`, `never`.
+    #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
+    pub pull: PullPolicy,
+
+    // The container an operator defines, in compose's names (see docs/manifest.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<MountEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "container::words")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "container::string_map")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_limit: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Cpus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ulimits: BTreeMap<String, Ulimit>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "container::one_or_many")]
+    pub tmpfs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "container::extra_hosts")]
+    pub extra_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "container::one_or_many")]
+    pub dns: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "container::string_map")]
+    pub sysctls: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_opt: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Logging>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "container::scalar_list")]
+    pub group_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// compose's `healthcheck`, set on every release container; health type `docker`
+    /// waits for its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+    /// More names the release answers to on `network` (compose gives the service's name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_aliases: Vec<String>,
+    /// When set, `network` is created with these labels if it does not exist yet (compose's
+    /// default network); when empty, the network must exist.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_labels: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for Manifest {
@@ -101,6 +177,33 @@ impl fmt::Debug for Manifest {
             network,
             udp_idle,
             handoff,
+            env_file,
+            pull,
+            volumes,
+            user,
+            working_dir,
+            entrypoint,
+            labels,
+            mem_limit,
+            cpus,
+            pids_limit,
+            ulimits,
+            cap_add,
+            cap_drop,
+            read_only,
+            tmpfs,
+            extra_hosts,
+            dns,
+            sysctls,
+            security_opt,
+            init,
+            shm_size,
+            logging,
+            group_add,
+            devices,
+            healthcheck,
+            network_aliases,
+            network_labels,
         } = self;
         f.debug_struct("Manifest")
             .field("name", name)
@@ -117,6 +220,33 @@ impl fmt::Debug for Manifest {
             .field("network", network)
             .field("udp_idle", udp_idle)
             .field("handoff", handoff)
+            .field("env_file", env_file)
+            .field("pull", pull)
+            .field("volumes", volumes)
+            .field("user", user)
+            .field("working_dir", working_dir)
+            .field("entrypoint", entrypoint)
+            .field("labels", labels)
+            .field("mem_limit", mem_limit)
+            .field("cpus", cpus)
+            .field("pids_limit", pids_limit)
+            .field("ulimits", ulimits)
+            .field("cap_add", cap_add)
+            .field("cap_drop", cap_drop)
+            .field("read_only", read_only)
+            .field("tmpfs", tmpfs)
+            .field("extra_hosts", extra_hosts)
+            .field("dns", dns)
+            .field("sysctls", sysctls)
+            .field("security_opt", security_opt)
+            .field("init", init)
+            .field("shm_size", shm_size)
+            .field("logging", logging)
+            .field("group_add", group_add)
+            .field("devices", devices)
+            .field("healthcheck", healthcheck)
+            .field("network_aliases", network_aliases)
+            .field("network_labels", network_labels)
             .finish()
     }
 }
@@ -277,6 +407,31 @@ mod defaults {
     }
 }
 
+/// The largest env file read.
+pub const MAX_ENV_FILE: u64 = 1 << 20;
+
+/// Read a regular file of at most `max` bytes as UTF-8; anything else (a FIFO, a device,
+/// a directory, a larger file) is refused without blocking.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening a FIFO with no writer must not hang; regular files ignore it.
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
+    let meta = f.metadata()?;
+    if let Some(kind) = not_a_file(&meta.file_type()) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{kind}, not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("larger than {max} bytes")));
+    }
+    let mut text = String::new();
+    f.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("larger than {max} bytes")));
+    }
+    Ok(text)
+}
+
 /// The most releases a manifest may keep for rollback.
 pub const MAX_KEEP: u32 = 50;
 
@@ -293,25 +448,11 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// waiting for a writer, a device (`/dev/zero`) is never read from.
 pub fn read_text(path: &Path) -> Result<String, ManifestError> {
     use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let rerr = |source| ManifestError::Read { path: path.to_path_buf(), source };
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(rerr)?;
-    let kind = file.metadata().map_err(rerr)?.file_type();
-    if !kind.is_file() {
-        let kind = if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_char_device() {
-            "a character device"
-        } else if kind.is_block_device() {
-            "a block device"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "not a file"
-        };
+    if let Some(kind) = not_a_file(&file.metadata().map_err(rerr)?.file_type()) {
         return Err(ManifestError::NotAFile { path: path.to_path_buf(), kind });
     }
     let mut bytes = Vec::new();
@@ -320,6 +461,26 @@ pub fn read_text(path: &Path) -> Result<String, ManifestError> {
         return Err(ManifestError::TooLarge { path: path.to_path_buf() });
     }
     String::from_utf8(bytes).map_err(|e| rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn not_a_file(kind: &std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_char_device() {
+        Some("a character device")
+    } else if kind.is_block_device() {
+        Some("a block device")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a file")
+    }
 }
 
 /// `start + d`, for deadlines computed from a manifest's durations: never a panic. A
@@ -363,8 +524,9 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// The checks serde cannot express. Each error points at the field's line.
-    fn validate(&self, file: &Path, text: &str) -> Result<(), ManifestError> {
+    /// The checks serde cannot express. Each error points at the field's line (of the
+    /// first `key:` in `text`).
+    pub fn validate(&self, file: &Path, text: &str) -> Result<(), ManifestError> {
         let err = |key: &str, nth: usize, field: &str, msg: String| {
             ManifestError::invalid(file, find_key_line(text, key, nth), field, msg)
         };
@@ -374,8 +536,8 @@ impl Manifest {
                 self.name
             )));
         }
-        if self.image.trim().is_empty() || self.image.chars().any(char::is_whitespace) {
-            return Err(err("image", 0, "image", format!("`{}` is not an image reference", self.image)));
+        if let Err(why) = reference::check_reference(&self.image) {
+            return Err(err("image", 0, "image", why));
         }
         if self.ports.is_empty() && self.handoff.is_none() {
             return Err(err("ports", 0, "ports", "at least one port is needed (or a `handoff` section)".into()));
@@ -454,6 +616,22 @@ impl Manifest {
             return Err(err("network", 0, "network", "`none` gives the container no address, so no host port can ever reach it; \
                  use a Docker bridge network (the default `bridge`)".into()));
         }
+        if let Some(f) = self.env_file.iter().find(|f| f.trim().is_empty()) {
+            return Err(err("env_file", 0, "env_file", format!("`{f}` is not a file name")));
+        }
+        self.container_options().check().map_err(|p| err(&p.key, p.nth, &p.field, p.message))?;
+        if let Some(h) = &self.healthcheck {
+            h.check().map_err(|m| err("healthcheck", 0, "healthcheck", m))?;
+        }
+        if self.handoff.is_some() && (!self.network_aliases.is_empty() || !self.network_labels.is_empty()) {
+            let key = if self.network_aliases.is_empty() { "network_labels" } else { "network_aliases" };
+            return Err(err(key, 0, key, "a handoff-mode service shares a namespace; it has no network of its own".into()));
+        }
+        if let Some(a) = self.network_aliases.iter().find(|a| !valid_alias(a)) {
+            return Err(err("network_aliases", 0, "network_aliases", format!(
+                "`{a}` is not a host name: use letters, digits, '-', '_' and '.'"
+            )));
+        }
         if let Some(h) = &self.handoff {
             if h.namespace != "host" && h.namespace.strip_prefix("container:").is_none_or(|c| c.is_empty()) {
                 return Err(err("namespace", 0, "handoff.namespace", format!(
@@ -520,6 +698,83 @@ impl Manifest {
         changed
     }
 
+    /// The container fields, for the engine.
+    pub fn container_options(&self) -> ContainerOptions {
+        ContainerOptions {
+            volumes: self.volumes.iter().map(|v| v.0.clone()).collect(),
+            user: self.user.clone(),
+            working_dir: self.working_dir.clone(),
+            entrypoint: self.entrypoint.clone(),
+            labels: self.labels.clone(),
+            mem_limit: self.mem_limit,
+            cpus: self.cpus,
+            pids_limit: self.pids_limit,
+            ulimits: self.ulimits.clone(),
+            cap_add: self.cap_add.clone(),
+            cap_drop: self.cap_drop.clone(),
+            read_only: self.read_only,
+            tmpfs: self.tmpfs.clone(),
+            extra_hosts: self.extra_hosts.clone(),
+            dns: self.dns.clone(),
+            sysctls: self.sysctls.clone(),
+            security_opt: self.security_opt.clone(),
+            init: self.init,
+            shm_size: self.shm_size,
+            logging: self.logging.clone(),
+            group_add: self.group_add.clone(),
+            devices: self.devices.clone(),
+            healthcheck: self.healthcheck.clone(),
+            network_aliases: self.network_aliases.clone(),
+            network_labels: self.network_labels.clone(),
+        }
+    }
+
+    /// Read what the manifest refers to, relative to `file`'s folder: the env files'
+    /// values go into `env` (the manifest's own `env` wins; a later file wins over an
+    /// earlier one) and `env_file` is emptied; relative bind mount sources become
+    /// absolute. `text` is the manifest's text, for error lines.
+    pub fn resolve(&mut self, file: &Path, text: &str) -> Result<(), ManifestError> {
+        let base = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base = std::path::absolute(&base).unwrap_or(base);
+        let mut env = BTreeMap::new();
+        for (i, name) in self.env_file.iter().enumerate() {
+            let path = base.join(name);
+            let field = if self.env_file.len() == 1 { "env_file".to_string() } else { format!("env_file[{i}]") };
+            let line = find_key_line(text, "env_file", 0);
+            let content = read_bounded(&path, MAX_ENV_FILE).map_err(|e| {
+                ManifestError::invalid(file, line, &field, format!("cannot read the env file {}: {e}", path.display()))
+            })?;
+            let pairs = parse_env_file(&content).map_err(|e| {
+                ManifestError::invalid(file, line, &field, format!("{}: {e}", path.display()))
+            })?;
+            env.extend(pairs);
+        }
+        env.extend(std::mem::take(&mut self.env));
+        self.env = env;
+        self.env_file.clear();
+        for v in &mut self.volumes {
+            if let (MountKind::Bind, Some(src)) = (v.0.kind, v.0.source.as_ref()) {
+                if !src.starts_with('/') {
+                    let mut o = ContainerOptions { volumes: vec![v.0.clone()], ..Default::default() };
+                    o.resolve_paths(&base);
+                    v.0 = o.volumes.remove(0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Load (bounded), parse, validate and resolve the manifest at `path`.
+    pub fn load_resolved(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = read_text(path)?;
+        let mut m = Manifest::parse(path, &text)?;
+        m.resolve(path, &text)?;
+        Ok(m)
+    }
+
     /// The port the health check connects to inside the container.
     pub fn health_port(&self) -> Option<u16> {
         self.health
@@ -541,8 +796,13 @@ pub fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A network alias: a DNS name on the network.
+fn valid_alias(a: &str) -> bool {
+    !a.is_empty() && a.len() <= 253 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
 /// The 1-based line of the `nth` occurrence of `key:` in `text`, if any.
-fn find_key_line(text: &str, key: &str, nth: usize) -> Option<usize> {
+pub fn find_key_line(text: &str, key: &str, nth: usize) -> Option<usize> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| {
@@ -629,42 +889,14 @@ mod duration_text {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Duration::from_secs(s)),
-            Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// `env` values may be written as numbers or booleans; the container sees text.
-fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Int(i64),
-        Float(f64),
-        Bool(bool),
-    }
-    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
-    Ok(raw
-        .into_iter()
-        .map(|(k, v)| {
-            let v = match v {
-                Scalar::Text(s) => s,
-                Scalar::Int(i) => i.to_string(),
-                Scalar::Float(f) => f.to_string(),
-                Scalar::Bool(b) => b.to_string(),
-            };
-            (k, v)
+        // Parsed inside the deserializer (not through an untagged enum), so an error
+        // names the value's line and the field.
+        container::parse_scalar(d, "a duration such as 2s", |s| match s {
+            container::Scalar::Int(secs) if *secs >= 0 => Ok(Duration::from_secs(*secs as u64)),
+            container::Scalar::Text(t) => parse_duration(t),
+            other => Err(format!("`{other}` is not a duration; write e.g. 500ms, 2s, 1m30s")),
         })
-        .collect())
+    }
 }
 
 impl FromStr for Protocol {

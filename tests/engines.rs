@@ -299,14 +299,11 @@ fn an_engine_outage_is_logged_once_each_way_and_the_release_answers_again() {
     drop(lab);
 }
 
-// The two route_localnet tests below pass once deploy's `assert_host` claims each bridge
-// with `crate::localnet::Localnet::claim_recorded` on every call and `remove` releases
-// with `Localnet::release` (verified with that change applied; src/deploy.rs is being
-// restructured on another branch, so the call sites change there).
+// route_localnet: deploy's `assert_host` claims each bridge on every call (a marker per
+// daemon table, `crate::localnet`), and `remove` releases the claim.
 
 /// route_localnet switched off by hand on a service's bridge is back after the next deploy.
 #[test]
-#[ignore = "needs deploy's assert_host and remove to call crate::localnet (claim_recorded / release)"]
 fn route_localnet_switched_off_by_hand_is_back_after_the_next_deploy() {
     require_root();
     let mut lab = Lab::up("cvel28", "docker28");
@@ -328,7 +325,6 @@ fn route_localnet_switched_off_by_hand_is_back_after_the_next_deploy() {
 /// Two daemons (two tables) with services behind one bridge: when one removes its last
 /// service, the other's 127.0.0.1 path keeps working; the last one restores the flag.
 #[test]
-#[ignore = "needs deploy's assert_host and remove to call crate::localnet (claim_recorded / release)"]
 fn two_daemons_on_one_bridge_keep_each_others_localhost_path() {
     require_root();
     let mut lab = Lab::up("cvet28", "docker28");

@@ -56,6 +56,10 @@ fn example_manifests_are_valid_per_plan() {
         ("manifests/web.yaml", "tcp . 8080 : <address of web's active release> . 80"),
         ("manifests/tcp.yaml", "tcp . 6379 : <address of cache's active release> . 6379"),
         ("manifests/sidecar.yaml", "listeners http=tcp://0.0.0.0:8443"),
+        // A compose project: `web` has ports, `cache` stays compose's (tests/compose.rs
+        // runs this file on a real engine with docker-compose).
+        ("manifests/compose/compose.yaml", "tcp . 8080 : <address of web's active release> . 80"),
+        ("manifests/compose/compose.yaml", "left to compose: `cache`"),
     ] {
         let path = repo(file);
         let out = cutover(&["plan", path.to_str().unwrap()]);
@@ -75,6 +79,13 @@ fn every_manifest_under_manifests_is_tested() {
         .collect();
     found.sort();
     assert_eq!(found, ["sidecar.yaml", "tcp.yaml", "web.yaml"], "a new example manifest needs a case in example_manifests_are_valid_per_plan");
+    let compose: Vec<String> = std::fs::read_dir(repo("manifests/compose"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        .collect();
+    assert_eq!(compose, ["compose.yaml"], "a new compose example needs a case in example_manifests_are_valid_per_plan and tests/compose.rs");
 }
 
 #[test]
@@ -157,8 +168,19 @@ fn manifest_keys() -> (BTreeSet<String>, Vec<(String, String)>) {
     let minimal = Manifest::parse(Path::new("m.yaml"), "name: a\nimage: x\nports: [{host: 1, container: 2}]\n").unwrap();
     let mut defaults = Vec::new();
     collect(&serde_norway::to_value(&minimal).unwrap(), "", &mut BTreeSet::new(), &mut defaults);
+    // The container fields, each with a value (most are left out of the state when unset).
+    let container = Manifest::parse(
+        Path::new("c.yaml"),
+        "name: a\nimage: x\nports: [{host: 1, container: 2}]\npull: always\nvolumes: [\"v:/data:ro\"]\n\
+         env_file: e.env\nuser: \"1000\"\nworking_dir: /app\nentrypoint: [/app]\nlabels: {l: v}\nmem_limit: 64m\n\
+         cpus: 0.5\npids_limit: 10\nulimits: {nofile: 10}\ncap_add: [NET_ADMIN]\ncap_drop: [ALL]\nread_only: true\n\
+         tmpfs: /run\nextra_hosts: [\"db:10.0.0.2\"]\ndns: [10.0.0.53]\nsysctls: {net.core.somaxconn: 1024}\n\
+         security_opt: [no-new-privileges]\ninit: true\nshm_size: 64m\nlogging: {driver: local, options: {max-size: 1m}}\n\
+         group_add: [audio]\ndevices: [/dev/null]\n",
+    )
+    .unwrap();
+    let mut full = Manifest { name: minimal.name.clone(), ports: minimal.ports.clone(), ..container };
     // Every optional field set, so that it serializes.
-    let mut full = minimal.clone();
     full.ports[0].host_ip = Some("127.0.0.1".parse().unwrap());
     full.health.port = Some(80);
     full.command = Some(vec!["/app".into()]);
@@ -170,8 +192,8 @@ fn manifest_keys() -> (BTreeSet<String>, Vec<(String, String)>) {
     });
     let mut keys = BTreeSet::new();
     collect(&serde_norway::to_value(&full).unwrap(), "", &mut keys, &mut Vec::new());
-    // `env` is a free-form map: its keys are the user's, not the schema's.
-    keys.retain(|k| !k.starts_with("env."));
+    // Free-form maps: their keys are the user's, not the schema's.
+    keys.retain(|k| !["env.", "labels.", "sysctls.", "ulimits.", "logging.options."].iter().any(|m| k.starts_with(m)));
     defaults.retain(|(k, _)| !["name", "image", "ports[].host", "ports[].container"].contains(&k.as_str()));
     (keys, defaults)
 }

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(request) = serde_json::from_slice::<Request>(line) else { return };
     let _ = request.service();
-    if let Request::Apply { manifests } = &request {
+    if let Request::Apply { manifests, .. } = &request {
         for m in manifests {
             let _ = Manifest::parse(Path::new(&m.file), &m.text);
         }

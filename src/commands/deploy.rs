@@ -7,7 +7,7 @@ use crate::cli::DeployArgs;
 use crate::commands::print_outcomes;
 
 pub async fn run(socket: &Path, args: DeployArgs) -> anyhow::Result<()> {
-    let data = crate::client::call(socket, &Request::Deploy { service: args.name, image: args.image }).await?;
+    let data = crate::client::call(socket, &Request::Deploy { service: args.name, image: args.image, pull: args.pull }).await?;
     print_outcomes(&data, args.json)?;
     Ok(())
 }

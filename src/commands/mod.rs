@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod completions;
+pub mod compose;
 pub mod daemon;
 pub mod demo;
 pub mod demo_image;

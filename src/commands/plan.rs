@@ -10,12 +10,22 @@ use crate::plan::{self, Desired};
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let mut manifests = Vec::new();
-    for file in &args.files {
-        let m = Manifest::load(file).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+    let inputs = super::compose::read(&args.files, &args.compose)?;
+    for (file, text) in &inputs.manifests {
+        let mut m = Manifest::parse(file, text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
+        m.resolve(file, text).map_err(|e| Failure::new(Exit::Invalid, e.to_string()))?;
         manifests.push(m);
     }
+    let mut compose_text = String::new();
+    if let Some(project) = &inputs.project {
+        for line in super::compose::describe(project).lines() {
+            compose_text.push_str(&format!("# {line}\n"));
+        }
+        manifests.extend(project.taken.iter().map(|t| t.manifest.clone()));
+    }
     let desired = Desired { table: args.table.clone(), mark: args.mark, targets: Vec::new(), bridges: Vec::new() };
-    let mut text = plan::ruleset(&desired).to_string();
+    let mut text = compose_text;
+    text.push_str(&plan::ruleset(&desired).to_string());
     let mut notes = Vec::new();
     for m in &manifests {
         if let Some(h) = &m.handoff {

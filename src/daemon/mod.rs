@@ -201,10 +201,10 @@ fn json<T: serde::Serialize>(v: &T) -> Answer {
 async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::ProgressTx) -> Answer {
     match request {
         Request::Ping {} => Ok(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })),
-        Request::Apply { manifests } => apply(releaser, manifests, &tx).await,
-        Request::Deploy { service, image } => json(&releaser.deploy(&service, &image, &tx).await.map_err(fail)?),
+        Request::Apply { manifests, pull } => apply(releaser, manifests, pull, &tx).await,
+        Request::Deploy { service, image, pull } => json(&releaser.deploy_with(&service, &image, pull, &tx).await.map_err(fail)?),
         Request::Rollback { service, to } => json(&releaser.rollback(&service, to, &tx).await.map_err(fail)?),
-        Request::Remove { service } => json(&releaser.remove(&service).await.map_err(fail)?),
+        Request::Remove { service, volumes } => json(&releaser.remove_with(&service, volumes).await.map_err(fail)?),
         Request::Status { service } => {
             let state = releaser.snapshot().await;
             if let Some(s) = &service {
@@ -222,10 +222,17 @@ async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::Progr
 }
 
 /// Validate every manifest first, so one bad file changes nothing; then apply in order.
-async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::deploy::ProgressTx) -> Answer {
+async fn apply(
+    releaser: &Releaser,
+    manifests: Vec<ManifestText>,
+    pull: Option<crate::manifest::PullPolicy>,
+    tx: &crate::deploy::ProgressTx,
+) -> Answer {
     let mut parsed = Vec::new();
     for m in &manifests {
-        let manifest = Manifest::parse(std::path::Path::new(&m.file), &m.text).map_err(|e| (ErrorCode::Invalid, e.to_string()))?;
+        let file = std::path::Path::new(&m.file);
+        let mut manifest = Manifest::parse(file, &m.text).map_err(|e| (ErrorCode::Invalid, e.to_string()))?;
+        manifest.resolve(file, &m.text).map_err(|e| (ErrorCode::Invalid, e.to_string()))?;
         parsed.push(manifest);
     }
     let mut names = std::collections::BTreeSet::new();
@@ -238,7 +245,7 @@ async fn apply(releaser: &Releaser, manifests: Vec<ManifestText>, tx: &crate::de
     let mut outcomes = Vec::new();
     for m in parsed {
         let name = m.name.clone();
-        match releaser.apply(m, tx).await {
+        match releaser.apply_with(m, pull, tx).await {
             Ok(o) => outcomes.push(o),
             Err(e) => {
                 let done: Vec<String> = outcomes.iter().map(|o| o.service.clone()).collect();

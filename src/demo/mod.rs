@@ -231,7 +231,7 @@ async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
     let manifest = manifest_text(&lab.names, args.port);
     Manifest::parse(Path::new("demo.yaml"), &manifest).map_err(|e| Failure::new(Exit::Refused, format!("the demo manifest: {e}")))?;
     lab.applied = true;
-    lab.call(&Request::Apply { manifests: vec![ManifestText { file: "demo.yaml".into(), text: manifest }] }).await?;
+    lab.call(&Request::Apply { manifests: vec![ManifestText { file: "demo.yaml".into(), text: manifest }], pull: None }).await?;
 
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
     let first = get_once(target, "/", REQUEST_TIMEOUT)
@@ -254,7 +254,7 @@ async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
     lab.steps.push(baseline);
 
     let deploy = step(&load, target, args.settle, "deploy v2", async {
-        let data = lab.call(&Request::Deploy { service: SERVICE.into(), image: images[1].clone() }).await?;
+        let data = lab.call(&Request::Deploy { service: SERVICE.into(), image: images[1].clone(), pull: None }).await?;
         Ok(Some(serde_json::from_value::<Outcome>(data).context("the daemon's deploy outcome")?))
     })
     .await?;
@@ -566,7 +566,7 @@ impl Lab {
     async fn remove_service(&self) -> Result<(), String> {
         let started = Instant::now();
         loop {
-            match crate::client::call(&self.socket, &Request::Remove { service: SERVICE.into() }).await {
+            match crate::client::call(&self.socket, &Request::Remove { service: SERVICE.into(), volumes: false }).await {
                 Ok(_) => return Ok(()),
                 // Not registered: the apply never got as far.
                 Err(f) if f.exit == Exit::Invalid => return Ok(()),

@@ -154,17 +154,20 @@ impl Releaser {
         } else {
             self.firewall.remove_forward_accept(&self.settings.table, self.settings.mark)?;
         }
+        // Every call claims every bridge again: a flag switched off by hand is back after
+        // the next apply or deploy, and the claim (a marker per daemon table) keeps other
+        // daemons on the same bridge from restoring it under this one.
         let mut changed = BTreeMap::new();
         for b in &desired.bridges {
-            if state.route_localnet_before.contains_key(&b.ifname) {
-                continue;
-            }
+            let recorded = state.route_localnet_before.get(&b.ifname).copied();
             let before = self
                 .effects
                 .host
-                .set_route_localnet(&b.ifname, true)
+                .claim_route_localnet(&b.ifname, &self.settings.table, recorded)
                 .map_err(|source| ReleaseError::RouteLocalnet { ifname: b.ifname.clone(), source })?;
-            changed.insert(b.ifname.clone(), before);
+            if recorded.is_none() {
+                changed.insert(b.ifname.clone(), before);
+            }
         }
         if !changed.is_empty() {
             self.commit(move |s| s.route_localnet_before.extend(changed)).await?;

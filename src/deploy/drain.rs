@@ -122,7 +122,7 @@ impl Releaser {
         if Instant::now() < *next_probe {
             return None;
         }
-        *next_probe = Instant::now() + manifest.health.interval;
+        *next_probe = crate::manifest::instant_after(Instant::now(), manifest.health.interval);
         let health = &manifest.health;
         match health.kind {
             HealthKind::None => None,

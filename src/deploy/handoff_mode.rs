@@ -47,7 +47,8 @@ pub fn container_spec(
     helper: &Path,
 ) -> Result<ContainerSpec, String> {
     let handoff = manifest.handoff.as_ref().ok_or_else(|| format!("service `{service}` has no handoff section"))?;
-    let mut program = image.entrypoint.clone();
+    // The manifest's `entrypoint` replaces the image's, as it would without handoff.
+    let mut program = manifest.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
     program.extend(manifest.command.clone().unwrap_or_else(|| image.cmd.clone()));
     if program.is_empty() {
         return Err(format!(
@@ -84,6 +85,8 @@ pub fn container_spec(
         stop_signal: manifest.stop_signal.clone(),
         stop_timeout: manifest.stop_timeout,
         mounts: vec![(helper.display().to_string(), HELPER_IN_CONTAINER.to_string())],
+        // The wrapper is the container's entrypoint; the operator's runs under it.
+        options: crate::manifest::ContainerOptions { entrypoint: None, ..manifest.container_options() },
     })
 }
 
@@ -302,7 +305,7 @@ impl Releaser {
         brokers.allow(service, pid).map_err(|e| format!("cannot let it take the listeners: {e}"))?;
         let health = &manifest.health;
         let started = Instant::now();
-        let deadline = started + health.deadline;
+        let deadline = crate::manifest::instant_after(started, health.deadline);
         let mut next_inspect = started;
         let mut docker_health: Option<String> = None;
         let mut last_reported = String::new();
@@ -311,7 +314,7 @@ impl Releaser {
             if now_ >= next_inspect {
                 let current = self.still_running(info, manifest).await?;
                 docker_health = current.health;
-                next_inspect = now_ + health.interval;
+                next_inspect = crate::manifest::instant_after(now_, health.interval);
             }
             let r = brokers.readiness(service, pid);
             let verdict = if !r.fetched {

@@ -13,7 +13,7 @@ impl Releaser {
         let Inflight { service, to: release, manifest, ref info, .. } = *inflight;
         let health = &manifest.health;
         let started = Instant::now();
-        let deadline = started + health.deadline;
+        let deadline = crate::manifest::instant_after(started, health.deadline);
         let mut healthy = false;
         loop {
             let current = self.still_running(info, manifest).await?;

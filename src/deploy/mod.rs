@@ -33,7 +33,7 @@ use crate::drain::Connections;
 use crate::health::Probe;
 use crate::host::{HostError, HostNet};
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
-use crate::manifest::{HealthKind, Manifest, PortSpec, Protocol};
+use crate::manifest::{HealthKind, Manifest, PortSpec, Protocol, PullPolicy};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
 use crate::state::{
@@ -141,6 +141,9 @@ pub struct Outcome {
     /// own cost of a release (plus the drain, when connections were open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
+    /// `remove --volumes`: the volumes deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes_removed: Option<Vec<String>>,
 }
 
 /// Settings of the daemon that shape every release.
@@ -307,6 +310,11 @@ impl Releaser {
 
     /// `apply`: register or update a service; deploy when what the container runs changed.
     pub async fn apply(&self, manifest: Manifest, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        self.apply_with(manifest, None, progress).await
+    }
+
+    /// [`Releaser::apply`], with the manifest's pull policy overridden for this release.
+    pub async fn apply_with(&self, manifest: Manifest, pull: Option<PullPolicy>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(&manifest.name)?;
         // Handoff mode: refuse mode switches, serve the listeners (see handoff_mode).
         self.handoff_prepare(&manifest).await?;
@@ -320,7 +328,7 @@ impl Releaser {
                     s.services.insert(m.name.clone(), ServiceState::new(m));
                 })
                 .await?;
-                let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                 if result.is_err() {
                     // A service whose first release failed was never there.
                     let n = name.clone();
@@ -347,7 +355,7 @@ impl Releaser {
                 })
                 .await?;
                 if needs_release {
-                    let result = self.release_new(&name, manifest.image.clone(), progress).await;
+                    let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                     if result.is_err() {
                         let n = name.clone();
                         self.commit(move |s| {
@@ -380,13 +388,23 @@ impl Releaser {
 
     /// `deploy NAME --image REF`.
     pub async fn deploy(&self, service: &str, image: &str, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        self.deploy_with(service, image, None, progress).await
+    }
+
+    /// [`Releaser::deploy`], with the manifest's pull policy overridden for this release.
+    pub async fn deploy_with(
+        &self,
+        service: &str,
+        image: &str,
+        pull: Option<PullPolicy>,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         if !self.snapshot().await.services.contains_key(service) {
             return Err(ReleaseError::NotFound(service.to_string()));
         }
-        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
-            return Err(ReleaseError::Invalid(format!("`{image}` is not an image reference")));
-        }
+        // Checked before anything is recorded: a typo spends no release number.
+        crate::docker::registry::check_reference(image).map_err(ReleaseError::Invalid)?;
         let name = service.to_string();
         let img = image.to_string();
         let old = self
@@ -394,7 +412,7 @@ impl Releaser {
                 s.services.get_mut(&name).map(|svc| std::mem::replace(&mut svc.manifest.image, img))
             })
             .await?;
-        let result = self.release_new(service, image.to_string(), progress).await;
+        let result = self.release_new(service, image.to_string(), pull, progress).await;
         if result.is_err() {
             let name = service.to_string();
             self.commit(move |s| {
@@ -496,6 +514,17 @@ impl Releaser {
     }
 
     /// `remove NAME`: its host ports stop being forwarded, its containers are removed.
+    /// [`Releaser::remove`], and with `volumes` the named volumes cutover created for the
+    /// service too (as `docker compose down -v`); volumes it did not create are kept.
+    pub async fn remove_with(&self, service: &str, volumes: bool) -> Result<Outcome, ReleaseError> {
+        let mut outcome = self.remove(service).await?;
+        if volumes {
+            let removed = self.engine.remove_volumes(service.to_string(), self.settings.instance.clone()).await?;
+            outcome.volumes_removed = Some(removed);
+        }
+        Ok(outcome)
+    }
+
     pub async fn remove(&self, service: &str) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
@@ -538,8 +567,9 @@ impl Releaser {
             dp.applied = None;
             dp.carried.clear();
             drop(dp);
-            for (ifname, before) in restore {
-                if let Err(e) = self.effects.host.set_route_localnet(&ifname, before) {
+            // Restored once no daemon needs it any more (the claims in `assert_host`).
+            for ifname in restore.into_keys() {
+                if let Err(e) = self.effects.host.release_route_localnet(&ifname, &self.settings.table) {
                     errors.push(e.to_string());
                 }
             }
@@ -581,6 +611,7 @@ pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
     let ports = |m: &Manifest| m.ports.iter().map(|p| (p.protocol, p.container)).collect::<Vec<_>>();
     old.image != new.image
         || old.env != new.env
+        || old.container_options() != new.container_options()
         || old.command != new.command
         || old.network != new.network
         || old.stop_signal != new.stop_signal

@@ -5,11 +5,23 @@ use super::*;
 
 impl Releaser {
     /// Start a new release of `service` running `image` and cut over to it.
-    pub(super) async fn release_new(&self, service: &str, image: String, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+    pub(super) async fn release_new(
+        &self,
+        service: &str,
+        image: String,
+        pull: Option<PullPolicy>,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
         let begun = Instant::now();
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let number = svc.next_release;
         let from = svc.active;
+        // The image first, before anything is recorded or started: a failed pull changes
+        // nothing, and the pull's time is not part of the switch.
+        let policy = pull.unwrap_or(svc.manifest.pull);
+        let report: crate::docker::registry::ProgressFn<'_> =
+            Box::new(|line: String| self.emit(progress, service, number, "pull", line));
+        self.engine.ensure_image(image.clone(), policy, report).await?;
         if Mode::of(&svc.manifest) == Mode::Handoff {
             return self.handoff_release_new(service, image, progress).await; // see handoff_mode
         }
@@ -31,6 +43,7 @@ impl Releaser {
             stop_signal: manifest.stop_signal.clone(),
             stop_timeout: manifest.stop_timeout,
             mounts: Vec::new(),
+            options: manifest.container_options(),
         };
         // Record the intent first: a crash from here on is undone at restart.
         self.record_new_release(service, number, from, &manifest, &container, &image).await?;

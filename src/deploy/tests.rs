@@ -149,8 +149,11 @@ impl crate::host::HostNet for FakeChecks {
     fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
         Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
     }
-    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+    fn claim_route_localnet(&self, _ifname: &str, _table: &str, _recorded: Option<bool>) -> Result<bool, HostError> {
         Ok(false)
+    }
+    fn release_route_localnet(&self, _ifname: &str, _table: &str) -> Result<(), HostError> {
+        Ok(())
     }
     fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError> {
         // No process: the drain watch relies on the engine's view, as the fake engine is.

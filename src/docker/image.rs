@@ -18,6 +18,11 @@ use crate::embedded::DEMO_SERVER;
 /// Where the demo server sits in the image, and the HEALTHCHECK that uses its probe mode
 /// (a scratch image has no shell or curl to probe with).
 const SERVER_PATH: &str = "/demo-server";
+/// Every demo image has an empty `/data` owned by uid and gid 1000, like real images that
+/// run as a non-root user prepare their data folder: a named volume mounted there starts
+/// with that owner. (The file keeps the folder in the build context.)
+const DATA_DIR: &str = "/data";
+const DATA_KEEP: &str = "data/.keep";
 const HEALTH_URL: &str = "http://127.0.0.1:80/healthz";
 /// Label put on every demo image so they can be found and removed in bulk.
 pub const DEMO_LABEL: &str = "io.cutover.demo-release";
@@ -121,7 +126,11 @@ fn quote_env_value(value: &str) -> String {
 fn dockerfile(spec: &DemoImage) -> Result<String, ImageError> {
     let mut env = vec![("RELEASE", spec.release.as_str())];
     env.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let mut lines = vec!["FROM scratch".to_string(), format!("COPY demo-server {SERVER_PATH}")];
+    let mut lines = vec![
+        "FROM scratch".to_string(),
+        format!("COPY demo-server {SERVER_PATH}"),
+        format!("COPY --chown=1000:1000 data {DATA_DIR}"),
+    ];
     for (name, value) in env {
         if !valid_env_name(name) {
             return Err(ImageError::InvalidEnvName { tag: spec.tag.clone(), name: name.to_string() });
@@ -145,7 +154,9 @@ fn dockerfile(spec: &DemoImage) -> Result<String, ImageError> {
 /// The build context: a tar holding the Dockerfile and the server binary.
 fn build_context(dockerfile: &str, server: &[u8]) -> io::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
-    for (path, data, mode) in [("Dockerfile", dockerfile.as_bytes(), 0o644), ("demo-server", server, 0o755)] {
+    for (path, data, mode) in
+        [("Dockerfile", dockerfile.as_bytes(), 0o644), ("demo-server", server, 0o755), (DATA_KEEP, &b""[..], 0o644)]
+    {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
         header.set_mode(mode);
@@ -205,6 +216,9 @@ mod tests {
                 (e.path().unwrap().display().to_string(), e.header().mode().unwrap(), e.size())
             })
             .collect();
-        assert_eq!(entries, vec![("Dockerfile".into(), 0o644, 13), ("demo-server".into(), 0o755, 4)]);
+        assert_eq!(
+            entries,
+            vec![("Dockerfile".into(), 0o644, 13), ("demo-server".into(), 0o755, 4), ("data/.keep".into(), 0o644, 0)]
+        );
     }
 }

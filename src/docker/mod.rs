@@ -5,7 +5,9 @@
 //! Never touches containers that do not carry cutover's labels, except to read which
 //! host ports they publish.
 
+pub mod container;
 pub mod image;
+pub mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -43,8 +45,14 @@ pub enum DockerError {
         #[source]
         source: bollard::errors::Error,
     },
-    #[error("image `{0}` is not on this host; load or build it first (no registry is pulled from)")]
+    #[error("image `{0}` is not on this host and the pull policy is `never`; load it, or deploy with `--pull missing`")]
     NoImage(String),
+    #[error("cannot pull `{image}`: {reason}")]
+    Pull {
+        image: String,
+        #[source]
+        reason: registry::PullFailure,
+    },
     #[error("network `{network}` {problem}")]
     Network { network: String, problem: String },
     #[error("this container engine cannot {0}")]
@@ -69,11 +77,13 @@ pub struct ContainerSpec {
     pub stop_timeout: Duration,
     /// Bind mounts `host path -> container path`, read-only.
     pub mounts: Vec<(String, String)>,
+    /// What the operator's manifest defines of the container (volumes, user, limits ...).
+    pub options: crate::manifest::ContainerOptions,
 }
 
 impl std::fmt::Debug for ContainerSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ContainerSpec { name, image, env, command, entrypoint, network, labels, stop_signal, stop_timeout, mounts } = self;
+        let ContainerSpec { name, image, env, command, entrypoint, network, labels, stop_signal, stop_timeout, mounts, options } = self;
         f.debug_struct("ContainerSpec")
             .field("name", name)
             .field("image", image)
@@ -85,6 +95,7 @@ impl std::fmt::Debug for ContainerSpec {
             .field("stop_signal", stop_signal)
             .field("stop_timeout", stop_timeout)
             .field("mounts", mounts)
+            .field("options", options)
             .finish()
     }
 }
@@ -150,6 +161,23 @@ pub trait Engine: Send + Sync + 'static {
     /// Lifecycle events (start, die, restart...) of this instance's containers, as
     /// `(container id, action)`. The stream ends or errs when the engine goes away.
     fn events(&self, instance: String) -> BoxStream<'_, Result<(String, String), DockerError>>;
+    /// Remove the volumes cutover created for `service` (labelled with it and `instance`);
+    /// their names. Volumes cutover did not create are never removed.
+    fn remove_volumes(&self, service: String, instance: String) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+        let _ = (service, instance);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Make `image` available as `policy` says, pulling it from its registry when needed
+    /// (credentials as `docker login` stored them); `progress` gets one line per step.
+    fn ensure_image<'a>(
+        &'a self,
+        image: String,
+        policy: crate::manifest::PullPolicy,
+        progress: registry::ProgressFn<'a>,
+    ) -> BoxFuture<'a, Result<registry::ImageSource, DockerError>> {
+        let _ = (image, policy, progress);
+        Box::pin(async { Ok(registry::ImageSource::Local) })
+    }
     /// The ENTRYPOINT and CMD of a local image (handoff mode runs them under a wrapper).
     /// The default says the engine cannot, so engines that never run handoff-mode
     /// services need not implement it.
@@ -284,8 +312,10 @@ impl DockerEngine {
             }
             self.remove_inner(&old.id).await?;
         }
+        self.ensure_volumes(&spec).await?;
+        self.ensure_release_network(&spec).await?;
         let network_mode = spec.network.clone();
-        let host_config = HostConfig {
+        let mut host_config = HostConfig {
             network_mode: Some(network_mode),
             // A release that has not proven itself is not restarted by the engine: a crash
             // must show (and its address go dark, so clients' SYNs are retried instead of
@@ -299,12 +329,25 @@ impl DockerEngine {
             },
             ..Default::default()
         };
+        let fields = container::apply_options(&spec.options, &mut host_config);
+        // cutover's labels win over the operator's (validation refuses `cutover.*` ones).
+        let mut labels = fields.labels;
+        labels.extend(spec.labels.clone());
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.command.clone(),
-            entrypoint: spec.entrypoint.clone(),
-            labels: Some(spec.labels.clone().into_iter().collect::<HashMap<_, _>>()),
+            entrypoint: spec.entrypoint.clone().or(fields.entrypoint),
+            user: fields.user,
+            working_dir: fields.working_dir,
+            labels: Some(labels.into_iter().collect::<HashMap<_, _>>()),
+            healthcheck: fields.healthcheck,
+            networking_config: (!fields.aliases.is_empty()).then(|| bollard::models::NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    spec.network.clone(),
+                    bollard::models::EndpointSettings { aliases: Some(fields.aliases.clone()), ..Default::default() },
+                )])),
+            }),
             stop_signal: Some(spec.stop_signal.clone()),
             stop_timeout: Some(i64::try_from(spec.stop_timeout.as_secs()).unwrap_or(i64::MAX)),
             host_config: Some(host_config),
@@ -330,6 +373,79 @@ impl DockerEngine {
                 message: "the container vanished right after it started".into(),
             },
         })
+    }
+
+    /// Create the named volumes of `spec` that do not exist yet, labelled with the
+    /// service and instance of the release, so `remove --volumes` finds them; a volume
+    /// that exists is used as it is (a service moved from `docker run` keeps its data).
+    async fn ensure_volumes(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        for name in spec.options.named_volumes() {
+            match self.docker.inspect_volume(name).await {
+                Ok(_) => continue,
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+                Err(source) => return Err(DockerError::Api { action: "inspect volume", target: name.to_string(), source }),
+            }
+            let labels: HashMap<String, String> = spec
+                .labels
+                .iter()
+                .filter(|(k, _)| *k == LABEL_SERVICE || *k == LABEL_INSTANCE)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let req = bollard::models::VolumeCreateRequest { name: Some(name.to_string()), labels: Some(labels), ..Default::default() };
+            self.docker
+                .create_volume(req)
+                .await
+                .map_err(|source| DockerError::Api { action: "create volume", target: name.to_string(), source })?;
+        }
+        Ok(())
+    }
+
+    /// Create the network of `spec` when it does not exist and the manifest gives the
+    /// labels to create it with (compose's default network, so `docker compose` takes it
+    /// as its own); otherwise the network is the operator's and must exist.
+    async fn ensure_release_network(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        let labels = &spec.options.network_labels;
+        if labels.is_empty() {
+            return Ok(());
+        }
+        match self.docker.inspect_network(&spec.network, None).await {
+            Ok(_) => return Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {}
+            Err(source) => return Err(DockerError::Api { action: "inspect network", target: spec.network.clone(), source }),
+        }
+        let req = bollard::models::NetworkCreateRequest {
+            name: spec.network.clone(),
+            driver: Some("bridge".to_string()),
+            labels: Some(labels.clone().into_iter().collect()),
+            ..Default::default()
+        };
+        match self.docker.create_network(req).await {
+            Ok(_) => Ok(()),
+            // Created meanwhile (by compose, or a release of another service).
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(source) => Err(DockerError::Api { action: "create network", target: spec.network.clone(), source }),
+        }
+    }
+
+    async fn remove_volumes_inner(&self, service: &str, instance: &str) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_SERVICE}={service}"), format!("{LABEL_INSTANCE}={instance}")],
+        )]);
+        let opts = bollard::query_parameters::ListVolumesOptions { filters: Some(filters) };
+        let list = self
+            .docker
+            .list_volumes(Some(opts))
+            .await
+            .map_err(|source| DockerError::Api { action: "list volumes of", target: service.to_string(), source })?;
+        let mut removed = Vec::new();
+        for v in list.volumes.unwrap_or_default() {
+            match self.docker.remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>).await {
+                Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => removed.push(v.name),
+                Err(source) => return Err(DockerError::Api { action: "remove volume", target: v.name, source }),
+            }
+        }
+        Ok(removed)
     }
 
     async fn bridge_inner(&self, network: &str) -> Result<Option<Bridge>, DockerError> {
@@ -455,6 +571,19 @@ impl DockerEngine {
 }
 
 impl Engine for DockerEngine {
+    fn remove_volumes(&self, service: String, instance: String) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+        Box::pin(async move { self.remove_volumes_inner(&service, &instance).await })
+    }
+
+    fn ensure_image<'a>(
+        &'a self,
+        image: String,
+        policy: crate::manifest::PullPolicy,
+        progress: registry::ProgressFn<'a>,
+    ) -> BoxFuture<'a, Result<registry::ImageSource, DockerError>> {
+        Box::pin(async move { registry::ensure(&self.docker, &image, policy, progress).await })
+    }
+
     fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
         Box::pin(async move {
             let inspected = match self.docker.inspect_image(&image).await {

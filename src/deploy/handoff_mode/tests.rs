@@ -115,7 +115,10 @@ impl crate::host::HostNet for NoChecks {
     fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
         Ok(0)
     }
-    fn set_route_localnet(&self, _ifname: &str, _on: bool) -> Result<bool, HostError> {
+    fn claim_route_localnet(&self, _ifname: &str, _table: &str, _recorded: Option<bool>) -> Result<bool, HostError> {
+        panic!("handoff mode must not touch route_localnet")
+    }
+    fn release_route_localnet(&self, _ifname: &str, _table: &str) -> Result<(), HostError> {
         panic!("handoff mode must not touch route_localnet")
     }
     fn watch_exit(&self, pid: u32) -> Result<crate::host::ExitWatch, HostError> {

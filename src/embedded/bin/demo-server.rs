@@ -14,6 +14,10 @@
 //! - `CRASH_AFTER_MS`: exit(1) that long after becoming ready.
 //! - `UDP_LISTEN`: comma-separated UDP addresses; each datagram is answered with
 //!   `<RELEASE> <payload>`.
+//! - `INSPECT=1`: the routes that show what the container was given (for tests and
+//!   examples of volumes, env files and users): `GET /id` (the `Uid:`, `Gid:` and
+//!   `Groups:` lines of /proc/self/status), `GET /env?name=N`, `GET /file?path=P`,
+//!   `GET /write?path=P&body=B` (writes B to P). Off by default.
 //!
 //! Routes: `GET /` (body `<RELEASE>\n`), `GET /healthz`, `GET /slow?ms=N`. Every answer
 //! has `X-Release` and `Content-Length`. Keep-alive is the HTTP/1.1 default.
@@ -303,6 +307,7 @@ fn serve() -> io::Result<()> {
     let shared = Arc::new(Shared {
         release: config.release.clone(),
         health_fail: config.health_fail,
+        inspect: env::var("INSPECT").is_ok_and(|v| v.trim() == "1"),
         conns: Mutex::new(Conns::default()),
         drained: Condvar::new(),
     });
@@ -451,6 +456,7 @@ struct Conns {
 struct Shared {
     release: String,
     health_fail: bool,
+    inspect: bool,
     conns: Mutex<Conns>,
     drained: Condvar,
 }
@@ -642,8 +648,64 @@ fn respond(req: &Request, shared: &Shared) -> (u16, String) {
             thread::sleep(Duration::from_millis(ms));
             (200, format!("{}\n", shared.release))
         }
+        "/id" | "/env" | "/file" | "/write" if shared.inspect => inspect(path, query),
         _ => (404, "not found\n".to_string()),
     }
+}
+
+/// The `INSPECT=1` routes: what the container sees of its user, environment and files.
+fn inspect(path: &str, query: &str) -> (u16, String) {
+    let param = |k: &str| query_param(query, k).map(percent_decode);
+    match path {
+        "/id" => match std::fs::read_to_string("/proc/self/status") {
+            Ok(status) => {
+                let lines: Vec<&str> =
+                    status.lines().filter(|l| l.starts_with("Uid:") || l.starts_with("Gid:") || l.starts_with("Groups:")).collect();
+                (200, format!("{}\n", lines.join("\n")))
+            }
+            Err(e) => (500, format!("{e}\n")),
+        },
+        "/env" => match param("name").and_then(|n| env::var(n).ok()) {
+            Some(v) => (200, v),
+            None => (404, "no such variable\n".to_string()),
+        },
+        "/file" => match param("path").map(std::fs::read_to_string) {
+            Some(Ok(text)) => (200, text),
+            Some(Err(e)) => (404, format!("{e}\n")),
+            None => (400, "path= is missing\n".to_string()),
+        },
+        _ => match (param("path"), param("body")) {
+            (Some(p), Some(body)) => match std::fs::write(&p, body) {
+                Ok(()) => (200, "written\n".to_string()),
+                Err(e) => (500, format!("{e}\n")),
+            },
+            _ => (400, "path= and body= are needed\n".to_string()),
+        },
+    }
+}
+
+/// `%XX` escapes and `+` of a query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() && s.is_char_boundary(i + 1) && s.is_char_boundary(i + 3) => {
+                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn reason(status: u16) -> &'static str {
@@ -652,6 +714,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Unknown",
     }
