@@ -52,12 +52,7 @@ fn service(ids: &Ids, image: &str, port: u16, network: &str, volume: &str) -> Se
 #[test]
 fn the_whole_container_reaches_every_release_and_the_volume_outlives_them() {
     let ids = Ids::new("the_whole_container_reaches_every_release_and_the_volume_outlives_them");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[("INSPECT", "1")]);
-    let v2 = demo_image(&ids, "v2", &[("INSPECT", "1")]);
-    let client = ClientHost::new(&ids);
+    let TwoReleases { net, v1, v2, client } = two_releases_with(&ids, &[("INSPECT", "1")]);
     let daemon = Daemon::start(&ids);
     let volume = format!("{}-data", ids.tag);
     let _volume_guard = VolumeGuard(volume.clone());
@@ -141,9 +136,7 @@ fn the_whole_container_reaches_every_release_and_the_volume_outlives_them() {
 #[test]
 fn invalid_container_fields_exit_2_with_file_line_and_field_and_change_nothing() {
     let ids = Ids::new("invalid_container_fields_exit_2_with_file_line_and_field_and_change_nothing");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();

@@ -270,11 +270,7 @@ fn manifest_reads_are_bounded_and_only_of_regular_files() {
 #[test]
 fn draining_many_udp_ports_runs_no_conntrack_process() {
     let ids = Ids::new("draining_many_udp_ports_runs_no_conntrack");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
-    let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", "0.0.0.0:5353")]);
-    let v2 = demo_image(&ids, "v2", &[("UDP_LISTEN", "0.0.0.0:5353")]);
+    let TwoReleases { net, v1, v2, client: _client } = two_releases_with(&ids, &[("UDP_LISTEN", "0.0.0.0:5353")]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
     let mut yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s").set("udp_idle", "1s");

@@ -84,9 +84,7 @@ fn udp_flow_answered(to: SocketAddr, n: usize) -> Result<String, String> {
 #[test]
 fn retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release() {
     let ids = Ids::new("retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", &format!("0.0.0.0:{UDP}"))]);
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);

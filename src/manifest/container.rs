@@ -631,15 +631,20 @@ pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
             Ok(vec![v.to_string()])
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(s) = seq.next_element::<String>()? {
-                out.push(s);
-            }
-            Ok(out)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<String>, A::Error> {
+            strings(seq)
         }
     }
     d.deserialize_any(V)
+}
+
+/// Every element of a sequence, as strings.
+pub(crate) fn strings<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Vec<String>, A::Error> {
+    let mut out = Vec::new();
+    while let Some(s) = seq.next_element::<String>()? {
+        out.push(s);
+    }
+    Ok(out)
 }
 
 /// Scalars of any type as text (`group_add: [1000, audio]`).
@@ -690,12 +695,8 @@ pub fn words<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
             split_words(v).map(Some).map_err(E::custom)
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::new();
-            while let Some(s) = seq.next_element::<String>()? {
-                out.push(s);
-            }
-            Ok(Some(out))
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            strings(seq).map(Some)
         }
         fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)

@@ -68,12 +68,8 @@ fn test<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
             Ok(vec!["CMD-SHELL".to_string(), v.to_string()])
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(s) = seq.next_element::<String>()? {
-                out.push(s);
-            }
-            Ok(out)
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Vec<String>, A::Error> {
+            super::container::strings(seq)
         }
     }
     d.deserialize_any(V)

@@ -180,17 +180,7 @@ impl Daemon {
     /// `cli` that must exit `code`; otherwise panics with its output and the daemon's log.
     #[track_caller]
     pub fn cli_expect(&self, args: &[&str], code: i32) -> CliOutput {
-        let o = self.cli(args);
-        assert!(
-            o.code == code,
-            "`cutover {}` exited {} (expected {code})\nstdout:\n{}\nstderr:\n{}\ndaemon log (tail):\n{}",
-            args.join(" "),
-            o.code,
-            o.stdout,
-            o.stderr,
-            tail(&self.log(), 60)
-        );
-        o
+        expect_exit(self.cli(args), args, code, &self.log())
     }
 
     /// SIGKILL, as a crash would; the kernel rules stay.
@@ -244,6 +234,22 @@ impl Drop for Daemon {
 }
 
 /// The last `n` lines of `s`.
+/// `o`, the output of `cutover ARGS`, if it exited `code`; otherwise a panic with its
+/// output and the tail of the daemon's log `log`.
+#[track_caller]
+pub fn expect_exit(o: CliOutput, args: &[&str], code: i32, log: &str) -> CliOutput {
+    assert!(
+        o.code == code,
+        "`cutover {}` exited {} (expected {code})\nstdout:\n{}\nstderr:\n{}\ndaemon log (tail):\n{}",
+        args.join(" "),
+        o.code,
+        o.stdout,
+        o.stderr,
+        tail(log, 60)
+    );
+    o
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -392,17 +392,7 @@ impl LabDaemon {
     /// `cli` that must exit `code`.
     #[track_caller]
     pub fn cli_expect(&self, args: &[&str], code: i32) -> CliOutput {
-        let o = self.cli(args);
-        assert!(
-            o.code == code,
-            "`cutover {}` exited {} (expected {code})\nstdout:\n{}\nstderr:\n{}\ndaemon log (tail):\n{}",
-            args.join(" "),
-            o.code,
-            o.stdout,
-            o.stderr,
-            tail(&self.log(), 60)
-        );
-        o
+        super::daemon::expect_exit(self.cli(args), args, code, &self.log())
     }
 
     #[track_caller]

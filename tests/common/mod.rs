@@ -78,9 +78,14 @@ pub struct TwoReleases {
 }
 
 pub fn two_releases(ids: &Ids) -> TwoReleases {
+    two_releases_with(ids, &[])
+}
+
+/// [`two_releases`] with further variables baked into both images (e.g. `INSPECT`).
+pub fn two_releases_with(ids: &Ids, env: &[(&str, &str)]) -> TwoReleases {
     let net = nat_network(ids);
-    let v1 = demo_image(ids, "v1", &[]);
-    let v2 = demo_image(ids, "v2", &[]);
+    let v1 = demo_image(ids, "v1", env);
+    let v2 = demo_image(ids, "v2", env);
     let client = ClientHost::new(ids);
     TwoReleases { net, v1, v2, client }
 }
