@@ -26,7 +26,21 @@ pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value,
             ),
         )
     };
-    let mut stream = UnixStream::connect(socket).await.map_err(unreachable)?;
+    let mut stream = UnixStream::connect(socket).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            // The daemon runs; this user may not talk to it.
+            Failure::new(
+                Exit::Refused,
+                format!(
+                    "access to the cutover daemon's socket {} is denied ({e}): run the command as root, or ask for the \
+                     daemon to be started with `--allow-group GROUP` and join that group",
+                    socket.display()
+                ),
+            )
+        } else {
+            unreachable(e)
+        }
+    })?;
     let mut line = serde_json::to_vec(request).map_err(|e| Failure::new(Exit::Invalid, format!("cannot encode the request: {e}")))?;
     line.push(b'\n');
     if let Err(e) = stream.write_all(&line).await {

@@ -37,3 +37,4 @@ pub mod netns;
 pub mod pidfd;
 pub mod plan;
 pub mod state;
+pub mod timefmt;

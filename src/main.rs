@@ -23,7 +23,16 @@ fn main() -> ExitCode {
     match runtime.block_on(cutover::commands::dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The chain of causes, each said once: many messages already name their cause.
+            let mut message = err.to_string();
+            for cause in err.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message.push_str(": ");
+                    message.push_str(&cause);
+                }
+            }
+            eprintln!("error: {message}");
             ExitCode::from(cutover::exit::exit_code(&err))
         }
     }

@@ -17,6 +17,8 @@ pub mod rollback;
 pub mod run;
 pub mod status;
 
+use std::io::Write;
+
 use crate::cli::{Cli, Command};
 /// The subcommands' failures and their exit codes live below both commands and client.
 pub use crate::exit::{Exit, Failure};
@@ -72,4 +74,27 @@ pub fn print_outcomes(data: &serde_json::Value, json: bool) -> Result<(), Failur
         println!("{}: {}{} {}{}", o.service, from, if o.to == 0 { "-".to_string() } else { format!("release {}", o.to) }, o.outcome, detail);
     }
     Ok(())
+}
+
+/// Print `text` on stdout. A reader that went away (`cutover history web | head`) ends
+/// the output quietly instead of a panic: that is what it asked for.
+pub fn print_text(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::new(Exit::Refused, format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// With `--json`, a failure is also printed as JSON on stdout (`{"error": {"exit": 2,
+/// "message": "..."}}`), so a script reading stdout gets JSON either way; the exit code
+/// and the message on stderr are the same as without `--json`.
+pub fn json_failure(json: bool, failure: Failure) -> Failure {
+    if json {
+        let v = serde_json::json!({ "error": { "exit": failure.exit as u8, "message": failure.message } });
+        let _ = print_text(&format!("{v}\n"));
+    }
+    failure
 }

@@ -1,0 +1,68 @@
+//! What an operator reads (issue 18): exit codes and messages of the CLI as a user meets
+//! them, through the `cutover` binary against a real daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn cutover(daemon: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(CUTOVER);
+    c.arg("--socket").arg(daemon.socket()).args(args).env("NO_COLOR", "1");
+    c
+}
+
+#[test]
+fn access_unknown_names_broken_pipes_and_times_read_as_an_operator_expects() {
+    let ids = Ids::new("access_unknown_names_broken_pipes_and_times");
+    let net = nat_network(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let daemon = Daemon::start(&ids);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, ids.port(), &net.name));
+
+    // A user the socket's mode keeps out: refused (1), told how to get access; not
+    // "start the daemon" (3), since the daemon runs.
+    let out = cutover(&daemon, &["status"]).output().unwrap();
+    assert!(out.status.success(), "root is let in");
+    let denied = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(CUTOVER)
+        .arg("--socket")
+        .arg(daemon.socket())
+        .arg("status")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("denied") && stderr.contains("--allow-group"), "{stderr}");
+    assert!(!stderr.contains("start it with"), "{stderr}");
+
+    // An unknown service with --json: exit 2 and JSON on stdout.
+    let out = cutover(&daemon, &["status", "no-such-service", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["error"]["exit"], 2);
+    assert!(v["error"]["message"].as_str().unwrap().contains("no-such-service"), "{v}");
+
+    // A reader that goes away (`| head`): the command ends quietly, exit 0, no panic.
+    for args in [&["history", ids.service.as_str()][..], &["status"][..]] {
+        let mut child = cutover(&daemon, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+
+    // History: local time in the table, RFC 3339 in JSON, no `-->` for the first release.
+    let text = daemon.cli_ok(&["history", &ids.service]).stdout;
+    let row = text.lines().find(|l| l.contains("switched")).unwrap_or_else(|| panic!("{text}"));
+    let at = &row[..19];
+    assert!(at.as_bytes()[4] == b'-' && at.as_bytes()[10] == b' ' && at.as_bytes()[13] == b':', "local time first: {row}");
+    assert!(!text.contains("-->"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["history", &ids.service, "--json"]).stdout).unwrap();
+    let at_time = json["events"][0]["at_time"].as_str().unwrap();
+    assert!(at_time.ends_with('Z') && at_time.len() == 20, "{at_time}");
+}
