@@ -285,15 +285,23 @@ impl UdpTimeouts {
 /// flow's last packet, to within the 1 s resolution of `left`. `full` is the stream
 /// timeout for ASSURED entries.
 pub fn udp_idle_times(entries: &[Entry], orig_dst_port: u16, reply_src_addr: IpAddr, timeouts: UdpTimeouts) -> Vec<Duration> {
-    flows_of(entries, Protocol::Udp, orig_dst_port, reply_src_addr)
-        .map(|e| {
-            // The kernel rounds the time left down to whole seconds, so the real time left
-            // is up to 1 s more: count the smaller idle time, never a busy flow as idle.
-            let left = Duration::from_secs(u64::from(e.timeout_secs).saturating_add(1));
-            let full = if e.assured { timeouts.stream } else { timeouts.unreplied };
-            full.saturating_sub(left)
-        })
-        .collect()
+    udp_flows_with_idle(entries, orig_dst_port, reply_src_addr, timeouts).map(|(_, idle)| idle).collect()
+}
+
+/// The UDP flows of [`flows_of`] with how long each has been idle (see [`udp_idle_times`]).
+pub fn udp_flows_with_idle<'a>(
+    entries: &'a [Entry],
+    orig_dst_port: u16,
+    reply_src_addr: IpAddr,
+    timeouts: UdpTimeouts,
+) -> impl Iterator<Item = (&'a Entry, Duration)> + 'a {
+    flows_of(entries, Protocol::Udp, orig_dst_port, reply_src_addr).map(move |e| {
+        // The kernel rounds the time left down to whole seconds, so the real time left
+        // is up to 1 s more: count the smaller idle time, never a busy flow as idle.
+        let left = Duration::from_secs(u64::from(e.timeout_secs).saturating_add(1));
+        let full = if e.assured { timeouts.stream } else { timeouts.unreplied };
+        (e, full.saturating_sub(left))
+    })
 }
 
 /// [`udp_idle_times`] of a fresh dump. Callers that ask for many ports at once should
@@ -495,6 +503,10 @@ pub trait HostNet: Send + Sync + 'static {
     /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
     /// within `idle`: they keep an old release draining.
     fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
+    /// Delete the conntrack entries of those UDP flows that have been quiet for `idle`
+    /// or longer: their next datagram (a reused source port too) reaches the active
+    /// release, and they no longer hold the drain. Returns how many were deleted.
+    fn forget_quiet_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
     /// Daemon `table` needs `route_localnet` on `ifname`: turn it on (again, if someone
     /// switched it off) and record the claim; `recorded` is the value from before cutover
     /// when the caller's state has one (see [`crate::localnet`]). Returns the value the
@@ -551,6 +563,18 @@ impl HostNet for RealHost {
         let timeouts = UdpTimeouts::of_host()?;
         let flows = self.recent_flows()?;
         Ok(udp_idle_times(&flows, port, addr, timeouts).into_iter().filter(|t| *t < idle).count())
+    }
+    fn forget_quiet_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError> {
+        let timeouts = UdpTimeouts::of_host()?;
+        let flows = self.recent_flows()?;
+        let mut deleted = 0;
+        for (e, _) in udp_flows_with_idle(&flows, port, addr, timeouts).filter(|(_, t)| *t >= idle) {
+            // Gone meanwhile (expired, or refreshed into a new entry) is what we wanted.
+            if crate::conntrack::delete(&e.orig)? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
     fn claim_route_localnet(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<bool, HostError> {
         crate::localnet::Localnet::default().claim_recorded(ifname, table, recorded)

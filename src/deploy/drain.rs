@@ -56,6 +56,13 @@ impl Releaser {
             };
             let mut udp_busy = if udp_addrs.is_some() { 0 } else { usize::MAX };
             for (port, addr) in udp_ports.iter().flat_map(|p| udp_addrs.iter().flatten().map(move |a| (*p, *a))) {
+                // A flow quiet for `udp_idle` is finished: its entry goes now, so its next
+                // datagram (or a client reusing its source port) reaches the new release.
+                match self.effects.host.forget_quiet_udp_flows(port, addr, old.manifest.udp_idle) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(service, port, flows = n, "quiet UDP flows moved to the new release"),
+                    Err(e) => tracing::warn!(service, error = %e, "cannot delete the old release's quiet UDP flows"),
+                }
                 let busy = self.effects.host.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
                     tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
                     usize::MAX
@@ -69,11 +76,7 @@ impl Releaser {
                 service: service.to_string(),
                 release: to,
                 step: "drain",
-                message: if open == usize::MAX {
-                    format!("draining release {}", old.number)
-                } else {
-                    format!("draining release {}: {open} connections left", old.number)
-                },
+                message: drain_message(old.number, tcp_open, udp_busy),
                 elapsed_ms: Some(ms(elapsed)),
                 limit_ms: Some(ms(timeout)),
                 connections: (open != usize::MAX).then_some(open),
@@ -132,5 +135,36 @@ impl Releaser {
                 self.effects.probe.probe(health.clone(), (addr, port).into()).await.err().map(|e| e.to_string())
             }
         }
+    }
+}
+
+/// The drain's progress line: TCP connections and UDP flows named as what they are.
+fn drain_message(release: u32, tcp_open: usize, udp_busy: usize) -> String {
+    let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let parts: Vec<String> = [
+        (tcp_open != usize::MAX && tcp_open > 0).then(|| plural(tcp_open, "connection", "connections")),
+        (udp_busy != usize::MAX && udp_busy > 0).then(|| plural(udp_busy, "busy UDP flow", "busy UDP flows")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match (tcp_open == usize::MAX || udp_busy == usize::MAX, parts.is_empty()) {
+        (true, _) => format!("draining release {release}"),
+        (false, true) => format!("draining release {release}: nothing left"),
+        (false, false) => format!("draining release {release}: {} left", parts.join(" and ")),
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::drain_message;
+
+    #[test]
+    fn connections_and_flows_are_named_apart() {
+        assert_eq!(drain_message(1, 3, 0), "draining release 1: 3 connections left");
+        assert_eq!(drain_message(1, 0, 1), "draining release 1: 1 busy UDP flow left");
+        assert_eq!(drain_message(2, 1, 2), "draining release 2: 1 connection and 2 busy UDP flows left");
+        assert_eq!(drain_message(2, 0, 0), "draining release 2: nothing left");
+        assert_eq!(drain_message(2, usize::MAX, 0), "draining release 2");
     }
 }

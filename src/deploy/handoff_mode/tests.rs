@@ -115,6 +115,9 @@ impl crate::host::HostNet for NoChecks {
     fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
         Ok(0)
     }
+    fn forget_quiet_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
+        Ok(0)
+    }
     fn claim_route_localnet(&self, _ifname: &str, _table: &str, _recorded: Option<bool>) -> Result<bool, HostError> {
         panic!("handoff mode must not touch route_localnet")
     }
