@@ -19,6 +19,7 @@
 pub mod cleanup;
 pub mod cmd;
 pub mod daemon;
+pub mod fleet;
 pub mod docker;
 pub mod flows;
 pub mod http;
