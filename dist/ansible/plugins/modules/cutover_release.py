@@ -22,7 +22,7 @@ description:
     serving.
   - Idempotent. With I(state=deployed), nothing is done when I(image) is already the
     active release of the service (read from C(cutover status --json)).
-  - Check mode changes nothing on the host: it reads the status and, with a I(manifest),
+  - Check mode changes nothing on the host. It reads the status and, with a I(manifest),
     validates it with C(cutover plan).
   - Exit codes of the CLI map to results. C(0) done; C(1) the release was refused or failed
     safely, reported as a failed task that says the old release still serves; C(2) invalid
@@ -48,7 +48,7 @@ options:
   manifest:
     description:
       - The service's manifest. Either a path on the managed host, the manifest's YAML
-        text, or a dictionary (for example C(lookup('file', 'web.yaml') | from_yaml)).
+        text, or a dictionary (for example a file lookup passed through the C(from_yaml) filter).
       - Its C(image) is replaced with I(image). When given, the release goes through
         C(cutover apply), which also registers a service the daemon does not know yet;
         without it the service must exist and the release goes through C(cutover deploy).
