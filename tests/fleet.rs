@@ -7,6 +7,7 @@
 //! v2 under load, the same playbook again (nothing changed), check mode (nothing changed
 //! on any host), then a v3 that only host 2 refuses (its image fails its health check):
 //! the play stops at host 2, host 3 is never touched and host 1 is rolled back to v2.
+//! Then the install role (into a staging root) and a daemon that does not answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -126,6 +127,23 @@ fn fleet_rollout_under_load_refusal_stops_and_reverts_idempotent_check_mode() {
     report.assert_no_failures();
     assert!(report.count("v3") > 0, "host 1 served v3 before the revert:\n{}", report.output);
     lb_serves_only(&fleet, "v2", 6);
+
+    // The install role puts the daemon and its unit on a host (into a staging root here:
+    // the lab hosts run no systemd), and changes nothing the second time.
+    let stage = tempfile::Builder::new().prefix("cutover-fleet-stage-").tempdir().unwrap();
+    let binary = format!("cutover_install_binary={CUTOVER}");
+    let unit = format!("cutover_install_unit={}/dist/cutover.service", env!("CARGO_MANIFEST_DIR"));
+    let destdir = format!("cutover_install_destdir={}", stage.path().display());
+    let install = format!("{PLAYBOOKS}/install.yml");
+    let args = [install.as_str(), "-l", "h1", "-e", &binary, "-e", &unit, "-e", &destdir];
+    let run = fleet.playbook(&args);
+    assert_ok(&run, "install");
+    let installed = std::fs::read(stage.path().join("usr/local/bin/cutover")).unwrap();
+    assert!(installed == std::fs::read(CUTOVER).unwrap(), "the installed binary is the one given");
+    assert!(stage.path().join("etc/systemd/system/cutover.service").is_file(), "the unit is installed");
+    let run = fleet.playbook(&args);
+    assert_ok(&run, "install again");
+    assert_eq!(run.changed(), 0, "installing the same files again changed something:\n{}", run.text());
 
     // A daemon that does not answer is reported as unreachable (exit 3), not as a refusal.
     let mut c = std::process::Command::new(common::fleet::FLEET_SCRIPT);
