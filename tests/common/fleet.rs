@@ -94,11 +94,13 @@ impl Fleet {
     pub fn up(prefix: &str, hosts: usize) -> Fleet {
         super::docker::require_root();
         let name = format!("{prefix}{}", std::process::id() % 100_000);
-        // A fleet of a crashed run with this process id: remove it first.
+        // A fleet of a crashed run with this process id, and fleets of tests that were
+        // killed before their cleanup: remove them first.
         let _ = Command::new(FLEET_SCRIPT).args(["down", &name]).output();
+        sweep_orphans();
         let fleet = Fleet { name: name.clone(), hosts };
         let mut c = Command::new(FLEET_SCRIPT);
-        c.args(["up", &name, &hosts.to_string()]).env("CUTOVER", CUTOVER);
+        c.args(["up", &name, &hosts.to_string()]).env("CUTOVER", CUTOVER).env("FLEET_OWNER", std::process::id().to_string());
         let o = run_bounded(&mut c, Duration::from_secs(300));
         assert!(o.code == Some(0), "`lab/fleet up {name} {hosts}` failed ({:?}):\n{}{}", o.code, o.stdout, o.stderr);
         fleet
@@ -192,6 +194,22 @@ impl Fleet {
         let mut containers: Vec<String> = run_bounded(&mut c, Duration::from_secs(60)).stdout.lines().map(str::to_string).collect();
         containers.sort();
         format!("status: {status}\nhistory: {history}\ncontainers: {containers:?}")
+    }
+}
+
+/// `lab/fleet down` of every fleet whose recorded owner process is gone (labs made by
+/// hand have no owner and are left alone).
+fn sweep_orphans() {
+    let Ok(dirs) = std::fs::read_dir("/run/cutover-fleet") else { return };
+    for d in dirs.flatten() {
+        let Ok(owner) = std::fs::read_to_string(d.path().join("owner")) else { continue };
+        let Ok(pid) = owner.trim().parse::<i32>() else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let name = d.file_name().to_string_lossy().into_owned();
+        eprintln!("removing fleet {name} of a test process ({pid}) that is gone");
+        let _ = Command::new(FLEET_SCRIPT).args(["down", &name]).output();
     }
 }
 
