@@ -162,3 +162,25 @@ fn fleet_rollout_under_load_refusal_stops_and_reverts_idempotent_check_mode() {
     assert!(o.stdout.contains("unreachable at /nonexistent/cutover.sock"), "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("\"rc\": 3"), "{}", o.stdout);
 }
+
+/// A step that fails (here: a panic right after `up`) still removes the whole lab: the
+/// namespaces, the engine's files and the fleet's own directory.
+#[test]
+fn fleet_lab_is_removed_when_a_step_fails() {
+    let name = std::sync::Mutex::new(String::new());
+    let result = std::panic::catch_unwind(|| {
+        let fleet = Fleet::up("fp", 1);
+        *name.lock().unwrap() = fleet.name.clone();
+        assert!(fleet.socket(1).exists(), "the host's daemon socket exists while the lab is up");
+        panic!("a failing step");
+    });
+    assert!(result.is_err(), "the step was meant to fail");
+    let name = name.into_inner().unwrap();
+    assert!(!name.is_empty(), "the lab came up");
+    for ns in [format!("{name}-h1"), format!("{name}-h1-c"), format!("{name}-br"), format!("{name}-ctl"), format!("{name}-lb")] {
+        assert!(!netns_exists(&ns), "namespace {ns} is left");
+    }
+    for dir in [format!("/run/cutover-fleet/{name}"), format!("/run/cutover-lab/{name}-h1"), format!("/var/lib/cutover-lab/{name}-h1")] {
+        assert!(!std::path::Path::new(&dir).exists(), "{dir} is left");
+    }
+}
