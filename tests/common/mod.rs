@@ -22,6 +22,7 @@ pub mod cleanup;
 pub mod cmd;
 pub mod connect_loop;
 pub mod daemon;
+pub mod fleet;
 pub mod docker;
 pub mod flows;
 pub mod hardening;
