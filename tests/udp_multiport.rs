@@ -249,3 +249,48 @@ fn a_port_with_host_ip_is_served_on_that_address_only() {
         assert_eq!(get_ok(bound.at(), &on_bound).trim(), "v2", "the first keeps its address");
     }
 }
+
+/// A client that reuses a source port (a resolver's random port that comes round again)
+/// while the drain is still held by a busy flow: the quiet flow's conntrack entry is
+/// deleted during the drain, so the reused port reaches the new release at once instead
+/// of the old one until the drain ends.
+#[test]
+fn a_reused_source_port_reaches_the_new_release_during_the_drain() {
+    let ids = Ids::new("a_reused_source_port_reaches_the_new_release_during_the_drain");
+    let net = nat_network(&ids);
+    let v1 = udp_image(&ids, "v1");
+    let v2 = udp_image(&ids, "v2");
+    let client = ClientHost::new(&ids);
+    let daemon = Daemon::start(&ids);
+    let (tcp, udp) = (ids.port(), ids.port());
+    let file = manifest(&daemon, &ids, &v1, tcp, udp, &net.name, &[("drain_timeout", "10s"), ("udp_idle", "1s")]);
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let to = SocketAddr::from((client.host_addr(), udp));
+    // The reused port had a flow to v1 just before the deploy.
+    let reused = ids.port();
+    assert_eq!(ask_from_port(client.name(), reused, to).as_deref(), Some("v1"));
+    // A busy flow holds the drain for its whole timeout.
+    let busy = UdpClient::start(client.name(), to, Duration::from_millis(100), false);
+    let deploy = thread::scope(|s| {
+        let deploy = s.spawn(|| daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]));
+        // Within the drain: the switch is done (new flows reach v2), the busy flow keeps
+        // the old release running, and the reused port has been quiet for over udp_idle.
+        let probe = SocketAddr::from((client.host_addr(), udp));
+        wait_for("the switch to v2", Duration::from_secs(20), || {
+            match ask_from_port(client.name(), ids.port(), probe).as_deref() {
+                Some("v2") => Ok(()),
+                other => Err(format!("a new flow got {other:?}")),
+            }
+        });
+        thread::sleep(Duration::from_secs(3));
+        let answer = ask_from_port(client.name(), reused, to);
+        let held = !deploy.is_finished();
+        (answer, held, deploy.join())
+    });
+    let (answer, held, joined) = deploy;
+    joined.unwrap_or_else(|p| std::panic::resume_unwind(p));
+    let busy_answers = busy.finish();
+    assert!(held, "the busy flow held the drain while the reused port was asked");
+    assert_eq!(answer.as_deref(), Some("v2"), "the reused source port reached the new release during the drain");
+    assert!(busy_answers.iter().all(|a| a.release.is_some()), "the busy flow lost no datagram");
+}
