@@ -1,6 +1,8 @@
 //! The claim a daemon holds on its nftables table (or its iptables chains, which carry
-//! the same name): an exclusive `flock` on `/run/cutover/table-<T>.lock`, taken before
-//! any rule is touched and held for the daemon's life.
+//! the same name): an exclusive `flock` on `/run/cutover/table-<T>.net<N>.lock`, taken
+//! before any rule is touched and held for the daemon's life. `N` is the inode of the
+//! daemon's network namespace: tables belong to a namespace, so daemons in two namespaces
+//! (two hosts of a lab, an engine in its own namespace) may use the same table name.
 //!
 //! Why: a daemon programs its whole table from its own state. A second daemon on the
 //! same `--table` (another `--state-dir`) would find no services in its state and delete
@@ -67,9 +69,21 @@ impl TableLock {
     }
 }
 
-/// The lock file of `table` under `dir`.
+/// The lock file of `table` under `dir`, for this process's network namespace.
 pub fn lock_path(dir: &Path, table: &str) -> PathBuf {
-    dir.join(format!("table-{table}.lock"))
+    lock_path_in(dir, table, current_netns())
+}
+
+/// The lock file of `table` under `dir` for the network namespace with inode `netns`.
+pub fn lock_path_in(dir: &Path, table: &str, netns: u64) -> PathBuf {
+    dir.join(format!("table-{table}.net{netns}.lock"))
+}
+
+/// The inode of this process's network namespace (0 if /proc cannot tell, which only
+/// makes the lock coarser).
+pub fn current_netns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0)
 }
 
 /// Claims `table` for this process (non-blocking). `state_dir` is written into the lock

@@ -32,7 +32,8 @@ pub fn remove_tagged(tag: &str, table: &str) -> Problems {
     p.note("delete iptables chains", delete_iptables_chains(table));
     p.note("delete DOCKER-USER rules", delete_docker_user_rules(&|c| c == docker_user_comment(table)));
     // The daemon's claim on the table (it leaves the file: unlinking a lock file races).
-    p.note("remove the table lock", remove_file_if_any(&format!("/run/cutover/table-{table}.lock")));
+    let lock = cutover::daemon::table_lock::lock_path(std::path::Path::new(cutover::daemon::table_lock::LOCK_DIR), table);
+    p.note("remove the table lock", remove_file_if_any(&lock.display().to_string()));
     p.note("delete route_localnet markers", delete_localnet_markers(table));
     p
 }

@@ -264,6 +264,11 @@ pub struct LabDaemon {
 }
 
 impl LabDaemon {
+    /// The `--table` this daemon was started with.
+    fn table(&self) -> Option<String> {
+        self.args.iter().position(|a| a == "--table").and_then(|i| self.args.get(i + 1)).cloned()
+    }
+
     /// Starts `cutover daemon` with table `table` and `extra` flags; waits for its socket.
     #[track_caller]
     pub fn start(lab: &Lab, table: &str, extra: &[&str]) -> LabDaemon {
@@ -405,6 +410,12 @@ impl Drop for LabDaemon {
     fn drop(&mut self) {
         let was = self.child.is_some();
         self.kill9();
+        // The daemon's claim on its table in the lab's namespace (a daemon leaves it).
+        if let (Ok(meta), Some(table)) = (std::fs::metadata(format!("/run/netns/{}", self.netns)), self.table()) {
+            use std::os::unix::fs::MetadataExt;
+            let dir = std::path::Path::new(cutover::daemon::table_lock::LOCK_DIR);
+            let _ = std::fs::remove_file(cutover::daemon::table_lock::lock_path_in(dir, &table, meta.ino()));
+        }
         if std::thread::panicking() && was {
             eprintln!("----- log of the lab daemon in {} -----\n{}\n----- end -----", self.netns, tail(&self.log(), 200));
         }
