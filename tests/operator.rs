@@ -306,6 +306,9 @@ impl Drop for PrivateDaemon {
             let _ = child.wait();
         }
         remove_everything(&self.table, &self.instance, &self.images);
+        // The daemon's claim on its table: it leaves the lock file on purpose.
+        let lock_dir = Path::new(cutover::daemon::table_lock::LOCK_DIR);
+        let _ = std::fs::remove_file(cutover::daemon::table_lock::lock_path(lock_dir, &self.table));
         if self.network {
             let _ = Command::new(DOCKER).args(["network", "rm", &self.instance]).output();
         }

@@ -523,6 +523,14 @@ impl Lab {
                 }
             }
             problems.extend(failed);
+            // Its claim on the demo's table: the daemon leaves the lock file on purpose
+            // (unlinking a lock file races), the demo knows nobody else holds it now.
+            let lock = crate::daemon::table_lock::lock_path(Path::new(crate::daemon::table_lock::LOCK_DIR), &self.names.table);
+            if let Err(e) = std::fs::remove_file(&lock) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("removing {}: {e}", lock.display()));
+                }
+            }
         }
         if self.network_created {
             let name = self.names.network.clone();
