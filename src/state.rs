@@ -232,6 +232,9 @@ impl HistoryEntry {
 
 /// The most history entries kept per service.
 pub const HISTORY_LIMIT: usize = 200;
+/// Releases whose container is gone (failed, undone or pruned) that a service keeps on
+/// record, newest first, for `history`; the operations themselves stay in the history.
+pub const GONE_KEPT: usize = 5;
 
 impl ServiceState {
     pub fn new(manifest: Manifest) -> Self {
@@ -287,6 +290,19 @@ impl ServiceState {
             let excess = self.history.len() - HISTORY_LIMIT;
             self.history.drain(..excess);
         }
+    }
+
+    /// Forget all but the newest [`GONE_KEPT`] releases whose container is gone, so a
+    /// hundred failed deploys do not grow the state (each record holds a manifest).
+    pub fn forget_gone_releases(&mut self) {
+        let gone = |r: &Release| matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed);
+        let mut numbers: Vec<u32> = self.releases.iter().filter(|r| gone(r)).map(|r| r.number).collect();
+        if numbers.len() <= GONE_KEPT {
+            return;
+        }
+        numbers.sort_unstable_by(|a, b| b.cmp(a));
+        let forget: std::collections::BTreeSet<u32> = numbers.into_iter().skip(GONE_KEPT).collect();
+        self.releases.retain(|r| !forget.contains(&r.number));
     }
 
     /// Stopped releases beyond `keep`: the ones to prune. The most recently stopped are
@@ -527,5 +543,19 @@ mod tests {
         s.releases[1].stopped_at = Some(7);
         assert_eq!(s.beyond_keep(Some(1)), vec![2]);
         assert_eq!(s.beyond_keep(Some(2)), vec![1]);
+    }
+
+    #[test]
+    fn failed_and_removed_releases_are_forgotten_beyond_a_few() {
+        let mut s = ServiceState::new(manifest());
+        s.releases = vec![release(1, ReleaseStatus::Stopped), release(2, ReleaseStatus::Active)];
+        for n in 10..110 {
+            s.releases.push(release(n, ReleaseStatus::Failed));
+        }
+        let live: Vec<u32> = s.releases.iter().filter(|r| r.number < 10).map(|r| r.number).collect();
+        s.forget_gone_releases();
+        let gone: Vec<u32> = s.releases.iter().filter(|r| r.status == ReleaseStatus::Failed).map(|r| r.number).collect();
+        assert_eq!(gone, (105..110).collect::<Vec<_>>(), "the newest few failures stay on record");
+        assert!(live.iter().all(|n| s.releases.iter().any(|r| r.number == *n)), "other releases stay");
     }
 }

@@ -303,6 +303,9 @@ impl Releaser {
         let mut state = self.state.lock().await;
         let mut next = state.clone();
         let out = f(&mut next);
+        for svc in next.services.values_mut() {
+            svc.forget_gone_releases();
+        }
         self.store.save(&next)?;
         *state = next;
         Ok(out)
