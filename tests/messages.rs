@@ -66,3 +66,26 @@ fn access_unknown_names_broken_pipes_and_times_read_as_an_operator_expects() {
     let at_time = json["events"][0]["at_time"].as_str().unwrap();
     assert!(at_time.ends_with('Z') && at_time.len() == 20, "{at_time}");
 }
+
+/// Health type `docker` with an image that has no HEALTHCHECK is refused from the image
+/// itself, before a release number is spent or a container created; an image reference
+/// that is not one is refused the same way.
+#[test]
+fn a_docker_health_check_without_healthcheck_and_a_bad_reference_are_refused_before_any_container() {
+    let ids = Ids::new("a_docker_health_check_without_healthcheck");
+    let net = nat_network(&ids);
+    let v1 = demo_image(&ids, "v1", &[]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("health", "\n  type: docker");
+    let file = yaml.write(daemon.dir());
+    let out = daemon.cli_expect(&["apply", file.to_str().unwrap()], 2);
+    assert!(out.stderr.contains("has no HEALTHCHECK") && out.stderr.contains("healthcheck:"), "{}", out.stderr);
+    assert!(containers_of(&ids).is_empty(), "no container was created");
+    // The same service with an http check, then a deploy of a reference with bad syntax.
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
+    let out = daemon.cli_expect(&["deploy", &ids.service, "--image", "Not A/Ref:"], 2);
+    assert!(out.stderr.contains("is not an image reference"), "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["history", &ids.service, "--json"]).stdout).unwrap();
+    assert_eq!(json["releases"].as_array().unwrap().len(), 1, "no release number was spent: {json}");
+}

@@ -22,6 +22,16 @@ impl Releaser {
         let report: crate::docker::registry::ProgressFn<'_> =
             Box::new(|line: String| self.emit(progress, service, number, "pull", line));
         self.engine.ensure_image(image.clone(), policy, report).await?;
+        // Health type `docker` needs a HEALTHCHECK: refused now, from the image, rather
+        // than after a container was created and waited for.
+        if svc.manifest.health.kind == HealthKind::Docker && svc.manifest.healthcheck.is_none() {
+            if let Some(false) = self.engine.image_has_healthcheck(image.clone()).await? {
+                return Err(ReleaseError::Invalid(format!(
+                    "image `{image}` has no HEALTHCHECK, which health type `docker` needs: add a `healthcheck:` to the \
+                     manifest, or use health type `http` or `tcp`"
+                )));
+            }
+        }
         if Mode::of(&svc.manifest) == Mode::Handoff {
             return self.handoff_release_new(service, image, progress).await; // see handoff_mode
         }

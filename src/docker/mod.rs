@@ -38,7 +38,7 @@ pub enum DockerError {
         #[source]
         source: bollard::errors::Error,
     },
-    #[error("Docker could not {action} `{target}`: {source}")]
+    #[error("Docker could not {action} `{target}`: {}", engine_reason(source))]
     Api {
         action: &'static str,
         target: String,
@@ -57,6 +57,25 @@ pub enum DockerError {
     Network { network: String, problem: String },
     #[error("this container engine cannot {0}")]
     Unsupported(&'static str),
+}
+
+/// An engine error in the operator's words: a connection that fails (the engine is down
+/// or restarting) says so instead of the HTTP client's wording.
+fn engine_reason(source: &bollard::errors::Error) -> String {
+    let unreachable = match source {
+        bollard::errors::Error::HyperLegacyError { err } => err.is_connect(),
+        bollard::errors::Error::IOError { err } => matches!(
+            err.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+        ),
+        bollard::errors::Error::RequestTimeoutError => true,
+        _ => false,
+    };
+    if unreachable {
+        "cannot reach the Docker engine (is dockerd running, or restarting?)".to_string()
+    } else {
+        source.to_string()
+    }
 }
 
 /// What cutover asks for when it creates a release container.
@@ -177,6 +196,11 @@ pub trait Engine: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<registry::ImageSource, DockerError>> {
         let _ = (image, policy, progress);
         Box::pin(async { Ok(registry::ImageSource::Local) })
+    }
+    /// Does a local image define a HEALTHCHECK? `None`: this engine cannot tell.
+    fn image_has_healthcheck(&self, image: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
+        let _ = image;
+        Box::pin(async { Ok(None) })
     }
     /// The ENTRYPOINT and CMD of a local image (handoff mode runs them under a wrapper).
     /// The default says the engine cannot, so engines that never run handoff-mode
@@ -582,6 +606,21 @@ impl Engine for DockerEngine {
         progress: registry::ProgressFn<'a>,
     ) -> BoxFuture<'a, Result<registry::ImageSource, DockerError>> {
         Box::pin(async move { registry::ensure(&self.docker, &image, policy, progress).await })
+    }
+
+    fn image_has_healthcheck(&self, image: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
+        Box::pin(async move {
+            let inspected = match self.docker.inspect_image(&image).await {
+                Ok(i) => i,
+                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
+                    return Err(DockerError::NoImage(image))
+                }
+                Err(source) => return Err(DockerError::Api { action: "inspect image", target: image, source }),
+            };
+            // `HEALTHCHECK NONE` is stored as the test ["NONE"]: no check.
+            let test = inspected.config.and_then(|c| c.healthcheck).and_then(|h| h.test).unwrap_or_default();
+            Ok(Some(!test.is_empty() && test.first().map(String::as_str) != Some("NONE")))
+        })
     }
 
     fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
