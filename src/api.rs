@@ -43,7 +43,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pull: Option<PullPolicy>,
     },
-    Rollback { service: String, #[serde(default)] to: Option<u32> },
+    Rollback {
+        service: String,
+        #[serde(default)]
+        to: Option<u32>,
+        /// When the kept container is gone: start its image again, pulled as this says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pull: Option<PullPolicy>,
+    },
     Status { #[serde(default)] service: Option<String> },
     History { service: String },
     Remove {
@@ -135,7 +142,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_refuse_unknown_fields() {
-        let r = Request::Rollback { service: "web".into(), to: Some(2) };
+        let r = Request::Rollback { service: "web".into(), to: Some(2), pull: None };
         let text = serde_json::to_string(&r).unwrap();
         assert_eq!(text, r#"{"op":"rollback","service":"web","to":2}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);

@@ -236,6 +236,11 @@ pub struct RollbackArgs {
     /// Release number to go back to (default: the previous one).
     #[arg(long)]
     pub to: Option<u32>,
+    /// When that release's container is gone (removed outside cutover), start its image
+    /// again as a new release, pulled as POLICY says (missing, always or never). Without
+    /// it such a rollback is refused. A kept container is always just restarted.
+    #[arg(long, value_name = "POLICY")]
+    pub pull: Option<crate::manifest::PullPolicy>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

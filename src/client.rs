@@ -17,6 +17,13 @@ pub fn colour_enabled() -> bool {
 
 /// Send `request` and wait for its answer, printing progress to stderr.
 pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, Failure> {
+    call_with(socket, request, false).await
+}
+
+/// [`call`]; with `json`, each progress step is one JSON object on stderr
+/// (`{"progress": {"service": ..., "release": ..., "step": "pull", "message": ...}}`), for
+/// scripts that follow a release (or a pull) as events while stdout gets the result.
+pub async fn call_with(socket: &Path, request: &Request, json: bool) -> Result<serde_json::Value, Failure> {
     let unreachable = |e: std::io::Error| {
         Failure::new(
             Exit::Unreachable,
@@ -52,6 +59,7 @@ pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value,
     }
     let mut lines = BufReader::new(stream).lines();
     let mut view = ProgressView::new();
+    view.json = json;
     loop {
         let next = lines.next_line().await.map_err(unreachable)?;
         let Some(text) = next else {
@@ -79,15 +87,21 @@ struct ProgressView {
     tty: bool,
     bar_open: bool,
     last_plain: String,
+    /// Events as JSON lines instead of text.
+    json: bool,
 }
 
 impl ProgressView {
     fn new() -> Self {
-        ProgressView { tty: std::io::stderr().is_terminal(), bar_open: false, last_plain: String::new() }
+        ProgressView { tty: std::io::stderr().is_terminal(), bar_open: false, last_plain: String::new(), json: false }
     }
 
     fn show(&mut self, p: &ProgressLine) {
         let mut err = std::io::stderr().lock();
+        if self.json {
+            let _ = writeln!(err, "{}", serde_json::json!({ "progress": p }));
+            return;
+        }
         let bar = match (p.elapsed_ms, p.limit_ms) {
             (Some(e), Some(l)) if l > 0 => Some((e.min(l), l)),
             _ => None,

@@ -89,3 +89,26 @@ fn a_docker_health_check_without_healthcheck_and_a_bad_reference_are_refused_bef
     let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["history", &ids.service, "--json"]).stdout).unwrap();
     assert_eq!(json["releases"].as_array().unwrap().len(), 1, "no release number was spent: {json}");
 }
+
+/// A rollback to a kept release whose container was removed outside cutover: refused
+/// with what to do, the release no longer listed as kept; `--pull missing` starts its
+/// image again as a new release, and clients get it.
+#[test]
+fn a_rollback_to_a_removed_container_says_so_and_pull_starts_its_image_again() {
+    let ids = Ids::new("a_rollback_to_a_removed_container");
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    run(&mut common::cmd::cmd(DOCKER, ["rm", "-f", &format!("cutover-{}-1", ids.service)]));
+    let out = daemon.cli_expect(&["rollback", &ids.service], 1);
+    assert!(out.stderr.contains("is gone") && out.stderr.contains("--pull missing"), "{}", out.stderr);
+    assert!(!out.stderr.contains("404"), "no engine wording: {}", out.stderr);
+    let status: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["status", &ids.service, "--json"]).stdout).unwrap();
+    assert_eq!(status[0]["kept"], serde_json::json!([]), "release 1 is no longer offered as kept: {status}");
+    assert_eq!(get_ok(client.at(), &client.url(port)), "v2", "v2 still serves");
+    let out = daemon.cli_ok(&["rollback", &ids.service, "--to", "1", "--pull", "missing"]);
+    assert!(out.stdout.contains("release 3"), "{out:?}");
+    assert_eq!(get_ok(client.at(), &client.url(port)), "v1", "release 1's image serves again");
+}

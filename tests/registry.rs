@@ -226,9 +226,20 @@ fn deploys_pull_from_a_private_registry_and_failed_pulls_change_nothing() {
     assert_eq!(get_ok(client.at(), &url).trim(), "v2");
     assert!(!daemon.log().contains(PASSWORD), "the password never reaches the log");
 
+    // `--pull always --json`: the pull again, its progress as JSON events on stderr.
+    let out = daemon.cli_ok(&["deploy", &ids.service, "--image", &remote, "--pull", "always", "--json"]);
+    let events: Vec<serde_json::Value> = out.stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(
+        events.iter().any(|e| e["progress"]["step"] == "pull"),
+        "the pull's progress came as JSON events: {}",
+        out.stderr
+    );
+    let outcome: serde_json::Value = serde_json::from_str(&out.stdout).expect("the outcome is JSON on stdout");
+    assert_eq!(outcome["to"], 3, "{outcome}");
+
     // Rollback needs no pull while the kept container exists: with the registry gone.
     drop(registry);
-    daemon.cli_ok(&["rollback", &ids.service]);
+    daemon.cli_ok(&["rollback", &ids.service, "--to", "1"]);
     assert_eq!(get_ok(client.at(), &url).trim(), "v1");
 }
 

@@ -26,7 +26,7 @@ pub async fn run(socket: &Path, args: ApplyArgs) -> anyhow::Result<()> {
             manifests.push(ManifestText { file: project.file.display().to_string(), text });
         }
     }
-    let data = crate::client::call(socket, &Request::Apply { manifests, pull: args.pull }).await?;
+    let data = crate::client::call_with(socket, &Request::Apply { manifests, pull: args.pull }, args.json).await?;
     print_outcomes(&data, args.json)?;
     Ok(())
 }

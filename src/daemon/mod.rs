@@ -203,7 +203,7 @@ async fn execute(releaser: &Releaser, request: Request, tx: crate::deploy::Progr
         Request::Ping {} => Ok(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })),
         Request::Apply { manifests, pull } => apply(releaser, manifests, pull, &tx).await,
         Request::Deploy { service, image, pull } => json(&releaser.deploy_with(&service, &image, pull, &tx).await.map_err(fail)?),
-        Request::Rollback { service, to } => json(&releaser.rollback(&service, to, &tx).await.map_err(fail)?),
+        Request::Rollback { service, to, pull } => json(&releaser.rollback_with(&service, to, pull, &tx).await.map_err(fail)?),
         Request::Remove { service, volumes } => json(&releaser.remove_with(&service, volumes).await.map_err(fail)?),
         Request::Status { service } => {
             let state = releaser.snapshot().await;

@@ -261,7 +261,7 @@ async fn scenario(lab: &mut Lab, args: &DemoArgs) -> anyhow::Result<Report> {
     lab.steps.push(deploy);
 
     let rollback = step(&load, target, args.settle, "rollback to v1", async {
-        let data = lab.call(&Request::Rollback { service: SERVICE.into(), to: None }).await?;
+        let data = lab.call(&Request::Rollback { service: SERVICE.into(), to: None, pull: None }).await?;
         Ok(Some(serde_json::from_value::<Outcome>(data).context("the daemon's rollback outcome")?))
     })
     .await?;

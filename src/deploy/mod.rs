@@ -408,6 +408,12 @@ impl Releaser {
         }
         // Checked before anything is recorded: a typo spends no release number.
         crate::docker::registry::check_reference(image).map_err(ReleaseError::Invalid)?;
+        self.release_image(service, image, pull, progress).await
+    }
+
+    /// A new release of `service` running `image`: the service's image becomes `image`
+    /// (and goes back to what it was if the release fails). The caller holds the claim.
+    async fn release_image(&self, service: &str, image: &str, pull: Option<PullPolicy>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let name = service.to_string();
         let img = image.to_string();
         let old = self
@@ -430,6 +436,18 @@ impl Releaser {
 
     /// `rollback NAME [--to N]`.
     pub async fn rollback(&self, service: &str, to: Option<u32>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
+        self.rollback_with(service, to, None, progress).await
+    }
+
+    /// [`Releaser::rollback`]; with `pull`, a release whose container is gone is started
+    /// again from its image as a new release (pulled as `pull` says).
+    pub async fn rollback_with(
+        &self,
+        service: &str,
+        to: Option<u32>,
+        pull: Option<PullPolicy>,
+        progress: &ProgressTx,
+    ) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let target = match to {
@@ -442,6 +460,37 @@ impl Releaser {
         };
         if Some(target.number) == svc.active {
             return Err(ReleaseError::Refused(format!("release {} of `{service}` is already active", target.number)));
+        }
+        // A kept release whose container was removed outside cutover: no longer kept.
+        let gone = target.status == ReleaseStatus::Stopped
+            && self.engine.inspect(target.container_id.clone(), target.manifest.network.clone()).await?.is_none();
+        if gone {
+            let (s, n) = (service.to_string(), target.number);
+            self.commit(move |st| {
+                if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(n)) {
+                    r.status = ReleaseStatus::Removed;
+                }
+            })
+            .await?;
+        }
+        if gone || target.status == ReleaseStatus::Removed {
+            if let Some(policy) = pull {
+                self.emit(progress, service, target.number, "start", format!(
+                    "the container of release {} is gone; starting its image {} as a new release",
+                    target.number, target.image
+                ));
+                return self.release_image(service, &target.image, Some(policy), progress).await;
+            }
+            let next = self.snapshot().await.services.get(service).and_then(|s| s.previous_kept().map(|r| r.number));
+            let offer = match next {
+                Some(m) => format!("roll back to release {m} with `cutover rollback {service} --to {m}`, or "),
+                None => String::new(),
+            };
+            return Err(ReleaseError::Refused(format!(
+                "the container of release {} of `{service}` ({}) is gone, removed outside cutover, so it is no longer kept: \
+                 {offer}start its image {} again with `cutover rollback {service} --to {} --pull missing`",
+                target.number, target.container, target.image, target.number
+            )));
         }
         if target.status != ReleaseStatus::Stopped {
             return Err(ReleaseError::Refused(format!(

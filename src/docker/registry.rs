@@ -285,6 +285,14 @@ pub async fn ensure(
                 return Err(pull_err(classify(&registry, &message)))
             }
             Err(bollard::errors::Error::DockerStreamError { error }) => return Err(pull_err(classify(&registry, &error))),
+            // The engine dropped the pull's connection without a word: it gave up on a
+            // registry that did not answer (its own timeouts), or it went away itself.
+            Err(e @ (bollard::errors::Error::HyperLegacyError { .. } | bollard::errors::Error::IOError { .. })) => {
+                return Err(pull_err(PullFailure::Unreachable {
+                    registry,
+                    detail: format!("the engine ended the pull without an answer ({e}); is the registry up, and is dockerd?"),
+                }))
+            }
             Err(e) => return Err(pull_err(classify(&registry, &e.to_string()))),
         };
         if let Some(detail) = info.error_detail.as_ref().and_then(|d| d.message.clone()) {
