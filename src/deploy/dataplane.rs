@@ -20,6 +20,12 @@ pub(super) struct Dataplane {
 }
 
 impl Releaser {
+    /// Forget the bridges read so far: a network can be removed and created again (with
+    /// another bridge) between two operations, so each operation reads them afresh.
+    pub(super) async fn forget_bridges(&self) {
+        self.dataplane.lock().await.bridges.clear();
+    }
+
     pub(super) async fn bridge_of(&self, network: &str) -> Result<Option<Bridge>, ReleaseError> {
         {
             let dp = self.dataplane.lock().await;

@@ -319,6 +319,7 @@ impl Releaser {
     /// [`Releaser::apply`], with the manifest's pull policy overridden for this release.
     pub async fn apply_with(&self, manifest: Manifest, pull: Option<PullPolicy>, progress: &ProgressTx) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(&manifest.name)?;
+        self.forget_bridges().await;
         // Handoff mode: refuse mode switches, serve the listeners (see handoff_mode).
         self.handoff_prepare(&manifest).await?;
         self.check_ports(&manifest).await?;
@@ -403,6 +404,7 @@ impl Releaser {
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
+        self.forget_bridges().await;
         if !self.snapshot().await.services.contains_key(service) {
             return Err(ReleaseError::NotFound(service.to_string()));
         }
@@ -449,6 +451,7 @@ impl Releaser {
         progress: &ProgressTx,
     ) -> Result<Outcome, ReleaseError> {
         let _busy = self.claim(service)?;
+        self.forget_bridges().await;
         let svc = self.snapshot().await.services.get(service).cloned().ok_or_else(|| ReleaseError::NotFound(service.into()))?;
         let target = match to {
             Some(n) => svc.release(n).cloned().ok_or_else(|| {
