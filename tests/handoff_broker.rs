@@ -214,3 +214,45 @@ async fn the_broker_socket_and_listeners_live_in_the_given_namespace_only() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "127.0.0.1");
 }
+
+/// A flood of refused requests (issue 18): each is refused and counted, but the log gets
+/// at most one warning a second, saying how many were held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_writes_one_warning_a_second() {
+    use std::sync::{Arc, Mutex};
+    let lines: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let sink = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || {
+            struct W(Arc<Mutex<Vec<u8>>>);
+            impl Write for W {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    self.0.lock().unwrap().extend_from_slice(b);
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            W(sink.clone())
+        })
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let svc = service("flood");
+    let broker = Broker::bind_in_namespace(&Namespace::Current, &svc, &local_listener("http"), Policy::new()).unwrap();
+    let started = std::time::Instant::now();
+    const ASKS: u64 = 300;
+    for _ in 0..ASKS {
+        let socket = broker.socket().clone();
+        let err = tokio::task::spawn_blocking(move || fetch_listeners(&socket, &[])).await.unwrap().unwrap_err();
+        assert!(matches!(err, HandoffError::Refused { .. }), "{err}");
+    }
+    let elapsed = started.elapsed().as_secs();
+    let (_, refused, _, _) = broker.stats().snapshot();
+    assert_eq!(refused, ASKS, "every request was refused and counted");
+    let log = String::from_utf8_lossy(&lines.lock().unwrap()).to_string();
+    let warnings = log.lines().filter(|l| l.contains("broker refused listeners")).count() as u64;
+    assert!(warnings >= 1, "the refusals are logged: {log}");
+    assert!(warnings <= elapsed + 2, "{warnings} warnings in {elapsed} s: one a second at most\n{log}");
+}

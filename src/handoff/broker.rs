@@ -441,6 +441,10 @@ async fn accept_loop(listener: AsyncSeqPacket, shared: Arc<Shared>) {
     }
 }
 
+/// Repeated warnings of the brokers (bad requests, refusals), at most one a second each.
+static BAD_REQUEST_LOG: crate::limits::LogThrottle = crate::limits::LogThrottle::new();
+static REFUSAL_LOG: crate::limits::LogThrottle = crate::limits::LogThrottle::new();
+
 async fn handle_connection(fd: OwnedFd, peer: PeerCred, timeout: Duration, shared: &Shared) {
     let service = shared.service.as_str();
     let conn = match AsyncSeqPacket::new(fd) {
@@ -463,7 +467,11 @@ async fn handle_connection(fd: OwnedFd, peer: PeerCred, timeout: Duration, share
             Err(HandoffError::Closed) => return,
             Err(e) => {
                 shared.stats.bad_requests.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(service, pid = peer.pid, uid = peer.uid, "broker: bad request: {e}");
+                // A flood of malformed requests must not flood the log: one line a second,
+                // with how many were held back.
+                if let Some(held_back) = BAD_REQUEST_LOG.allow() {
+                    tracing::warn!(service, pid = peer.pid, uid = peer.uid, held_back, "broker: bad request: {e}");
+                }
                 let code = match &e {
                     HandoffError::Frame(f) => f.code(),
                     _ => ErrorCode::Malformed,
@@ -518,7 +526,9 @@ fn answer<'a>(shared: &'a Shared, peer: &PeerCred, names: &[String]) -> Answer<'
     match decision {
         Decision::Refused(reason) => {
             shared.stats.refused.fetch_add(1, Ordering::SeqCst);
-            tracing::warn!(service, pid = peer.pid, uid = peer.uid, "broker refused listeners: {reason}");
+            if let Some(held_back) = REFUSAL_LOG.allow() {
+                tracing::warn!(service, pid = peer.pid, uid = peer.uid, held_back, "broker refused listeners: {reason}");
+            }
             Answer::Error(ErrorCode::NotPermitted, format!("refused: {reason}"))
         }
         Decision::Allowed(reason) => {
