@@ -66,14 +66,27 @@ pub fn print_outcomes(data: &serde_json::Value, json: bool) -> Result<(), Failur
         if let Some(d) = o.drain_ms {
             parts.push(format!("drained in {d} ms"));
         }
+        if let Some(s) = o.stop_ms {
+            parts.push(format!("old release stopped in {s} ms"));
+        }
         if let (Some(total), Some(start)) = (o.total_ms, o.start_ms) {
-            let own = total.saturating_sub(start).saturating_sub(o.health_ms.unwrap_or(0)).saturating_sub(o.drain_ms.unwrap_or(0));
-            parts.push(format!("{total} ms in all, {own} ms of it cutover's own"));
+            parts.push(format!("{total} ms in all, {} ms of it cutover's own", own_ms(&o, total, start)));
         }
         let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
         println!("{}: {}{} {}{}", o.service, from, if o.to == 0 { "-".to_string() } else { format!("release {}", o.to) }, o.outcome, detail);
     }
     Ok(())
+}
+
+/// cutover's own part of an operation's `total` ms: what is left after starting the
+/// container (`start`), the health wait, the drain and the engine's stop wait (a server
+/// that ignores its stop signal costs `stop_timeout` there, which is not cutover's).
+fn own_ms(o: &crate::deploy::Outcome, total: u64, start: u64) -> u64 {
+    total
+        .saturating_sub(start)
+        .saturating_sub(o.health_ms.unwrap_or(0))
+        .saturating_sub(o.drain_ms.unwrap_or(0))
+        .saturating_sub(o.stop_ms.unwrap_or(0))
 }
 
 /// Print `text` on stdout. A reader that went away (`cutover history web | head`) ends
@@ -97,4 +110,20 @@ pub fn json_failure(json: bool, failure: Failure) -> Failure {
         let _ = print_text(&format!("{v}\n"));
     }
     failure
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_engines_stop_wait_is_not_cutovers_own_time() {
+        let o = crate::deploy::Outcome {
+            health_ms: Some(100),
+            drain_ms: Some(200),
+            stop_ms: Some(10_000),
+            start_ms: Some(300),
+            total_ms: Some(10_650),
+            ..Default::default()
+        };
+        assert_eq!(super::own_ms(&o, 10_650, 300), 50);
+    }
 }

@@ -49,6 +49,7 @@ impl Releaser {
 
         // Drain and stop the old release.
         let mut drain_ms = None;
+        let mut stop_ms = None;
         if let Some(old) = from.and_then(|f| state.services.get(service).and_then(|svc| svc.release(f)).cloned()) {
             self.set_phase(service, Phase::Draining).await?;
             let started = Instant::now();
@@ -73,9 +74,11 @@ impl Releaser {
                 }
             }
             self.emit(progress, service, old.number, "stop", format!("stopping release {} ({})", old.number, old.manifest.stop_signal));
+            let stopping = Instant::now();
             if let Err(e) = self.engine.stop(old.container_id.clone(), old.manifest.stop_timeout).await {
                 tracing::warn!(service, error = %e, "stopping the old release failed");
             }
+            stop_ms = Some(ms(stopping.elapsed()));
             self.set_phase(service, Phase::Stopped).await?;
         }
 
@@ -91,6 +94,7 @@ impl Releaser {
             health_ms: Some(health_ms),
             switch_us: Some(switch_us),
             drain_ms,
+            stop_ms,
             ..Default::default()
         })
     }

@@ -141,6 +141,10 @@ pub struct Outcome {
     /// own cost of a release (plus the drain, when connections were open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
+    /// Stopping the old release: the engine's wait for it to exit after its stop signal
+    /// (up to `stop_timeout` for a server that ignores the signal), not cutover's own time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_ms: Option<u64>,
     /// `remove --volumes`: the volumes deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes_removed: Option<Vec<String>>,
