@@ -112,3 +112,30 @@ fn a_rollback_to_a_removed_container_says_so_and_pull_starts_its_image_again() {
     assert!(out.stdout.contains("release 3"), "{out:?}");
     assert_eq!(get_ok(client.at(), &client.url(port)), "v1", "release 1's image serves again");
 }
+
+/// A state error names its cause once (the message already carries it; the chain of
+/// causes is not printed again after it).
+#[test]
+fn a_corrupt_state_is_reported_with_its_cause_once() {
+    let ids = Ids::new("a_corrupt_state_is_reported");
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("state.json"), "{ nope").unwrap();
+    let out = Command::new(CUTOVER)
+        .args(["daemon", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--table", &ids.table, "--mark", &ids.mark_arg(), "--instance", &ids.tag])
+        .output()
+        .unwrap();
+    let lock_dir = std::path::Path::new(cutover::daemon::table_lock::LOCK_DIR);
+    let _ = std::fs::remove_file(cutover::daemon::table_lock::lock_path(lock_dir, &ids.table));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(error.contains("is corrupt") && error.contains("move it away"), "{error}");
+    assert_eq!(error.matches("key must be a string").count(), 1, "the cause once: {error}");
+}
