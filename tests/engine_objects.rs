@@ -26,20 +26,7 @@ fn a_network_created_again_with_another_bridge_serves_host_clients() {
     // The same network name, another bridge (the operator recreated it).
     let bridge = format!("c{}", &ids.bridge()[1..]);
     run(&mut cmd(DOCKER, ["network", "rm", &net.name]));
-    run(&mut cmd(
-        DOCKER,
-        [
-            "network",
-            "create",
-            "--driver",
-            "bridge",
-            "--label",
-            &format!("{INSTANCE_LABEL}={}", ids.tag),
-            "-o",
-            &format!("com.docker.network.bridge.name={bridge}"),
-            &net.name,
-        ],
-    ));
+    common::docker::create_bridge_network(&ids, &net.name, &bridge);
     let _bridge = set_route_localnet(&bridge, false);
     apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name));
     assert_eq!(get_ok(At::Host, &local), "v1", "a host client on 127.0.0.1 reaches the release on the new bridge");

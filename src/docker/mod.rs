@@ -451,6 +451,15 @@ impl DockerEngine {
         }
     }
 
+    /// `docker image inspect` of an image that must be on the host.
+    async fn inspect_local_image(&self, image: String) -> Result<bollard::models::ImageInspect, DockerError> {
+        match self.docker.inspect_image(&image).await {
+            Ok(i) => Ok(i),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Err(DockerError::NoImage(image)),
+            Err(source) => Err(DockerError::Api { action: "inspect image", target: image, source }),
+        }
+    }
+
     async fn remove_volumes_inner(&self, service: &str, instance: &str) -> Result<Vec<String>, DockerError> {
         let filters = HashMap::from([(
             "label".to_string(),
@@ -610,13 +619,7 @@ impl Engine for DockerEngine {
 
     fn image_has_healthcheck(&self, image: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
         Box::pin(async move {
-            let inspected = match self.docker.inspect_image(&image).await {
-                Ok(i) => i,
-                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-                    return Err(DockerError::NoImage(image))
-                }
-                Err(source) => return Err(DockerError::Api { action: "inspect image", target: image, source }),
-            };
+            let inspected = self.inspect_local_image(image).await?;
             // `HEALTHCHECK NONE` is stored as the test ["NONE"]: no check.
             let test = inspected.config.and_then(|c| c.healthcheck).and_then(|h| h.test).unwrap_or_default();
             Ok(Some(!test.is_empty() && test.first().map(String::as_str) != Some("NONE")))
@@ -625,13 +628,7 @@ impl Engine for DockerEngine {
 
     fn image_command(&self, image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
         Box::pin(async move {
-            let inspected = match self.docker.inspect_image(&image).await {
-                Ok(i) => i,
-                Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => {
-                    return Err(DockerError::NoImage(image))
-                }
-                Err(source) => return Err(DockerError::Api { action: "inspect image", target: image, source }),
-            };
+            let inspected = self.inspect_local_image(image).await?;
             let config = inspected.config.unwrap_or_default();
             Ok(ImageCommand { entrypoint: config.entrypoint.unwrap_or_default(), cmd: config.cmd.unwrap_or_default() })
         })

@@ -131,22 +131,29 @@ impl DockerNetwork {
         require_docker();
         ids.mark_docker_used();
         let net = DockerNetwork { name: ids.network(), bridge: ids.bridge() };
-        run(&mut cmd(
-            DOCKER,
-            [
-                "network",
-                "create",
-                "--driver",
-                "bridge",
-                "--label",
-                &format!("{INSTANCE_LABEL}={}", ids.tag),
-                "-o",
-                &format!("com.docker.network.bridge.name={}", net.bridge),
-                &net.name,
-            ],
-        ));
+        create_bridge_network(ids, &net.name, &net.bridge);
         net
     }
+}
+
+/// `docker network create` of a bridge network `name` with Linux bridge `bridge`,
+/// labelled as the test's (so the sweep finds it).
+#[track_caller]
+pub fn create_bridge_network(ids: &Ids, name: &str, bridge: &str) {
+    run(&mut cmd(
+        DOCKER,
+        [
+            "network",
+            "create",
+            "--driver",
+            "bridge",
+            "--label",
+            &format!("{INSTANCE_LABEL}={}", ids.tag),
+            "-o",
+            &format!("com.docker.network.bridge.name={bridge}"),
+            name,
+        ],
+    ));
 }
 
 impl Drop for DockerNetwork {
