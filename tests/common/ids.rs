@@ -264,6 +264,9 @@ impl Drop for Ids {
         if self.touched_docker.load(Ordering::Relaxed) {
             crate::common::cleanup::remove_tagged(&self.tag, &self.table).report(&self.tag);
         }
+        // A daemon of the test (kit-started or not) leaves its table lock on purpose.
+        let lock_dir = std::path::Path::new(cutover::daemon::table_lock::LOCK_DIR);
+        let _ = std::fs::remove_file(cutover::daemon::table_lock::lock_path(lock_dir, &self.table));
         let ports = std::mem::take(&mut *self.ports.lock().unwrap_or_else(|e| e.into_inner()));
         let mut c = claims();
         c.marks.remove(&self.mark.trailing_zeros());
