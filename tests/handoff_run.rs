@@ -598,7 +598,11 @@ fn a_generation_that_reports_ready_but_fails_its_probe_is_refused() {
     if let Some(p) = logged_pid(&sup.log(), 1) {
         sup.groups.push(p);
     }
-    assert!(sup.log().contains("reported ready; probing"), "{}", sup.log());
+    // Serving comes before READY=1 is read: wait for the supervisor to have seen it.
+    common::wait_for("the first generation to report ready", Duration::from_secs(20), || {
+        let log = sup.log();
+        log.contains("reported ready; probing").then_some(()).ok_or(log)
+    });
     drop(health);
     let (code, out, _) = sup.reload();
     assert_eq!(code, 1, "{out}\n{}", sup.log());
