@@ -176,6 +176,9 @@ pub struct ServiceStatus {
     pub kept: Vec<u32>,
     /// An operation in progress (`deploy 2: switched`).
     pub operation: Option<String>,
+    /// The active release died on its own and does not serve (why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
 }
 
 /// `history`: the releases of a service and what happened to them.

@@ -97,6 +97,11 @@ pub struct Manifest {
     /// fd-handoff mode instead of NAT: both generations share one network namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSpec>,
+    /// What the daemon does when the active release dies on its own (killed, crashed and
+    /// not restarted by the engine, removed): `restart` it (default), `rollback` to the
+    /// newest kept release, or `none` (only log and show it).
+    #[serde(default, skip_serializing_if = "OnFailure::is_default")]
+    pub on_failure: OnFailure,
     /// When the image is pulled from its registry: `missing` (default), `always`, `never`.
     #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
     pub pull: PullPolicy,
@@ -177,6 +182,7 @@ impl fmt::Debug for Manifest {
             network,
             udp_idle,
             handoff,
+            on_failure,
             env_file,
             pull,
             volumes,
@@ -220,6 +226,7 @@ impl fmt::Debug for Manifest {
             .field("network", network)
             .field("udp_idle", udp_idle)
             .field("handoff", handoff)
+            .field("on_failure", on_failure)
             .field("env_file", env_file)
             .field("pull", pull)
             .field("volumes", volumes)
@@ -257,6 +264,22 @@ pub struct RedactedEnv<'a>(pub &'a BTreeMap<String, String>);
 impl fmt::Debug for RedactedEnv<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.0.keys().map(|k| (k, format_args!("<redacted>")))).finish()
+    }
+}
+
+/// What to do when the active release is lost (see [`Manifest::on_failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Restart,
+    Rollback,
+    None,
+}
+
+impl OnFailure {
+    pub fn is_default(&self) -> bool {
+        *self == OnFailure::Restart
     }
 }
 

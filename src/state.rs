@@ -211,6 +211,9 @@ pub struct ServiceState {
     pub operation: Option<Operation>,
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// The active release died on its own and is not serving: why (until it serves again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
 }
 
 impl HistoryEntry {
@@ -238,7 +241,7 @@ pub const GONE_KEPT: usize = 5;
 
 impl ServiceState {
     pub fn new(manifest: Manifest) -> Self {
-        ServiceState { manifest, releases: Vec::new(), active: None, next_release: 1, operation: None, history: Vec::new() }
+        ServiceState { manifest, releases: Vec::new(), active: None, next_release: 1, operation: None, history: Vec::new(), down: None }
     }
 
     pub fn release(&self, number: u32) -> Option<&Release> {

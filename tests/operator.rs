@@ -176,7 +176,7 @@ fn manifest_keys() -> (BTreeSet<String>, Vec<(String, String)>) {
          cpus: 0.5\npids_limit: 10\nulimits: {nofile: 10}\ncap_add: [NET_ADMIN]\ncap_drop: [ALL]\nread_only: true\n\
          tmpfs: /run\nextra_hosts: [\"db:10.0.0.2\"]\ndns: [10.0.0.53]\nsysctls: {net.core.somaxconn: 1024}\n\
          security_opt: [no-new-privileges]\ninit: true\nshm_size: 64m\nlogging: {driver: local, options: {max-size: 1m}}\n\
-         group_add: [audio]\ndevices: [/dev/null]\n",
+         group_add: [audio]\ndevices: [/dev/null]\non_failure: rollback\n",
     )
     .unwrap();
     let mut full = Manifest { name: minimal.name.clone(), ports: minimal.ports.clone(), ..container };

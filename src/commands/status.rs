@@ -29,7 +29,8 @@ pub async fn run(socket: &Path, args: StatusArgs) -> anyhow::Result<()> {
             s.addr.unwrap_or_else(|| "-".into()),
             s.ports.join(", "),
             s.kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-            s.operation.map(|o| format!("  (in progress: {o})")).unwrap_or_default(),
+            s.operation.map(|o| format!("  (in progress: {o})")).unwrap_or_default()
+                + &s.down.map(|d| format!("  (DOWN: {d})")).unwrap_or_default(),
         ));
     }
     print_text(&out)?;

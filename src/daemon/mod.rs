@@ -300,6 +300,7 @@ pub fn status(state: &State, only: Option<&str>) -> Vec<api::ServiceStatus> {
                     .collect(),
                 kept,
                 operation: svc.operation.as_ref().map(|o| format!("{:?} {}: {:?}", o.kind, o.to, o.phase).to_lowercase()),
+                down: svc.down.clone(),
             }
         })
         .collect()

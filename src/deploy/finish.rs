@@ -30,6 +30,7 @@ impl Releaser {
                     }
                 }
                 svc.operation = None;
+                svc.down = None;
                 svc.record(HistoryEntry {
                     at: now(),
                     kind,

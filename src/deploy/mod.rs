@@ -33,7 +33,7 @@ use crate::drain::Connections;
 use crate::health::Probe;
 use crate::host::{HostError, HostNet};
 use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
-use crate::manifest::{HealthKind, Manifest, PortSpec, Protocol, PullPolicy};
+use crate::manifest::{HealthKind, Manifest, OnFailure, PortSpec, Protocol, PullPolicy};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
 use crate::state::{
