@@ -800,6 +800,23 @@ mod bridge_tests {
     use super::*;
 
     #[test]
+    fn an_engine_that_is_down_is_said_so() {
+        let down = DockerError::Api {
+            action: "inspect",
+            target: "cutover-web-2".into(),
+            source: bollard::errors::Error::IOError { err: std::io::ErrorKind::ConnectionRefused.into() },
+        };
+        let text = down.to_string();
+        assert_eq!(text, "Docker could not inspect `cutover-web-2`: cannot reach the Docker engine (is dockerd running, or restarting?)");
+        let other = DockerError::Api {
+            action: "inspect",
+            target: "x".into(),
+            source: bollard::errors::Error::DockerResponseServerError { status_code: 500, message: "boom".into() },
+        };
+        assert!(other.to_string().contains("boom"), "{other}");
+    }
+
+    #[test]
     fn the_bridge_name_comes_from_the_engine() {
         let gw: Vec<std::net::IpAddr> = vec!["10.88.0.1".parse().unwrap()];
         let ifaces = vec![("lo".to_string(), "127.0.0.1".parse().unwrap()), ("podman0".to_string(), "10.88.0.1".parse().unwrap())];
