@@ -19,7 +19,7 @@
 //! again, so a retransmitted SYN is accepted in DOCKER-USER like the first one.
 //!
 //! Traffic per service is counted in one more chain per family, `<table>-cnt` in the
-//! `filter` table, jumped to first from INPUT, FORWARD and OUTPUT (tagged like the
+//! `mangle` table, jumped to first from INPUT, FORWARD and OUTPUT (tagged like the
 //! others): one rule per service port, `-p P -m conntrack --ctstate DNAT --ctorigdstport
 //! PORT -m comment --comment <service>`, no target. Every packet of a DNAT'd connection
 //! passes exactly one of those three chains (forwarded, delivered to the host, sent by
@@ -40,8 +40,13 @@ use crate::plan::{Element, ElementOp, Family, Hook, Rule, Ruleset, Traffic, COUN
 /// iptables refuses chain names longer than this (`XT_EXTENSION_MAXNAMELEN - 1`).
 pub const MAX_CHAIN_NAME: usize = 28;
 
-/// The built-in `filter` chains that jump to the counting chain.
+/// The built-in chains (of the `mangle` table) that jump to the counting chain.
 const COUNT_HOOKS: [&str; 3] = ["INPUT", "FORWARD", "OUTPUT"];
+/// The table of the counting chain: `mangle`, whose INPUT/FORWARD/OUTPUT run after the nat
+/// table's DNAT and before `filter`, where Docker's FORWARD (its DOCKER-USER jump first,
+/// re-inserted whenever a network is created) accepts cutover's marked packets before a
+/// counting jump in `filter` would see them.
+const COUNT_TABLE: &str = "mangle";
 
 /// The binaries of one family.
 #[derive(Debug, Clone)]
@@ -119,12 +124,12 @@ impl IptablesFirewall {
         Ok(out.lines().filter(|l| is_jump_to(l, "PREROUTING", &chain, table)).count())
     }
 
-    /// Our jumps to the counting chain in the built-in `filter` chains of `family`.
+    /// Our jumps to the counting chain in the built-in `mangle` chains of `family`.
     fn count_jumps_present(&self, family: Family, table: &str) -> Result<Vec<&'static str>, NatError> {
         let chain = count_chain_name(table)?;
         let mut present = Vec::new();
         for builtin in COUNT_HOOKS {
-            let out = run(&self.tools(family).list, &["-w", "-t", "filter", "-S", builtin], None)?;
+            let out = run(&self.tools(family).list, &["-w", "-t", COUNT_TABLE, "-S", builtin], None)?;
             present.extend(out.lines().filter(|l| is_jump_to(l, builtin, &chain, table)).map(|_| builtin));
         }
         Ok(present)
@@ -183,7 +188,7 @@ fn is_jump_to(line: &str, builtin: &str, chain: &str, table: &str) -> bool {
         && line.contains(&format!("--comment cutover:{table} "))
 }
 
-/// The counting chain of `table` (in the `filter` table).
+/// The counting chain of `table` (in the `mangle` table).
 pub fn count_chain_name(table: &str) -> Result<String, NatError> {
     // Validates the table name; `-cnt` is no longer than the longest other suffix.
     chain_name(table, Hook::Postrouting)?;
@@ -245,7 +250,7 @@ pub fn mark_delete_script(table: &str, jumps: usize) -> Result<String, NatError>
 pub fn count_script(rs: &Ruleset, family: Family, present: &[&str]) -> Result<String, NatError> {
     let t = &rs.table;
     let chain = count_chain_name(t)?;
-    let mut s = format!("*filter\n:{chain} - [0:0]\n");
+    let mut s = format!("*{COUNT_TABLE}\n:{chain} - [0:0]\n");
     // The plan has the same rules in both counting chains; iptables needs them once.
     let rules = rs.chains.iter().filter(|c| c.name == COUNT_CHAINS[0]).flat_map(|c| &c.rules);
     for rule in rules {
@@ -275,7 +280,7 @@ pub fn count_script(rs: &Ruleset, family: Family, present: &[&str]) -> Result<St
 /// The script that removes our jumps to the counting chain (those in `present`) and it.
 pub fn count_delete_script(table: &str, present: &[&str]) -> Result<String, NatError> {
     let chain = count_chain_name(table)?;
-    let mut s = String::from("*filter\n");
+    let mut s = format!("*{COUNT_TABLE}\n");
     for builtin in present {
         s.push_str(&format!("-D {builtin} {}\n", count_jump_spec(table)?));
     }
@@ -500,7 +505,7 @@ impl Firewall for IptablesFirewall {
         let chain = count_chain_name(table)?;
         let mut out: BTreeMap<String, Traffic> = BTreeMap::new();
         for family in [Family::Ipv4, Family::Ipv6] {
-            let text = match run(&self.tools(family).list, &["-w", "-t", "filter", "-S", &chain, "-v"], None) {
+            let text = match run(&self.tools(family).list, &["-w", "-t", COUNT_TABLE, "-S", &chain, "-v"], None) {
                 Ok(text) => text,
                 Err(NatError::Iptables { stderr, .. }) if stderr.contains("No chain") => continue,
                 Err(e) => return Err(e),
@@ -603,7 +608,7 @@ COMMIT
     fn counting_chain_has_a_rule_per_service_port_of_the_family_and_jumps_first() {
         let rs = ruleset();
         let s = count_script(&rs, Family::Ipv4, &["OUTPUT"]).unwrap();
-        let expected = "*filter
+        let expected = "*mangle
 :cutover-cnt - [0:0]
 -A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdst 192.0.2.10 --ctorigdstport 8080 -m comment --comment api
 -A cutover-cnt -p tcp -m conntrack --ctstate DNAT --ctorigdstport 8080 -m comment --comment web
@@ -621,7 +626,7 @@ COMMIT
         assert!(!is_jump_to(jump, "FORWARD", "cutover-cnt", "other"));
         assert_eq!(
             count_delete_script("cutover", &["FORWARD"]).unwrap(),
-            "*filter\n-D FORWARD -m comment --comment cutover:cutover -j cutover-cnt\n:cutover-cnt - [0:0]\n-X cutover-cnt\nCOMMIT\n"
+            "*mangle\n-D FORWARD -m comment --comment cutover:cutover -j cutover-cnt\n:cutover-cnt - [0:0]\n-X cutover-cnt\nCOMMIT\n"
         );
     }
 
