@@ -353,23 +353,34 @@ async fn a_stop_signal_delivered_to_a_waiting_connection_thread_does_not_drop_it
         // Accepted, no request yet: its thread waits in read.
         let mut conn = connect(ip);
         let deadline = Instant::now() + Duration::from_secs(10);
-        let tid = loop {
-            let waiting = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().filter_map(|t| {
-                let tid: i32 = t.ok()?.file_name().to_str()?.parse().ok()?;
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
-                comm.starts_with("conn-").then_some(tid)
-            });
-            if let Some(tid) = waiting.into_iter().next() {
-                break tid;
-            }
-            assert!(Instant::now() < deadline, "no connection thread in {pid}");
-            std::thread::sleep(Duration::from_millis(20));
+        // The newest connection thread is this connection's (an earlier one, e.g. of the
+        // readiness check, may still be ending); if it is gone by the signal, look again.
+        let newest_conn_thread = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .filter_map(|t| {
+                    let tid: i32 = t.ok()?.file_name().to_str()?.parse().ok()?;
+                    let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+                    comm.starts_with("conn-").then_some(tid)
+                })
+                .max()
         };
-        // Let it block in read first.
-        std::thread::sleep(Duration::from_millis(200));
-        // SAFETY: tgkill(2) with plain integers, aimed at a thread of the test's container.
-        let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+        loop {
+            let Some(tid) = newest_conn_thread() else {
+                assert!(Instant::now() < deadline, "no connection thread in {pid}");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            // Let it block in read first.
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: tgkill(2) with plain integers, aimed at a thread of the test's container.
+            let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGTERM) };
+            if rc == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            assert!(err.raw_os_error() == Some(libc::ESRCH) && Instant::now() < deadline, "tgkill: {err}");
+        }
         std::thread::sleep(Duration::from_millis(200));
         request_on(&mut conn, "/", false)
     })
