@@ -229,6 +229,8 @@ pub fn classify(registry: &str, message: &str) -> PullFailure {
         || m.contains("i/o timeout")
         || m.contains("network is unreachable")
         || m.contains("dial tcp")
+        || m.contains("deadline exceeded")
+        || m.contains("request canceled")
         || m.contains("eof")
     {
         PullFailure::Unreachable { registry, detail }
@@ -362,6 +364,12 @@ mod tests {
         assert!(matches!(classify(r, "Head \"http://127.0.0.1:5000/v2/web/manifests/v2\": no basic auth credentials; unauthorized"), PullFailure::Unauthorized { .. }));
         assert!(matches!(classify(r, "manifest for 127.0.0.1:5000/web:v9 not found: manifest unknown"), PullFailure::NotFound { .. }));
         assert!(matches!(classify(r, "Get \"http://127.0.0.1:5000/v2/\": dial tcp 127.0.0.1:5000: connect: connection refused"), PullFailure::Unreachable { .. }));
+        // The engine's own timeouts for a registry that never answers, in their wordings.
+        assert!(matches!(classify(r, "Get \"http://127.0.0.1:5000/v2/\": context deadline exceeded"), PullFailure::Unreachable { .. }));
+        assert!(matches!(
+            classify(r, "Get \"http://127.0.0.1:5000/v2/\": net/http: request canceled (Client.Timeout exceeded while awaiting headers)"),
+            PullFailure::Unreachable { .. }
+        ));
         let msg = PullFailure::Unauthorized { registry: r.into(), detail: "x".into() }.to_string();
         assert!(msg.contains("docker login 127.0.0.1:5000"), "{msg}");
     }
