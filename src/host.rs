@@ -304,13 +304,6 @@ pub fn udp_flows_with_idle<'a>(
     })
 }
 
-/// [`udp_idle_times`] of a fresh dump. Callers that ask for many ports at once should
-/// dump once themselves (see `daemon::checks`).
-pub fn udp_flow_idle_times(orig_dst_port: u16, reply_src_addr: impl Into<IpAddr>) -> Result<Vec<Duration>, HostError> {
-    let timeouts = UdpTimeouts::of_host()?;
-    Ok(udp_idle_times(&conntrack::dump()?, orig_dst_port, reply_src_addr.into(), timeouts))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,9 +18,7 @@ use common::*;
 #[test]
 fn a_second_daemon_on_the_same_table_refuses_and_the_first_keeps_serving() {
     let ids = Ids::new("a_second_daemon_on_the_same_table");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let client = ClientHost::new(&ids);
     let daemon = Daemon::start(&ids);
@@ -93,9 +91,7 @@ fn the_state_and_its_secrets_are_private_under_umask_022() {
 #[test]
 fn durations_that_would_overflow_are_refused_by_plan_and_apply() {
     let ids = Ids::new("durations_that_would_overflow");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
@@ -188,9 +184,7 @@ fn an_unprivileged_flood_starves_neither_the_cli_nor_a_release() {
 #[test]
 fn services_nobody_could_reach_are_refused() {
     let ids = Ids::new("services_nobody_could_reach");
-    require_root();
-    require_docker();
-    let net = DockerNetwork::new(&ids);
+    let net = nat_network(&ids);
     let v1 = demo_image(&ids, "v1", &[]);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
