@@ -175,15 +175,22 @@ pub struct DaemonArgs {
     /// Unauthenticated: bind a loopback or private address.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Test hook: hang at this step of every release (starting, healthy, switched,
+    /// Test hook: hang at this step of every release (starting, healthy, switching, switched,
     /// draining, stopped) so a test can kill the daemon there.
     #[arg(long, hide = true, value_parser = parse_phase)]
     pub pause_at: Option<crate::state::Phase>,
+    /// Test hook, with --pause-at: go on after this long (e.g. 3s) instead of hanging.
+    #[arg(long, hide = true, value_parser = parse_pause)]
+    pub pause_for: Option<std::time::Duration>,
+}
+
+fn parse_pause(s: &str) -> Result<std::time::Duration, String> {
+    crate::manifest::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn parse_phase(s: &str) -> Result<crate::state::Phase, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("`{s}`: one of starting, healthy, switched, draining, stopped"))
+        .map_err(|_| format!("`{s}`: one of starting, healthy, switching, switched, draining, stopped"))
 }
 
 #[derive(Debug, Args)]

@@ -267,6 +267,41 @@ impl fmt::Debug for RedactedEnv<'_> {
     }
 }
 
+/// Environment values read back from a container (secrets): `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EnvValues(pub BTreeMap<String, String>);
+
+impl fmt::Debug for EnvValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        RedactedEnv(&self.0).fmt(f)
+    }
+}
+
+impl Manifest {
+    /// The manifest as a release's container carries it (label `cutover.manifest`):
+    /// JSON, with each `env` value left empty, since the values (passwords, tokens) are in
+    /// the container's own environment and labels are shown to anyone listing containers.
+    pub fn to_label(&self) -> Result<String, serde_json::Error> {
+        let mut m = self.clone();
+        for v in m.env.values_mut() {
+            v.clear();
+        }
+        serde_json::to_string(&m)
+    }
+
+    /// A manifest read back from a container's label, with its `env` values taken from
+    /// that container's environment (`values`); a name missing there stays empty.
+    pub fn from_label(label: &str, values: &EnvValues) -> Result<Manifest, serde_json::Error> {
+        let mut m: Manifest = serde_json::from_str(label)?;
+        for (k, v) in m.env.iter_mut() {
+            if let Some(value) = values.0.get(k) {
+                v.clone_from(value);
+            }
+        }
+        Ok(m)
+    }
+}
+
 /// What to do when the active release is lost (see [`Manifest::on_failure`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

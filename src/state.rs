@@ -32,7 +32,11 @@ pub enum StateError {
     Lock { path: PathBuf, #[source] source: nix::Error },
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, #[source] source: std::io::Error },
-    #[error("{} is corrupt ({source}); restore it from a backup or move it away to start empty", path.display())]
+    #[error(
+        "{} is corrupt ({source}); restore it from a backup, or move it away: the daemon then starts from the \
+         releases it finds running (their containers carry their manifests) and changes no rule before that",
+        path.display()
+    )]
     Corrupt { path: PathBuf, #[source] source: serde_json::Error },
     #[error("{} has state version {found}, this cutover understands {STATE_VERSION}", path.display())]
     Version { path: PathBuf, found: u32 },
@@ -116,6 +120,11 @@ pub struct State {
     /// service is removed.
     #[serde(default)]
     pub route_localnet_before: BTreeMap<String, bool>,
+    /// Containers of removed services that are still to be deleted (a failed or
+    /// interrupted `remove`): deleted again after a restart and after the engine came
+    /// back, and never adopted as a service's releases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_containers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +176,9 @@ pub enum OperationKind {
 pub enum Phase {
     Starting,
     Healthy,
+    /// About to point the host ports at the new release: recorded before the transaction,
+    /// so a restart finds out whether it happened (the release runs: finish) or not (undo).
+    Switching,
     Switched,
     Draining,
     Stopped,

@@ -54,7 +54,7 @@ pub async fn run(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     }
     let firewall = crate::nat::firewall(args.backend);
     tracing::info!(backend = %args.backend, "data plane");
-    let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at };
+    let settings = Settings { table: args.table.clone(), mark: args.mark, instance, drain_poll: Duration::from_millis(250), pause_at: args.pause_at, pause_for: args.pause_for };
     // Handoff-mode services: brokers in their namespaces, handoff-exec under <state-dir>/bin.
     let brokers = Arc::new(crate::handoff::brokers::DaemonBrokers::new(&args.state_dir));
     let mut releaser = Releaser::new(Arc::new(engine), firewall, Effects::real(), settings, store)?.with_handoff(brokers);

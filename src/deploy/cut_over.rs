@@ -18,22 +18,24 @@ impl Releaser {
         let health_started = Instant::now();
         if let Err(reason) = self.wait_healthy(&release, progress).await {
             let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
-            self.abandon(service, to, kind, from, "refused", &reason).await?;
+            self.abandon(service, to, kind, from, "refused", &reason).await;
             return Err(ReleaseError::Unhealthy { service: service.into(), release: to, reason, logs });
         }
         let health_ms = ms(health_started.elapsed());
         self.observe(|m| m.health_wait(service, Duration::from_millis(health_ms))); // metrics hook
-        self.set_phase(service, Phase::Healthy).await?;
+        self.record_or_undo(&release, Phase::Healthy).await?;
         self.emit(progress, service, to, "healthy", format!("release {to} is healthy after {health_ms} ms"));
 
-        // The switch: one transaction, recorded before anyone else programs.
+        // The switch: recorded as begun before the transaction (a restart then knows to
+        // look), one transaction, recorded as done before anyone else programs.
         let switch_guard = self.switching.lock().await;
+        self.record_or_undo(&release, Phase::Switching).await?;
         let state = self.snapshot().await;
         let desired = self.desired(&state, Some((service, to))).await?;
         let switched = match self.program(&desired).await {
             Ok(t) => t,
             Err(e) => {
-                self.abandon(service, to, kind, from, "failed", &e.to_string()).await?;
+                self.abandon(service, to, kind, from, "failed", &e.to_string()).await;
                 return Err(e);
             }
         };
@@ -41,7 +43,9 @@ impl Releaser {
             tracing::warn!(service, error = %e, "host settings");
         }
         let switch_us = u64::try_from(switched.as_micros()).unwrap_or(u64::MAX);
-        self.record_switched(service, from, to).await?;
+        // Test hook: the kernel points at the new release, the file still says `switching`.
+        self.checkpoint(service, Phase::Switching).await;
+        self.record_switched(service, from, to).await;
         drop(switch_guard);
         self.observe(|m| m.switched(service, switched)); // metrics hook
         self.emit(progress, service, to, "switched", format!("host ports now point at release {to} (switch took {switch_us} µs)"));
@@ -51,7 +55,7 @@ impl Releaser {
         let mut drain_ms = None;
         let mut stop_ms = None;
         if let Some(old) = from.and_then(|f| state.services.get(service).and_then(|svc| svc.release(f)).cloned()) {
-            self.set_phase(service, Phase::Draining).await?;
+            self.note_phase(service, Phase::Draining).await;
             let started = Instant::now();
             if let Err(reason) = self.drain_and_watch(&release, &old, progress).await {
                 return self.switch_back(&release, &old, &reason, progress).await;
@@ -79,12 +83,13 @@ impl Releaser {
                 tracing::warn!(service, error = %e, "stopping the old release failed");
             }
             stop_ms = Some(ms(stopping.elapsed()));
-            self.set_phase(service, Phase::Stopped).await?;
+            self.note_phase(service, Phase::Stopped).await;
         }
 
         let timings = Timings { health_ms: Some(health_ms), switch_us: Some(switch_us), drain_ms };
-        self.finish_release(&release, timings).await?;
+        self.finish_release(&release, timings).await;
         self.observe(|m| m.release(service, kind, "switched")); // metrics hook
+        self.warn_if_unsaved(progress, service, to);
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome {
             service: service.to_string(),
@@ -99,12 +104,12 @@ impl Releaser {
         })
     }
 
-    /// The switch is in effect (both modes): `to` serves, `from` drains. Recorded before
-    /// anything relies on it, so a restart from here on finishes the release instead of
-    /// undoing it.
-    pub(super) async fn record_switched(&self, service: &str, from: Option<u32>, to: u32) -> Result<(), ReleaseError> {
+    /// The switch is in effect (both modes): `to` serves, `from` drains. Kept in memory
+    /// even when the file cannot be written (the kernel changed: the state must say so);
+    /// the file then says `switching`, from which a restart finishes the release too.
+    pub(super) async fn record_switched(&self, service: &str, from: Option<u32>, to: u32) {
         let s = service.to_string();
-        self.commit(move |st| {
+        self.remember(&format!("the switch of `{service}` to release {to}"), move |st| {
             if let Some(svc) = st.services.get_mut(&s) {
                 svc.active = Some(to);
                 if let Some(r) = svc.release_mut(to) {
@@ -119,6 +124,32 @@ impl Releaser {
                 }
             }
         })
-        .await
+        .await;
+    }
+
+    /// Record a step before the switch; when that fails, undo the release (the kernel
+    /// has not changed) and say why.
+    pub(super) async fn record_or_undo(&self, release: &Inflight<'_>, phase: Phase) -> Result<(), ReleaseError> {
+        let Inflight { service, kind, from, to, .. } = *release;
+        match self.set_phase(service, phase).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.undo_unrecorded(service, to, kind, from, e).await),
+        }
+    }
+
+    /// A record before the switch failed: undo the release, and the error to return.
+    pub(super) async fn undo_unrecorded(
+        &self,
+        service: &str,
+        to: u32,
+        kind: OperationKind,
+        from: Option<u32>,
+        e: ReleaseError,
+    ) -> ReleaseError {
+        self.abandon(service, to, kind, from, "failed", &format!("could not be recorded: {e}")).await;
+        match e {
+            ReleaseError::State(source) => ReleaseError::NotRecorded { service: service.into(), release: to, source },
+            other => other,
+        }
     }
 }

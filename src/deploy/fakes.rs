@@ -111,6 +111,7 @@ impl Engine for FakeEngine {
                 restarts: 0,
                 health: None,
                 labels: spec.labels.clone(),
+                kept_running: false,
             };
             self.note(format!("run {}", spec.name));
             self.containers.lock().unwrap().insert(info.id.clone(), FakeContainer { info: info.clone(), spec });

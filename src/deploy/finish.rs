@@ -7,7 +7,8 @@ impl Releaser {
     /// The old release has stopped (both modes): let the engine restart the new one from
     /// now on, keep the old one for rollback, prune beyond `keep`, close the operation
     /// and record it in the history.
-    pub(super) async fn finish_release(&self, release: &Inflight<'_>, timings: Timings) -> Result<(), ReleaseError> {
+    /// The record is kept in memory when the file cannot be written (see `remember`).
+    pub(super) async fn finish_release(&self, release: &Inflight<'_>, timings: Timings) {
         let Inflight { service, kind, from, to, ref info, .. } = *release;
         let Timings { health_ms, switch_us, drain_ms } = timings;
         // Established: from now on the engine restarts it after a crash or a reboot.
@@ -15,14 +16,14 @@ impl Releaser {
             tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
         }
         let s = service.to_string();
-        let pruned = self
-            .commit(move |st| {
-                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
+        let mut pruned = Vec::new();
+        let ids = &mut pruned;
+        self.remember(&format!("the end of release {to} of `{service}`"), move |st| {
+                let Some(svc) = st.services.get_mut(&s) else { return };
                 if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
                     r.status = ReleaseStatus::Stopped;
                     r.stopped_at = Some(now());
                 }
-                let mut ids = Vec::new();
                 for n in svc.beyond_keep(from) {
                     if let Some(r) = svc.release_mut(n) {
                         r.status = ReleaseStatus::Removed;
@@ -42,19 +43,18 @@ impl Releaser {
                     switch_us,
                     drain_ms,
                 });
-                ids
             })
-            .await?;
+            .await;
         for id in pruned {
             if let Err(e) = self.engine.remove(id).await {
                 tracing::warn!(service, error = %e, "pruning an old release failed");
             }
         }
-        Ok(())
     }
 
     /// Undo a release that never got switched to: remove (deploy) or stop (rollback) its
-    /// container, record why. Rules were not touched.
+    /// container, record why. The rules do not point at it (never did, or a failed
+    /// transaction left them as they were).
     pub(super) async fn abandon(
         &self,
         service: &str,
@@ -63,7 +63,7 @@ impl Releaser {
         from: Option<u32>,
         outcome: &str,
         reason: &str,
-    ) -> Result<(), ReleaseError> {
+    ) {
         self.observe(|m| m.release(service, kind, outcome)); // metrics hook: refused / failed
         let svc = self.snapshot().await.services.get(service).cloned();
         if let Some(rel) = svc.as_ref().and_then(|s| s.release(to)) {
@@ -78,7 +78,9 @@ impl Releaser {
         }
         let s = service.to_string();
         let (outcome, reason) = (outcome.to_string(), reason.to_string());
-        self.commit(move |st| {
+        // Kept in memory when the file cannot be written: the file then still says the
+        // release is under way before its switch, which a restart undoes the same way.
+        self.remember(&format!("that release {to} of `{service}` was undone"), move |st| {
             if let Some(svc) = st.services.get_mut(&s) {
                 if let Some(r) = svc.release_mut(to) {
                     r.status = match kind {
@@ -90,6 +92,6 @@ impl Releaser {
                 svc.record(HistoryEntry::untimed(kind, from, to, &outcome, reason));
             }
         })
-        .await
+        .await;
     }
 }

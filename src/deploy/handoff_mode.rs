@@ -198,18 +198,22 @@ impl Releaser {
         let info = match self.engine.run(spec).await {
             Ok(info) => info,
             Err(e) => {
-                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await?;
+                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await;
                 return Err(e.into());
             }
         };
         let s = service.to_string();
         let id = info.id.clone();
-        self.commit(move |st| {
-            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
-                r.container_id = id;
-            }
-        })
-        .await?;
+        if let Err(e) = self
+            .commit(move |st| {
+                if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                    r.container_id = id;
+                }
+            })
+            .await
+        {
+            return Err(self.undo_unrecorded(service, number, OperationKind::Deploy, from, e).await);
+        }
         let release = Inflight { service, kind: OperationKind::Deploy, from, to: number, manifest: &manifest, info };
         self.cut_over(release, progress).await
     }
@@ -234,17 +238,19 @@ impl Releaser {
                 tracing::warn!(service, error = %e, "stopping the refused release");
             }
             let logs = self.engine.logs_tail(info.id.clone(), 20).await.unwrap_or_default();
-            self.abandon(service, to, kind, from, "refused", &reason).await?;
+            self.abandon(service, to, kind, from, "refused", &reason).await;
             self.handoff_close_if_unused(service).await;
             return Err(ReleaseError::Unhealthy { service: service.into(), release: to, reason, logs });
         }
         let health_ms = ms(ready_started.elapsed());
-        self.set_phase(service, Phase::Healthy).await?;
+        // The new release accepts on the shared listeners already: from here on the
+        // release goes on whether or not each step can be written (see `remember`).
+        self.note_phase(service, Phase::Healthy).await;
         self.emit(progress, service, to, "healthy", format!("release {to} took its listeners and is ready after {health_ms} ms"));
 
         // Both releases accept on the same sockets now; from here a restart finishes the
         // release (stops the old one) instead of undoing it.
-        self.record_switched(service, from, to).await?;
+        self.record_switched(service, from, to).await;
         self.emit(progress, service, to, "switched", format!("release {to} accepts on the service's listeners"));
 
         let mut drain_ms = None;
@@ -253,7 +259,7 @@ impl Releaser {
             None => None,
         };
         if let Some(old) = old {
-            self.set_phase(service, Phase::Draining).await?;
+            self.note_phase(service, Phase::Draining).await;
             let old_pid = match self.engine.inspect(old.container_id.clone(), old.manifest.network.clone()).await {
                 Ok(Some(i)) => i.pid,
                 _ => None,
@@ -273,9 +279,9 @@ impl Releaser {
             if let Some(pid) = old_pid {
                 brokers.forget(service, i32::try_from(pid).unwrap_or(i32::MAX));
             }
-            self.set_phase(service, Phase::Stopped).await?;
+            self.note_phase(service, Phase::Stopped).await;
         }
-        self.finish_release(&release, Timings { health_ms: Some(health_ms), switch_us: None, drain_ms }).await?;
+        self.finish_release(&release, Timings { health_ms: Some(health_ms), switch_us: None, drain_ms }).await;
         self.observe(|m| {
             m.health_wait(service, Duration::from_millis(health_ms));
             if let Some(d) = drain_ms {
@@ -283,6 +289,7 @@ impl Releaser {
             }
             m.release(service, kind, "switched");
         }); // metrics hook
+        self.warn_if_unsaved(progress, service, to);
         self.emit(progress, service, to, "done", format!("release {to} of {service} is live"));
         Ok(Outcome { service: service.to_string(), from, to, outcome: "switched".into(), health_ms: Some(health_ms), switch_us: None, drain_ms, ..Default::default() })
     }

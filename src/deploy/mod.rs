@@ -32,7 +32,7 @@ use crate::dad::{Ipv6Paths, Ipv6Readiness};
 use crate::drain::Connections;
 use crate::health::Probe;
 use crate::host::{HostError, HostNet};
-use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_RELEASE, LABEL_SERVICE};
+use crate::docker::{ContainerInfo, ContainerSpec, DockerError, Engine, LABEL_INSTANCE, LABEL_MANIFEST, LABEL_RELEASE, LABEL_SERVICE};
 use crate::manifest::{HealthKind, Manifest, OnFailure, PortSpec, Protocol, PullPolicy};
 use crate::nat::{Firewall, NatError};
 use crate::plan::{self, Bridge, Desired, Ruleset, Target, Traffic};
@@ -64,6 +64,18 @@ pub enum ReleaseError {
     Nat(#[from] NatError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// A step of a release could not be recorded before its effect, so the release was
+    /// undone before the kernel changed.
+    #[error(
+        "release {release} of `{service}` was undone before the switch, nothing changed for clients: {source}; \
+         free space on the state directory's file system (or fix its permissions), then run the release again"
+    )]
+    NotRecorded {
+        service: String,
+        release: u32,
+        #[source]
+        source: StateError,
+    },
     #[error(transparent)]
     Handoff(#[from] crate::handoff::brokers::BrokersError),
     #[error(transparent)]
@@ -161,6 +173,9 @@ pub struct Settings {
     /// Test hook: stop at this step of every release (as if the daemon hung there), so
     /// a test can kill the daemon at a known step.
     pub pause_at: Option<Phase>,
+    /// With `pause_at`: go on after this long instead of hanging (a test changes the
+    /// world at a known step, e.g. fills the state disk).
+    pub pause_for: Option<Duration>,
 }
 
 /// How a service's releases take over its traffic, chosen by its manifest. Matched where
@@ -231,6 +246,8 @@ pub struct Releaser {
     handoff: Option<Arc<dyn crate::handoff::brokers::ServiceBrokers>>,
     /// metrics hook: where outcomes and timings are recorded (`--metrics`); None: nowhere.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Why the state file is behind the state in memory (see `remember`); None: it is not.
+    unsaved: StdMutex<Option<String>>,
 }
 
 /// Marks a service busy for the lifetime of the guard.
@@ -272,6 +289,7 @@ impl Releaser {
             busy: StdMutex::new(HashSet::new()),
             handoff: None,
             metrics: None, // metrics hook
+            unsaved: StdMutex::new(None),
         })
     }
 
@@ -302,6 +320,46 @@ impl Releaser {
         Ok(BusyGuard { busy: &self.busy, service: service.to_string() })
     }
 
+    /// Change the state in memory, and on disk when it can be written: for what happens
+    /// after the effect it records, when the daemon goes on either way (an undo, the steps
+    /// after the switch). A state file left behind is safe to restart from, since each
+    /// step was recorded before its effect: the restart finishes or undoes the same way.
+    /// The next write that succeeds catches the file up. Returns the write error.
+    async fn remember(&self, what: &str, f: impl FnOnce(&mut State)) -> Option<StateError> {
+        let mut state = self.state.lock().await;
+        f(&mut state);
+        for svc in state.services.values_mut() {
+            svc.forget_gone_releases();
+        }
+        let saved = self.store.save(&state);
+        self.note_saved(saved.as_ref().err());
+        match saved {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record {what}; going on with it in memory (the file catches up at the next write)");
+                Some(e)
+            }
+        }
+    }
+
+    fn note_saved(&self, error: Option<&StateError>) {
+        if let Ok(mut u) = self.unsaved.lock() {
+            *u = error.map(ToString::to_string);
+        }
+    }
+
+    /// Say so in the progress of a release when the state file fell behind during it.
+    fn warn_if_unsaved(&self, progress: &ProgressTx, service: &str, release: u32) {
+        let unsaved = self.unsaved.lock().ok().and_then(|u| u.clone());
+        if let Some(e) = unsaved {
+            self.emit(progress, service, release, "warning", format!(
+                "the state file is behind ({e}): the release is done and the daemon knows it; free space on the state \
+                 directory's file system and the next write catches the file up (a restart before that finishes this \
+                 release again from the file)"
+            ));
+        }
+    }
+
     /// Change the state and persist it before anything relies on the change.
     async fn commit<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, ReleaseError> {
         let mut state = self.state.lock().await;
@@ -311,6 +369,7 @@ impl Releaser {
             svc.forget_gone_releases();
         }
         self.store.save(&next)?;
+        self.note_saved(None);
         *state = next;
         Ok(out)
     }
@@ -339,11 +398,13 @@ impl Releaser {
                 let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                 if result.is_err() {
                     // A service whose first release failed was never there.
+                    // (In memory when the file cannot be written: the release's error is
+                    // what to report, and a restart from the file undoes it all the same.)
                     let n = name.clone();
-                    self.commit(move |s| {
+                    self.remember(&format!("that `{name}` is not registered"), move |s| {
                         s.services.remove(&n);
                     })
-                    .await?;
+                    .await;
                 }
                 result
             }
@@ -366,12 +427,12 @@ impl Releaser {
                     let result = self.release_new(&name, manifest.image.clone(), pull, progress).await;
                     if result.is_err() {
                         let n = name.clone();
-                        self.commit(move |s| {
+                        self.remember(&format!("the manifest of `{name}` as it was"), move |s| {
                             if let Some(svc) = s.services.get_mut(&n) {
                                 svc.manifest = old_manifest;
                             }
                         })
-                        .await?;
+                        .await;
                     }
                     result
                 } else {
@@ -430,12 +491,12 @@ impl Releaser {
         let result = self.release_new(service, image.to_string(), pull, progress).await;
         if result.is_err() {
             let name = service.to_string();
-            self.commit(move |s| {
+            self.remember(&format!("the image of `{service}` as it was"), move |s| {
                 if let (Some(svc), Some(old)) = (s.services.get_mut(&name), old) {
                     svc.manifest.image = old;
                 }
             })
-            .await?;
+            .await;
         }
         result
     }
@@ -531,18 +592,22 @@ impl Releaser {
         let info = match started {
             Ok(i) => i,
             Err(e) => {
-                self.abandon(service, number, OperationKind::Rollback, from, "failed", &e.to_string()).await?;
+                self.abandon(service, number, OperationKind::Rollback, from, "failed", &e.to_string()).await;
                 return Err(e);
             }
         };
         let s = service.to_string();
         let addr = info.addr;
-        self.commit(move |st| {
-            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
-                r.addr = addr;
-            }
-        })
-        .await?;
+        if let Err(e) = self
+            .commit(move |st| {
+                if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                    r.addr = addr;
+                }
+            })
+            .await
+        {
+            return Err(self.undo_unrecorded(service, number, OperationKind::Rollback, from, e).await);
+        }
         self.checkpoint(service, Phase::Starting).await;
         let manifest = target.manifest.clone();
         let release = Inflight { service, kind: OperationKind::Rollback, from, to: number, manifest: &manifest, info };
@@ -552,6 +617,8 @@ impl Releaser {
         Ok(outcome)
     }
 
+    /// Record a step before its effect: Err when it cannot be written (the caller undoes
+    /// the release; nothing relied on the step yet).
     async fn set_phase(&self, service: &str, phase: Phase) -> Result<(), ReleaseError> {
         let s = service.to_string();
         self.commit(move |st| {
@@ -560,15 +627,34 @@ impl Releaser {
             }
         })
         .await?;
-        self.checkpoint(service, phase).await;
+        // The test hook of `switching` is after the transaction (see `nat_cut_over`).
+        if phase != Phase::Switching {
+            self.checkpoint(service, phase).await;
+        }
         Ok(())
+    }
+
+    /// Record a step after the switch, where the release goes on whether or not the file
+    /// can be written (see [`Releaser::remember`]).
+    async fn note_phase(&self, service: &str, phase: Phase) {
+        let s = service.to_string();
+        self.remember(&format!("the {phase:?} step of `{service}`"), move |st| {
+            if let Some(op) = st.services.get_mut(&s).and_then(|svc| svc.operation.as_mut()) {
+                op.phase = phase;
+            }
+        })
+        .await;
+        self.checkpoint(service, phase).await;
     }
 
     /// The test hook of [`Settings::pause_at`].
     async fn checkpoint(&self, service: &str, phase: Phase) {
         if self.settings.pause_at == Some(phase) {
             tracing::warn!(service, ?phase, "paused at this step (--pause-at test hook)");
-            std::future::pending::<()>().await;
+            match self.settings.pause_for {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending::<()>().await,
+            }
         }
     }
 
@@ -593,9 +679,22 @@ impl Releaser {
         let desired = self.desired(&state, None).await?;
         self.program(&desired).await?;
         let s = service.to_string();
+        // Its containers are recorded as to be removed in the same write: a restart before
+        // they are gone removes them, instead of adopting them back as a service.
+        let leftovers: Vec<String> = svc
+            .releases
+            .iter()
+            .filter(|r| !matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed) && !r.container_id.is_empty())
+            .map(|r| r.container_id.clone())
+            .collect();
         let restore = self
             .commit(move |st| {
                 st.services.remove(&s);
+                for id in leftovers {
+                    if !st.removed_containers.contains(&id) {
+                        st.removed_containers.push(id);
+                    }
+                }
                 if st.services.is_empty() {
                     std::mem::take(&mut st.route_localnet_before)
                 } else {
@@ -604,15 +703,7 @@ impl Releaser {
             })
             .await?;
         drop(switching);
-        let mut errors = Vec::new();
-        for r in &svc.releases {
-            if matches!(r.status, ReleaseStatus::Failed | ReleaseStatus::Removed) || r.container_id.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.engine.remove(r.container_id.clone()).await {
-                errors.push(e.to_string());
-            }
-        }
+        let mut errors = self.remove_leftovers().await;
         self.handoff_close(service); // handoff mode: the daemon's listeners close
         let state = self.snapshot().await;
         if state.services.is_empty() {
@@ -677,6 +768,7 @@ pub fn container_differs(old: &Manifest, new: &Manifest) -> bool {
         || ports(old) != ports(new)
 }
 
+mod adopt;
 mod cut_over;
 mod dataplane;
 mod drain;

@@ -9,8 +9,14 @@ impl Releaser {
     /// traffic never notices), finish or undo an interrupted operation, and re-assert
     /// the host settings.
     pub async fn reconcile(&self) -> Result<Vec<String>, ReleaseError> {
+        // Services the state does not know but whose containers run: adopted, not wiped.
+        let adopted = self.adopt().await?;
+        let mut notes = adopted.notes;
+        for c in &adopted.unaccounted {
+            notes.push(format!("container {c} of this instance belongs to no service the state knows; left as it is"));
+        }
         // Handoff-mode services are restored (brokers, interrupted operations) there.
-        let mut notes = self.handoff_reconcile().await?;
+        notes.extend(self.handoff_reconcile().await?);
         let state = self.snapshot().await;
         for (name, svc) in &state.services {
             if Mode::of(&svc.manifest) == Mode::Handoff {
@@ -60,11 +66,27 @@ impl Releaser {
         let desired = self.desired(&state, None).await?;
         if state.services.values().any(|s| Mode::of(&s.manifest) == Mode::Nat) {
             self.program(&desired).await?;
-        } else {
+        } else if adopted.unaccounted.is_empty() {
             // Nothing to forward: leave no empty table behind.
             self.firewall.delete_table(&self.settings.table)?;
+        } else {
+            // Its rules may be what serves those containers' clients.
+            notes.push(format!(
+                "table {} is left as it is while containers of this instance that the state does not account for exist; \
+                 restore the state file from a backup, or remove those containers once nobody needs them",
+                self.settings.table
+            ));
         }
         self.assert_host(&state, &desired).await?;
+        // Adopted releases that run but do not serve, now that the rules point elsewhere.
+        for (id, timeout) in adopted.to_stop {
+            if let Err(e) = self.engine.stop(id.clone(), timeout).await {
+                notes.push(format!("cannot stop the adopted container {id}, which does not serve: {e}"));
+            }
+        }
+        for e in self.remove_leftovers().await {
+            notes.push(format!("a removed service's container is still there: {e}"));
+        }
         Ok(notes)
     }
 
@@ -73,6 +95,7 @@ impl Releaser {
     /// re-assert the rules and host settings. Safe while an operation runs: it programs
     /// what the recorded state says.
     pub async fn refresh(&self) -> Result<(), ReleaseError> {
+        let _ = self.remove_leftovers().await;
         let state = self.snapshot().await;
         let mut addrs = Vec::new();
         for (name, svc) in &state.services {
@@ -205,20 +228,26 @@ impl Releaser {
         }
     }
 
-    /// Finish (after the switch) or undo (before it) an interrupted operation.
+    /// Finish (after the switch) or undo (before it) an interrupted operation. Either
+    /// way the state is recorded first, then the rules are pointed where it says, and
+    /// only then is a container stopped or removed: never the one the kernel serves.
     pub(super) async fn recover(&self, name: &str, svc: &ServiceState, op: &Operation) -> Result<String, ReleaseError> {
         let to = svc.release(op.to).cloned();
         let from = op.from.and_then(|n| svc.release(n)).cloned();
-        if op.phase < Phase::Switched {
+        // `switching`: the transaction may or may not have run. The release is finished
+        // when its container runs (it may be serving already), undone otherwise.
+        let finish = match op.phase {
+            Phase::Starting | Phase::Healthy => false,
+            Phase::Switching => match &to {
+                Some(r) => self.engine.inspect(ServiceState::container_ref(r), r.manifest.network.clone()).await?.is_some_and(|i| i.running),
+                None => false,
+            },
+            Phase::Switched | Phase::Draining | Phase::Stopped => true,
+        };
+        let name2 = name.to_string();
+        let op2 = op.clone();
+        if !finish {
             // Undo: the old release keeps serving.
-            if let Some(to) = &to {
-                match op.kind {
-                    OperationKind::Deploy => self.engine.remove(ServiceState::container_ref(to)).await?,
-                    OperationKind::Rollback => self.engine.stop(ServiceState::container_ref(to), to.manifest.stop_timeout).await?,
-                }
-            }
-            let name2 = name.to_string();
-            let op2 = op.clone();
             self.commit(move |s| {
                 if let Some(svc) = s.services.get_mut(&name2) {
                     if let Some(r) = svc.release_mut(op2.to) {
@@ -232,17 +261,16 @@ impl Releaser {
                 }
             })
             .await?;
+            self.repoint_from_state().await?;
+            if let Some(to) = &to {
+                match op.kind {
+                    OperationKind::Deploy => self.engine.remove(ServiceState::container_ref(to)).await?,
+                    OperationKind::Rollback => self.engine.stop(ServiceState::container_ref(to), to.manifest.stop_timeout).await?,
+                }
+            }
             self.observe(|m| m.release(name, op.kind, "undone")); // metrics hook
             Ok(format!("{name}: undid the interrupted {:?} to release {} (it had not been switched)", op.kind, op.to))
         } else {
-            if let Some(from) = &from {
-                self.engine.stop(from.container_id.clone(), from.manifest.stop_timeout).await?;
-            }
-            if let Some(to) = &to {
-                self.engine.keep_running(to.container_id.clone()).await?;
-            }
-            let name2 = name.to_string();
-            let op2 = op.clone();
             self.commit(move |s| {
                 if let Some(svc) = s.services.get_mut(&name2) {
                     svc.active = Some(op2.to);
@@ -258,8 +286,27 @@ impl Releaser {
                 }
             })
             .await?;
+            self.repoint_from_state().await?;
+            if let Some(to) = &to {
+                self.engine.keep_running(to.container_id.clone()).await?;
+            }
+            if let Some(from) = &from {
+                self.engine.stop(from.container_id.clone(), from.manifest.stop_timeout).await?;
+            }
             self.observe(|m| m.release(name, op.kind, "finished_after_restart")); // metrics hook
             Ok(format!("{name}: finished the interrupted {:?} to release {}", op.kind, op.to))
         }
+    }
+
+    /// Point the host ports where the recorded state says (one transaction), before a
+    /// recovery stops or removes a container the kernel may still send traffic to.
+    async fn repoint_from_state(&self) -> Result<(), ReleaseError> {
+        let state = self.snapshot().await;
+        if !state.services.values().any(|s| Mode::of(&s.manifest) == Mode::Nat) {
+            return Ok(());
+        }
+        let desired = self.desired(&state, None).await?;
+        self.program(&desired).await?;
+        Ok(())
     }
 }

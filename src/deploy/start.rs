@@ -38,6 +38,9 @@ impl Releaser {
         let mut manifest = svc.manifest.clone();
         manifest.image = image.clone();
         let container = format!("cutover-{service}-{number}");
+        let label = manifest
+            .to_label()
+            .map_err(|e| ReleaseError::Invalid(format!("cannot write the manifest of `{service}` as a container label: {e}")))?;
         let spec = ContainerSpec {
             name: container.clone(),
             image: image.clone(),
@@ -49,6 +52,7 @@ impl Releaser {
                 (LABEL_SERVICE.to_string(), service.to_string()),
                 (LABEL_RELEASE.to_string(), number.to_string()),
                 (LABEL_INSTANCE.to_string(), self.settings.instance.clone()),
+                (LABEL_MANIFEST.to_string(), label),
             ]),
             stop_signal: manifest.stop_signal.clone(),
             stop_timeout: manifest.stop_timeout,
@@ -64,19 +68,23 @@ impl Releaser {
         let info = match started {
             Ok(info) => info,
             Err(e) => {
-                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await?;
+                self.abandon(service, number, OperationKind::Deploy, from, "failed", &e.to_string()).await;
                 return Err(e.into());
             }
         };
         let s = service.to_string();
         let (id, addr) = (info.id.clone(), info.addr);
-        self.commit(move |st| {
-            if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
-                r.container_id = id;
-                r.addr = addr;
-            }
-        })
-        .await?;
+        if let Err(e) = self
+            .commit(move |st| {
+                if let Some(r) = st.services.get_mut(&s).and_then(|svc| svc.release_mut(number)) {
+                    r.container_id = id;
+                    r.addr = addr;
+                }
+            })
+            .await
+        {
+            return Err(self.undo_unrecorded(service, number, OperationKind::Deploy, from, e).await);
+        }
         self.checkpoint(service, Phase::Starting).await;
         let release = Inflight { service, kind: OperationKind::Deploy, from, to: number, manifest: &manifest, info };
         let mut outcome = self.cut_over(release, progress).await?;

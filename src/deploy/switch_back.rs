@@ -37,7 +37,9 @@ impl Releaser {
         let logs = self.engine.logs_tail(new.id.clone(), 20).await.unwrap_or_default();
         let s = service.to_string();
         let (from, reason_s) = (old.number, reason.to_string());
-        self.commit(move |st| {
+        // The kernel changed: kept in memory even when the file cannot be written (a
+        // restart from the file finds the new release not running and undoes it too).
+        self.remember(&format!("the switch of `{service}` back to release {from}"), move |st| {
             if let Some(svc) = st.services.get_mut(&s) {
                 svc.active = Some(from);
                 if let Some(r) = svc.release_mut(from) {
@@ -56,7 +58,7 @@ impl Releaser {
                 svc.record(HistoryEntry::untimed(kind, Some(from), to, "reverted", format!("failed after the switch: {reason_s}; switched back automatically")));
             }
         })
-        .await?;
+        .await;
         drop(switch_guard);
         let undo = match kind {
             OperationKind::Deploy => self.engine.remove(new.id.clone()).await,

@@ -190,7 +190,7 @@ struct World {
 fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeFirewall>) -> World {
     let checks = Arc::new(FakeChecks { engine: engine.clone(), firewall: firewall.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
-    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None };
+    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None, pause_for: None };
     let effects = Effects { probe: checks.clone(), connections: checks.clone(), host: checks.clone(), ipv6: checks.clone() };
     let releaser = Releaser::new(engine.clone(), firewall.clone(), effects, settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -447,7 +447,10 @@ async fn remove_takes_rules_containers_and_the_forward_accept() {
 /// history says which.
 #[tokio::test]
 async fn restart_undoes_before_the_switch_and_finishes_after_it() {
-    for (phase, expect_active) in [(Phase::Starting, 1), (Phase::Healthy, 1), (Phase::Switched, 2), (Phase::Draining, 2)] {
+    // `switching`: the transaction may have run; the new release runs, so it is finished.
+    for (phase, expect_active) in
+        [(Phase::Starting, 1), (Phase::Healthy, 1), (Phase::Switching, 2), (Phase::Switched, 2), (Phase::Draining, 2)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let engine: Arc<FakeEngine> = Arc::default();
         let firewall: Arc<FakeFirewall> = Arc::default();
@@ -481,6 +484,70 @@ async fn restart_undoes_before_the_switch_and_finishes_after_it() {
         let last = state.services["web"].history.last().unwrap();
         assert_eq!(last.outcome, if expect_active == 2 { "finished_after_restart" } else { "undone" });
     }
+}
+
+/// Killed while switching, and the new release did not survive: undone, and the rules
+/// point at the old release before the new one's container is removed.
+#[tokio::test]
+async fn restart_while_switching_undoes_a_release_that_no_longer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<FakeEngine> = Arc::default();
+    let firewall: Arc<FakeFirewall> = Arc::default();
+    {
+        let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+        w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+        w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+        let mut state = w.releaser.snapshot().await;
+        let svc = state.services.get_mut("web").unwrap();
+        svc.operation = Some(Operation { kind: OperationKind::Deploy, from: Some(1), to: 2, phase: Phase::Switching, started_at: 0 });
+        svc.active = Some(1);
+        svc.release_mut(1).unwrap().status = ReleaseStatus::Active;
+        svc.release_mut(2).unwrap().status = ReleaseStatus::Starting;
+        StateStore::open(dir.path()).unwrap().save(&state).unwrap();
+        let mut containers = engine.containers.lock().unwrap();
+        containers.get_mut("id-cutover-web-1").unwrap().info.running = true;
+        containers.get_mut("id-cutover-web-2").unwrap().info.running = false;
+    }
+    let w = world_in(dir, engine.clone(), firewall.clone());
+    w.releaser.reconcile().await.unwrap();
+    assert_eq!(active(&w).await, Some(1));
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:1"));
+    assert_eq!(w.engine.names(), vec!["cutover-web-1"]);
+    let state = w.releaser.snapshot().await;
+    assert_eq!(state.services["web"].history.last().unwrap().outcome, "undone");
+}
+
+/// A daemon started with an empty state (the file was lost or moved away) while a
+/// service's releases run: the service is adopted from its containers, the rules point
+/// at the release that served, and nothing is removed.
+#[tokio::test]
+async fn an_empty_state_adopts_the_running_releases_instead_of_wiping_them() {
+    let engine: Arc<FakeEngine> = Arc::default();
+    let firewall: Arc<FakeFirewall> = Arc::default();
+    {
+        let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+        w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+        w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    }
+    let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+    let notes = w.releaser.reconcile().await.unwrap();
+    assert!(notes.iter().any(|n| n.contains("web: adopted from its containers")), "{notes:?}");
+    assert_eq!(active(&w).await, Some(2));
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:2"));
+    assert_eq!(w.engine.names(), vec!["cutover-web-1", "cutover-web-2"]);
+    let state = w.releaser.snapshot().await;
+    let svc = &state.services["web"];
+    assert_eq!(svc.next_release, 3);
+    assert_eq!(svc.release(1).unwrap().status, ReleaseStatus::Stopped);
+    assert_eq!(svc.manifest.image, "web:2");
+    // The adopted service releases and rolls back as any other.
+    w.releaser.rollback("web", None, &w.tx).await.unwrap();
+    assert_eq!(w.engine.image_at(w.firewall.target(8080).unwrap()).as_deref(), Some("web:1"));
+    // A removed service is not adopted back, even when its container outlived the remove.
+    w.releaser.remove("web").await.unwrap();
+    let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+    w.releaser.reconcile().await.unwrap();
+    assert!(w.releaser.snapshot().await.services.is_empty());
 }
 
 #[tokio::test]

@@ -29,6 +29,9 @@ use crate::plan::Bridge;
 pub const LABEL_SERVICE: &str = "cutover.service";
 pub const LABEL_RELEASE: &str = "cutover.release";
 pub const LABEL_INSTANCE: &str = "cutover.instance";
+/// The release's manifest as JSON, `env` values left out (they are in the container's
+/// environment): what a daemon that lost its state adopts the release from.
+pub const LABEL_MANIFEST: &str = "cutover.manifest";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -136,6 +139,9 @@ pub struct ContainerInfo {
     /// Docker health status when the image has a HEALTHCHECK: `starting`, `healthy`, `unhealthy`.
     pub health: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The engine restarts it after a crash or a reboot (restart policy `unless-stopped`
+    /// or `always`): what cutover sets on a release once it is established.
+    pub kept_running: bool,
 }
 
 /// What an image runs when nothing overrides it: its ENTRYPOINT and CMD.
@@ -177,6 +183,12 @@ pub trait Engine: Send + Sync + 'static {
     /// Let the engine restart the container from now on (after a crash, an engine
     /// restart or a reboot): `unless-stopped`.
     fn keep_running(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>>;
+    /// The values of the environment variables `names` in a container's configuration
+    /// (the ones it has; what a release adopted from its container needs of its manifest).
+    fn env_values(&self, id: String, names: Vec<String>) -> BoxFuture<'_, Result<crate::manifest::EnvValues, DockerError>> {
+        let _ = (id, names);
+        Box::pin(async { Err(DockerError::Unsupported("read a container's environment")) })
+    }
     /// Lifecycle events (start, die, restart...) of this instance's containers, as
     /// `(container id, action)`. The stream ends or errs when the engine goes away.
     fn events(&self, instance: String) -> BoxStream<'_, Result<(String, String), DockerError>>;
@@ -298,6 +310,12 @@ impl DockerEngine {
             .map(|l| l.into_iter().collect())
             .unwrap_or_default();
         let running = state.running.unwrap_or(false);
+        let kept_running = resp
+            .host_config
+            .as_ref()
+            .and_then(|h| h.restart_policy.as_ref())
+            .and_then(|p| p.name)
+            .is_some_and(|n| matches!(n, RestartPolicyNameEnum::UNLESS_STOPPED | RestartPolicyNameEnum::ALWAYS));
         Ok(Some(ContainerInfo {
             id: resp.id.clone().unwrap_or_else(|| id.to_string()),
             name: resp.name.clone().unwrap_or_default().trim_start_matches('/').to_string(),
@@ -309,6 +327,7 @@ impl DockerEngine {
             restarts: resp.restart_count.unwrap_or(0),
             health,
             labels,
+            kept_running,
         }))
     }
 
@@ -776,6 +795,26 @@ impl Engine for DockerEngine {
             Some((Err(e), (events, true)))
         });
         Box::pin(guarded)
+    }
+
+    fn env_values(&self, id: String, names: Vec<String>) -> BoxFuture<'_, Result<crate::manifest::EnvValues, DockerError>> {
+        Box::pin(async move {
+            let resp = self
+                .docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+                .map_err(|source| DockerError::Api { action: "inspect", target: id.clone(), source })?;
+            let env = resp.config.and_then(|c| c.env).unwrap_or_default();
+            let mut out = BTreeMap::new();
+            for pair in env {
+                if let Some((k, v)) = pair.split_once('=') {
+                    if names.iter().any(|n| n == k) {
+                        out.insert(k.to_string(), v.to_string());
+                    }
+                }
+            }
+            Ok(crate::manifest::EnvValues(out))
+        })
     }
 
     fn keep_running(&self, id: String) -> BoxFuture<'_, Result<(), DockerError>> {

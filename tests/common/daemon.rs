@@ -61,6 +61,13 @@ impl Daemon {
     /// --socket ...`): for the kit's own tests, with a stand-in daemon.
     #[track_caller]
     pub fn start_program(ids: &Ids, program: &[&str], extra: &[&str]) -> Daemon {
+        Daemon::start_prepared(ids, program, extra, |_| {})
+    }
+
+    /// `start_with`, after `prepare` was given the state directory's path (not yet
+    /// created), e.g. to mount a small file system there.
+    #[track_caller]
+    pub fn start_prepared(ids: &Ids, program: &[&str], extra: &[&str], prepare: impl FnOnce(&Path)) -> Daemon {
         super::docker::require_root();
         ids.mark_docker_used();
         let dir = tempfile::Builder::new()
@@ -82,6 +89,7 @@ impl Daemon {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        prepare(&state_dir);
         let mut d = Daemon {
             program: program.iter().map(|s| s.to_string()).collect(),
             args,

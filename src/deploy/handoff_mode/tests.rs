@@ -161,7 +161,7 @@ fn world_in(dir: &Path, engine: Arc<FakeEngine>) -> World {
         allowed: StdMutex::default(),
         log: log.clone(),
     });
-    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) , pause_at: None};
+    let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5) , pause_at: None, pause_for: None };
     let releaser = Releaser::new(engine.clone(), Arc::new(NoFirewall), no_effects(), settings, StateStore::open(dir).unwrap())
         .unwrap()
         .with_handoff(brokers.clone());
