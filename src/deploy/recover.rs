@@ -98,6 +98,7 @@ impl Releaser {
         let _ = self.remove_leftovers().await;
         let state = self.snapshot().await;
         let mut addrs = Vec::new();
+        let mut serving_v6 = Vec::new();
         for (name, svc) in &state.services {
             for rel in &svc.releases {
                 let network = rel.manifest.network.clone();
@@ -117,24 +118,75 @@ impl Releaser {
                 if info.addr.is_some() && info.addr != rel.addr {
                     addrs.push((name.clone(), rel.number, info.addr));
                 }
+                if Some(rel.number) == svc.active && info.running && info.addr6.is_some() && Mode::of(&svc.manifest) == Mode::Nat {
+                    serving_v6.push((name.clone(), rel.number, info, rel.manifest.health.deadline));
+                }
             }
         }
         if !addrs.is_empty() {
             tracing::info!(changed = addrs.len(), "release addresses changed; updating the rules");
-            self.commit(move |s| {
+            // The rules must follow the new addresses even when the file cannot be written.
+            self.remember("the releases' new addresses", move |s| {
                 for (name, number, addr) in addrs {
                     if let Some(r) = s.services.get_mut(&name).and_then(|svc| svc.release_mut(number)) {
                         r.addr = addr;
                     }
                 }
             })
-            .await?;
+            .await;
         }
-        let _switching = self.switching.lock().await;
-        let state = self.snapshot().await;
-        let desired = self.desired(&state, None).await?;
-        self.program(&desired).await?;
-        self.assert_host(&state, &desired).await
+        {
+            let _switching = self.switching.lock().await;
+            let state = self.snapshot().await;
+            let desired = self.desired(&state, None).await?;
+            self.program(&desired).await?;
+            self.assert_host(&state, &desired).await?;
+        }
+        for (name, number, info, deadline) in serving_v6 {
+            self.ipv6_back(&name, number, &info, deadline).await;
+        }
+        Ok(())
+    }
+
+    /// After the engine started an active release again (a crash, an engine restart), its
+    /// IPv6 address and the bridge's may be in duplicate address detection for a second
+    /// or two, during which IPv6 clients are not answered. Wait for that path (within the
+    /// release's health deadline, at most 10 s), and say when it is back; an address that
+    /// failed detection will never carry traffic: logged as an error and shown as down.
+    async fn ipv6_back(&self, service: &str, release: u32, info: &ContainerInfo, deadline: Duration) {
+        const LONGEST: Duration = Duration::from_secs(10);
+        let started = Instant::now();
+        let until = crate::manifest::instant_after(started, deadline.min(LONGEST));
+        let mut waited_for = None;
+        loop {
+            match self.ipv6_unready(info).await {
+                Ok(None) => {
+                    if let Some(what) = waited_for {
+                        tracing::info!(service, release, waited_ms = ms(started.elapsed()), "release {release} answers over IPv6 again (waited for {what})");
+                    }
+                    return;
+                }
+                Ok(Some(what)) => {
+                    if Instant::now() >= until {
+                        tracing::warn!(service, release, "release {release} is not reachable over IPv6 yet: waiting for {what}");
+                        return;
+                    }
+                    waited_for = Some(what);
+                }
+                Err(why) => {
+                    tracing::error!(service, release, "release {release} cannot be reached over IPv6: {why}");
+                    let (s, reason) = (service.to_string(), format!("release {release} cannot be reached over IPv6: {why}"));
+                    self.remember("that the active release is down", move |st| {
+                        if let Some(svc) = st.services.get_mut(&s) {
+                            svc.down = Some(reason);
+                        }
+                    })
+                    .await;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Follow the engine: refresh on our containers' lifecycle events and whenever the

@@ -682,3 +682,23 @@ async fn a_rollback_waits_for_ipv6_too() {
     assert_eq!(o.unwrap().to, 1);
     assert_eq!(health, vec!["waiting for IPv6: duplicate address detection"]);
 }
+
+/// The engine started the active release again (a crash, an engine restart): `refresh`
+/// re-points the rules, then waits until its IPv6 path is usable again; an address that
+/// failed duplicate address detection shows the service as down.
+#[tokio::test]
+async fn after_the_engine_restarted_a_release_refresh_waits_for_its_ipv6_path() {
+    let w = dual_stack_world(Vec::new());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    let tentative = Ipv6Readiness::Waiting("duplicate address detection of fd00::3 in the container".into());
+    *w.checks.ipv6.lock().unwrap() = vec![tentative.clone(), tentative, Ipv6Readiness::Usable];
+    w.checks.ipv6_checked_while.lock().unwrap().clear();
+    w.releaser.refresh().await.unwrap();
+    assert_eq!(w.checks.ipv6_checked_while.lock().unwrap().len(), 3, "checked until usable");
+    assert!(w.releaser.snapshot().await.services["web"].down.is_none());
+
+    *w.checks.ipv6.lock().unwrap() = vec![Ipv6Readiness::Failed("its IPv6 address fd00::3 failed duplicate address detection".into())];
+    w.releaser.refresh().await.unwrap();
+    let down = w.releaser.snapshot().await.services["web"].down.clone().unwrap_or_default();
+    assert!(down.contains("cannot be reached over IPv6") && down.contains("failed duplicate address detection"), "{down}");
+}
