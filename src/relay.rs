@@ -34,7 +34,7 @@ use crate::manifest::Protocol;
 use crate::plan::Target;
 
 /// Relayed connections open at once, all ports together. Each one costs the daemon two
-/// fds and a task; the systemd unit's fd limit leaves room for this many and the rest.
+/// fds and a task; the systemd unit's fd limit (65536) leaves room for this many and the rest.
 pub const MAX_RELAYED: usize = 1024;
 /// How long a relayed connection may take to reach its release before the client's
 /// connection is reset.
