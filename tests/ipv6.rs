@@ -388,6 +388,9 @@ fn loopback6_clients_are_relayed_and_move_in_the_switch() {
     assert!(took < drain_timeout, "the drain ended when the ::1 connection closed, not at the timeout ({took:?})");
     assert!(!container_running(&old), "v1 is stopped once drained");
     assert_eq!(get_ok(At::Host, &url).trim(), "v2");
+    // The relay's own [::1]:PORT listener is no host-port conflict for its service.
+    apply(&daemon, ServiceYaml::http(&ids.service, &v2, port, &net.name).set("drain_timeout", "25s"));
+    assert_eq!(get_ok(At::Host, &url).trim(), "v2");
 
     daemon.cli_ok(&["remove", &ids.service]);
     wait_for("[::1] no longer listening", Duration::from_secs(5), || {
