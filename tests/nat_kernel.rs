@@ -192,7 +192,7 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     assert!(text.contains("dnat ip to meta l4proto . th dport map @dnat4"), "{text}");
     assert!(text.contains("dnat ip to ip daddr . meta l4proto . th dport map @dnat4_addr"), "{text}");
     assert!(text.contains("dnat ip6 to meta l4proto . th dport map @dnat6"), "{text}");
-    assert!(text.contains("meta nfproto ipv6 ip6 daddr ::1 return"), "{text}");
+    assert!(text.contains("ip6 daddr ::1 return"), "{text}");
     assert!(text.contains("dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6_addr"), "{text}");
     assert!(text.contains("type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service"), "{text}");
     assert!(text.contains(&format!("meta mark set meta mark | {MARK:#010x} ct mark set ct mark | {MARK:#010x}")), "{text}");
