@@ -36,5 +36,6 @@ pub mod nat;
 pub mod netns;
 pub mod pidfd;
 pub mod plan;
+pub mod relay;
 pub mod state;
 pub mod timefmt;

@@ -16,6 +16,9 @@
 //! - chains `prerouting` and `output` (nat, priority dstnat - 5, just before Docker's):
 //!   traffic to a local address whose protocol and port are in a map gets our mark and
 //!   is DNAT'd to the active release;
+//! - in `output` first, IPv6 to `::1` leaves the chain un-NAT'd: the kernel never routes
+//!   `::1` off the host, so a DNAT to a release could not arrive; the daemon's relay
+//!   listening on `[::1]:PORT` serves it (`crate::relay`);
 //! - chain `mark_prerouting` (filter, mangle priority -150): the mark follows the
 //!   connection. The DNAT rule also sets the mark bit in the connection's conntrack mark;
 //!   here every later packet of the connection in its original direction gets the packet
@@ -184,6 +187,9 @@ pub enum Rule {
     /// destination address when `by_daddr`) is found in `map`: set `mark` on the packet and
     /// on its connection (conntrack mark), DNAT to the map's value.
     DnatLocal { map: String, mark: u32, family: Family, by_daddr: bool },
+    /// IPv6 to `::1`: leave this chain un-NAT'd (`return`), so it reaches the daemon's
+    /// `::1` relay. A DNAT could not help it: a packet from `::1` never leaves the host.
+    LeaveLoopback6,
     /// A packet in the original direction of a connection whose conntrack mark has `mark`:
     /// set `mark` on the packet too (every packet after the first, which the DNAT marked).
     RestoreMark { mark: u32 },
@@ -339,7 +345,13 @@ pub fn ruleset(desired: &Desired) -> Ruleset {
         maps,
         chains: vec![
             Chain { name: "prerouting".into(), kind: ChainKind::Nat, hook: Hook::Prerouting, priority: DNAT_PRIORITY, rules: dnat.clone() },
-            Chain { name: "output".into(), kind: ChainKind::Nat, hook: Hook::Output, priority: DNAT_PRIORITY, rules: dnat },
+            Chain {
+                name: "output".into(),
+                kind: ChainKind::Nat,
+                hook: Hook::Output,
+                priority: DNAT_PRIORITY,
+                rules: std::iter::once(Rule::LeaveLoopback6).chain(dnat).collect(),
+            },
             Chain { name: "postrouting".into(), kind: ChainKind::Nat, hook: Hook::Postrouting, priority: SNAT_PRIORITY, rules: post },
             count_chain(COUNT_CHAINS[0], Hook::Prerouting, count.clone()),
             count_chain(COUNT_CHAINS[1], Hook::Output, count),
@@ -497,6 +509,7 @@ impl fmt::Display for Rule {
                     "meta nfproto {nfproto} fib daddr type local {key} @{map} meta mark set meta mark | {mark:#010x} ct mark set ct mark | {mark:#010x} dnat {ip} to {key} map @{map}"
                 )
             }
+            Rule::LeaveLoopback6 => f.write_str("meta nfproto ipv6 ip6 daddr ::1 return"),
             Rule::RestoreMark { mark } => write!(
                 f,
                 "ct direction original ct mark & {mark:#010x} == {mark:#010x} meta mark set meta mark | {mark:#010x}"
@@ -645,6 +658,18 @@ mod tests {
         assert!(text.contains("ip saddr 127.0.0.0/8 masquerade"), "{text}");
         assert!(text.contains("oifname \"docker0\" ip saddr 172.17.0.0/16 masquerade"), "{text}");
         assert!(text.contains("meta nfproto ipv6 meta mark & 0x20000000 == 0x20000000 iifname \"docker0\" oifname \"docker0\" masquerade"), "{text}");
+    }
+
+    #[test]
+    fn loopback6_leaves_the_output_chain_before_any_dnat() {
+        // `::1` is the relay's: a DNAT of it could never leave the host.
+        let rs = ruleset(&desired(vec![target("web", 1, 8080, [172, 17, 0, 2])]));
+        let output = rs.chains.iter().find(|c| c.name == "output").unwrap();
+        assert_eq!(output.rules.first(), Some(&Rule::LeaveLoopback6));
+        assert_eq!(output.rules.len(), 5, "then the four DNAT rules");
+        let prerouting = rs.chains.iter().find(|c| c.name == "prerouting").unwrap();
+        assert!(!prerouting.rules.contains(&Rule::LeaveLoopback6), "::1 never arrives from outside");
+        assert!(rs.to_string().contains("meta nfproto ipv6 ip6 daddr ::1 return"), "{rs}");
     }
 
     #[test]

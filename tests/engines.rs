@@ -1,6 +1,8 @@
 //! Acceptance on the engines operators run (issue 16): each engine in its own lab
 //! (`lab/engine`: its own network namespace, data root and socket, a client namespace as
-//! another host), a cutover daemon in that namespace against the engine's socket.
+//! another host), a cutover daemon in that namespace against the engine's socket. Host
+//! clients there are the namespace's own (its `lo`: 127.0.0.1, and `::1` through the
+//! daemon's relay; its host addresses).
 //!
 //! Docker 28.5 (sid) and Podman 5.8 (sid) run every time; Docker 26.1 (trixie) and the
 //! host's Docker 20.10 with `CUTOVER_ENGINES=all` (or a list: `docker20,docker26`).
@@ -59,24 +61,40 @@ fn our_rules(lab: &Lab) -> String {
     )
 }
 
+/// `::1` in the lab's namespace (where the daemon's relay listens).
+fn url_loopback6(port: u16) -> String {
+    format!("http://[::1]:{port}/")
+}
+
 /// A UDP query stream (a new source port per datagram, as resolvers do) and two HTTP
-/// loads (IPv4 and IPv6) from the client host across `step`; asserts nothing was lost.
+/// loads (IPv4 and IPv6) from the client host, and one from `::1` on the host (the
+/// daemon's relay), across `step`; asserts nothing was lost.
 fn under_load(lab: &Lab, what: &str, step: impl FnOnce()) {
     let client = lab.client();
     let http4 = Wrk::new(url4(PORT)).at(client.clone()).duration(Duration::from_secs(7)).connections(4).start();
     let http6 = Wrk::new(url6(PORT)).at(client.clone()).duration(Duration::from_secs(7)).connections(4).start();
+    let loopback6 = Wrk::new(url_loopback6(PORT)).at(lab.at()).duration(Duration::from_secs(7)).connections(2).threads(1).start();
     let to4 = SocketAddr::from((HOST_ADDR4.parse::<std::net::Ipv4Addr>().unwrap(), UDP_PORT));
     let to6 = SocketAddr::from((HOST_ADDR6.parse::<std::net::Ipv6Addr>().unwrap(), UDP_PORT));
     let udp4 = UdpClient::start(&lab.client_netns(), to4, Duration::from_millis(50), true);
     let udp6 = UdpClient::start(&lab.client_netns(), to6, Duration::from_millis(50), true);
     std::thread::sleep(Duration::from_secs(1));
     step();
-    let (r4, r6) = (http4.wait(), http6.wait());
+    let (r4, r6, rl) = (http4.wait(), http6.wait(), loopback6.wait());
     let (a4, a6) = (udp4.finish(), udp6.finish());
-    eprintln!("{} {what}: http4 {} requests, http6 {} requests, udp4 {} answers, udp6 {}", lab.engine, r4.requests, r6.requests, a4.len(), a6.len());
+    eprintln!(
+        "{} {what}: http4 {} requests, http6 {} requests, ::1 {} requests, udp4 {} answers, udp6 {}",
+        lab.engine,
+        r4.requests,
+        r6.requests,
+        rl.requests,
+        a4.len(),
+        a6.len()
+    );
     r4.assert_no_failures();
     r6.assert_no_failures();
-    assert!(r4.requests > 0 && r6.requests > 0, "{what}: no HTTP requests went through");
+    rl.assert_no_failures();
+    assert!(r4.requests > 0 && r6.requests > 0 && rl.requests > 0, "{what}: no HTTP requests went through");
     assert_eq!(lost(&a4), 0, "{} {what}: UDP over IPv4 lost datagrams:\n{}", lab.engine, summary(&a4, Instant::now()));
     assert_eq!(lost(&a6), 0, "{} {what}: UDP over IPv6 lost datagrams:\n{}", lab.engine, summary(&a6, Instant::now()));
 }
@@ -110,6 +128,7 @@ fn acceptance(engine: &str) {
     assert_eq!(get_ok(client.clone(), &url4(PORT)), "v1", "{engine}: IPv4 client on another host");
     assert_eq!(get_ok(client.clone(), &url6(PORT)), "v1", "{engine}: IPv6 client on another host");
     assert_eq!(get_ok(lab.at(), &format!("http://127.0.0.1:{PORT}/")), "v1", "{engine}: host client on 127.0.0.1");
+    assert_eq!(get_ok(lab.at(), &url_loopback6(PORT)), "v1", "{engine}: host client on ::1 (the daemon's relay)");
     assert_eq!(get_ok(lab.at(), &url4(PORT)), "v1", "{engine}: host client on a host address");
     assert_eq!(get_ok(lab.at(), &url6(PORT)), "v1", "{engine}: host client on a host IPv6 address");
     lab.docker(&["run", "-d", "--name", "cvclient", "--network", "cvnet", &v1]);
@@ -135,6 +154,7 @@ fn acceptance(engine: &str) {
         daemon.cli_ok(&["deploy", "web", "--image", &v2]);
     });
     assert_eq!(get_ok(client.clone(), &url4(PORT)), "v2");
+    assert_eq!(get_ok(lab.at(), &url_loopback6(PORT)), "v2", "{engine}: ::1 moved in the switch");
     under_load(&lab, "rollback to v1", || {
         daemon.cli_ok(&["rollback", "web"]);
     });
@@ -158,6 +178,7 @@ fn acceptance(engine: &str) {
     daemon.restart();
     assert_eq!(lab.sysctl_get(&key), "1", "{engine}: route_localnet re-asserted at daemon start");
     assert_eq!(get_ok(lab.at(), &format!("http://127.0.0.1:{PORT}/")), "v1");
+    assert_eq!(get_ok(lab.at(), &url_loopback6(PORT)), "v1", "{engine}: the restarted daemon relays ::1 again");
 
     // 5. `remove` after the network was deleted exits 0.
     lab.docker(&["rm", "-f", "cvclient"]);

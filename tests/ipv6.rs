@@ -282,3 +282,123 @@ fn duplicate_address_detection_states_are_read_from_the_kernel() {
     let Ipv6Readiness::Failed(why) = dad::readiness(dup, &container, &host, dad::interface_name) else { panic!("not failed") };
     assert!(why.contains(&format!("{dup} failed duplicate address detection")), "{why}");
 }
+
+/// One `GET /` on an open keep-alive connection; the body.
+fn get_on(conn: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<String> {
+    use std::io::{BufRead, Read, Write};
+    conn.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: loopback6\r\n\r\n")?;
+    let mut length = 0usize;
+    let mut status = String::new();
+    conn.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("status line {status:?}")));
+    }
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().map_err(std::io::Error::other)?;
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).trim().to_string())
+}
+
+fn container_running(name: &str) -> bool {
+    try_run(std::process::Command::new(DOCKER).args(["inspect", "-f", "{{.State.Running}}", name]))
+        .is_ok_and(|out| out.trim() == "true")
+}
+
+/// IPv6 clients on the host's `::1` (issue 16, item 5): the kernel never routes `::1` to
+/// a container, so the daemon relays them. `::1` answers v1; a deploy under a load of new
+/// `::1` connections loses none and sends new ones to v2 at once; a keep-alive `::1`
+/// connection opened before the switch stays on v1 and keeps the old release running
+/// (its drain counts the relayed connection) until it closes, long before the drain
+/// timeout; after `remove`, nothing listens on `[::1]:PORT` any more.
+#[test]
+fn loopback6_clients_are_relayed_and_move_in_the_switch() {
+    let ids = Ids::new("loopback6_clients_are_relayed_and_move_in_the_switch");
+    require_root();
+    require_docker();
+    let net = V6Network::new(&ids, ula(&ids, 1));
+    let v1 = demo_image(&ids, "v1", &[("LISTEN", "[::]:80")]);
+    let v2 = demo_image(&ids, "v2", &[("LISTEN", "[::]:80")]);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let drain_timeout = Duration::from_secs(25);
+    apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "25s"));
+    let url = format!("http://[::1]:{port}/");
+    assert_eq!(get_ok(At::Host, &url).trim(), "v1", "a ::1 client reaches v1 through the relay");
+    assert_eq!(get_ok(At::Host, &format!("http://127.0.0.1:{port}/")).trim(), "v1");
+
+    let stream = std::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port)).expect("connect [::1]");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut long = std::io::BufReader::new(stream);
+    assert_eq!(get_on(&mut long).unwrap(), "v1");
+
+    let load = Wrk::new(&url).duration(Duration::from_secs(8)).connections(4).threads(1).start();
+    std::thread::sleep(Duration::from_secs(1));
+    let deploy = std::thread::spawn({
+        let socket = daemon.socket().to_path_buf();
+        let (service, image) = (ids.service.clone(), v2.clone());
+        move || {
+            let started = Instant::now();
+            let out = std::process::Command::new(CUTOVER)
+                .args(["deploy", &service, "--image", &image])
+                .env("CUTOVER_SOCKET", socket)
+                .env_remove("CUTOVER_LOG")
+                .output()
+                .expect("run cutover deploy");
+            (out, started.elapsed())
+        }
+    });
+    let switched = wait_for("the switch (new ::1 connections answered by v2)", Duration::from_secs(30), || {
+        match curl_within(At::Host, &url, Duration::from_secs(2)) {
+            Ok((200, body)) if body.trim() == "v2" => Ok(Instant::now()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    for i in 0..20 {
+        assert_eq!(get_ok(At::Host, &url).trim(), "v2", "new ::1 connection {i} after the switch");
+    }
+    // The connection from before the switch: still v1, for longer than `watch` (2 s).
+    let old = format!("cutover-{}-1", ids.service);
+    while switched.elapsed() < Duration::from_secs(5) {
+        assert_eq!(get_on(&mut long).unwrap(), "v1", "the open ::1 connection stays on v1");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!deploy.is_finished(), "the deploy must still be draining v1 while the ::1 connection is open");
+    assert!(container_running(&old), "v1 must not be stopped while a ::1 connection to it is open");
+    let report = load.wait();
+    report.assert_no_failures();
+    assert!(report.count("v1") > 0 && report.count("v2") > 0, "::1 load saw both releases: {:?}", report.bodies);
+
+    drop(long);
+    let (out, took) = deploy.join().unwrap();
+    assert!(out.status.success(), "deploy: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(took < drain_timeout, "the drain ended when the ::1 connection closed, not at the timeout ({took:?})");
+    assert!(!container_running(&old), "v1 is stopped once drained");
+    assert_eq!(get_ok(At::Host, &url).trim(), "v2");
+    // The relay's own [::1]:PORT listener is no host-port conflict for its service.
+    apply(&daemon, ServiceYaml::http(&ids.service, &v2, port, &net.name).set("drain_timeout", "25s"));
+    assert_eq!(get_ok(At::Host, &url).trim(), "v2");
+
+    daemon.cli_ok(&["remove", &ids.service]);
+    wait_for("[::1] no longer listening", Duration::from_secs(5), || {
+        match std::net::TcpStream::connect((Ipv6Addr::LOCALHOST, port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    drop(daemon);
+    drop(net);
+}

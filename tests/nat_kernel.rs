@@ -184,14 +184,15 @@ fn map_transactions_are_atomic_and_sync_is_idempotent() {
     let rules = objs.iter().filter(|o| o.get("rule").is_some()).count();
     assert_eq!(
         rules,
-        16,
-        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, three masquerades (loopback, IPv4 and IPv6 hairpin), a counting rule per port in each counting chain, the mark restore"
+        17,
+        "four dnat rules (IPv4/IPv6, by address or not) in prerouting and output, ::1 left to the relay in output, three masquerades (loopback, IPv4 and IPv6 hairpin), a counting rule per port in each counting chain, the mark restore"
     );
     // `nft` reads our rules back as the plan describes them.
     let text = sh(&["nft", "list", "table", "inet", &table]);
     assert!(text.contains("dnat ip to meta l4proto . th dport map @dnat4"), "{text}");
     assert!(text.contains("dnat ip to ip daddr . meta l4proto . th dport map @dnat4_addr"), "{text}");
     assert!(text.contains("dnat ip6 to meta l4proto . th dport map @dnat6"), "{text}");
+    assert!(text.contains("ip6 daddr ::1 return"), "{text}");
     assert!(text.contains("dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat6_addr"), "{text}");
     assert!(text.contains("type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service"), "{text}");
     assert!(text.contains(&format!("meta mark set meta mark | {MARK:#010x} ct mark set ct mark | {MARK:#010x}")), "{text}");

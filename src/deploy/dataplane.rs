@@ -1,7 +1,8 @@
 //! The data plane of NAT-mode releases: the desired state (every service's active
 //! release, its addresses and bridges), programming it into the [`Firewall`] as one
-//! transaction, the traffic counters, the host settings around it (route_localnet,
-//! DOCKER-USER accept) and the host-port conflict check. Must not decide when a release
+//! transaction (and the `::1` relay's routes right after it), the traffic counters, the
+//! host settings around it (route_localnet, DOCKER-USER accept) and the host-port
+//! conflict check. Must not decide when a release
 //! switches: that is `cut_over` and `switch_back`.
 
 use super::*;
@@ -117,6 +118,9 @@ impl Releaser {
         }
         let took = started.elapsed();
         dp.applied = Some(next);
+        // `::1` clients move in the same switch: new relayed connections go where the
+        // rules now point, open ones keep their release (as conntrack keeps NAT bindings).
+        self.effects.relay.route(crate::relay::routes(&desired.targets));
         Ok(took)
     }
 
@@ -214,8 +218,13 @@ impl Releaser {
             }
         }
         let listening = self.effects.host.host_ports()?;
+        // The daemon's own `::1` relay listeners serve the services above, no conflict.
+        let relayed = self.effects.relay.listening();
+        let ours = |protocol: Protocol, port: u16, addr: Option<IpAddr>| {
+            protocol == Protocol::Tcp && addr == Some(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)) && relayed.contains(&port)
+        };
         for p in &manifest.ports {
-            if listening.iter().any(|(protocol, port, addr)| clash(p, *protocol, *port, *addr)) {
+            if listening.iter().any(|(protocol, port, addr)| !ours(*protocol, *port, *addr) && clash(p, *protocol, *port, *addr)) {
                 return Err(ReleaseError::Conflict(format!(
                     "host port {}/{}{} is in use by a process on this host (see `ss -lntup`); pick another port",
                     p.host,

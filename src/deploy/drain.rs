@@ -45,9 +45,12 @@ impl Releaser {
             let tcp_open = match pid {
                 // No TCP port: an empty list would count every connection of the release.
                 _ if ports.is_empty() => 0,
-                None => 0,
+                None => self.effects.relay.open_to(service, old.number),
+                // The `::1` relay's connections to it: sock_diag sees the connected ones
+                // too, so the larger count, not the sum; the relay's also covers those
+                // still connecting.
                 Some(pid) => match self.effects.connections.open_connections(pid, ports.clone()).await {
-                    Ok(n) => n,
+                    Ok(n) => n.max(self.effects.relay.open_to(service, old.number)),
                     Err(e) => {
                         tracing::warn!(service, error = %e, "cannot count the old release's connections; waiting out the drain timeout");
                         usize::MAX

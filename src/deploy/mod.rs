@@ -104,16 +104,20 @@ pub struct Effects {
     pub connections: Arc<dyn Connections>,
     pub host: Arc<dyn HostNet>,
     pub ipv6: Arc<dyn Ipv6Paths>,
+    /// IPv6 host clients on `::1`, which the kernel cannot NAT: the daemon relays them.
+    pub relay: Arc<dyn crate::relay::Relay>,
 }
 
 impl Effects {
-    /// The host's own: network probes, sock_diag, /proc and conntrack, address flags.
+    /// The host's own: network probes, sock_diag, /proc and conntrack, address flags, the
+    /// `::1` relay.
     pub fn real() -> Effects {
         Effects {
             probe: Arc::new(crate::health::NetworkProbe),
             connections: Arc::new(crate::drain::SockDiag),
             host: Arc::new(crate::host::RealHost::default()),
             ipv6: Arc::new(crate::dad::NetlinkAddresses),
+            relay: Arc::new(crate::relay::LoopbackRelay::default()),
         }
     }
 }

@@ -109,6 +109,22 @@ struct FakeChecks {
     /// Where host port 8080 pointed at each IPv6 readiness check.
     ipv6_checked_while: Mutex<Vec<Option<Ipv4Addr>>>,
     firewall: Arc<FakeFirewall>,
+    /// What the `::1` relay was told, each call.
+    relay_routes: Mutex<Vec<crate::relay::Routes>>,
+    /// Relayed connections open per (service, release).
+    relayed: Mutex<BTreeMap<(String, u32), usize>>,
+}
+
+impl crate::relay::Relay for FakeChecks {
+    fn route(&self, routes: crate::relay::Routes) {
+        self.relay_routes.lock().unwrap().push(routes);
+    }
+    fn open_to(&self, service: &str, release: u32) -> usize {
+        self.relayed.lock().unwrap().get(&(service.to_string(), release)).copied().unwrap_or(0)
+    }
+    fn listening(&self) -> BTreeSet<u16> {
+        self.relay_routes.lock().unwrap().last().map(|r| r.keys().copied().collect()).unwrap_or_default()
+    }
 }
 
 fn refused(addr: SocketAddr) -> HealthError {
@@ -191,7 +207,7 @@ fn world_in(dir: tempfile::TempDir, engine: Arc<FakeEngine>, firewall: Arc<FakeF
     let checks = Arc::new(FakeChecks { engine: engine.clone(), firewall: firewall.clone(), ..Default::default() });
     let store = StateStore::open(dir.path()).unwrap();
     let settings = Settings { table: "t".into(), mark: 1, instance: "i".into(), drain_poll: Duration::from_millis(5), pause_at: None, pause_for: None };
-    let effects = Effects { probe: checks.clone(), connections: checks.clone(), host: checks.clone(), ipv6: checks.clone() };
+    let effects = Effects { probe: checks.clone(), connections: checks.clone(), host: checks.clone(), ipv6: checks.clone(), relay: checks.clone() };
     let releaser = Releaser::new(engine.clone(), firewall.clone(), effects, settings, store).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
@@ -701,4 +717,46 @@ async fn after_the_engine_restarted_a_release_refresh_waits_for_its_ipv6_path() 
     w.releaser.refresh().await.unwrap();
     let down = w.releaser.snapshot().await.services["web"].down.clone().unwrap_or_default();
     assert!(down.contains("cannot be reached over IPv6") && down.contains("failed duplicate address detection"), "{down}");
+}
+
+/// Where the `::1` relay sends new connections to port 8080 now: (release, address).
+fn relayed_to(w: &World) -> Option<(u32, SocketAddr)> {
+    let routes = w.checks.relay_routes.lock().unwrap();
+    routes.last()?.get(&8080).map(|r| (r.release, r.to))
+}
+
+#[tokio::test]
+async fn loopback6_clients_move_in_the_switch_and_their_connections_hold_the_old_releases_drain() {
+    let engine = Arc::new(FakeEngine { dual_stack: AtomicBool::new(true), ..Default::default() });
+    let w = Arc::new(world_in(tempfile::tempdir().unwrap(), engine, Arc::default()));
+    let text = "name: web\nimage: web:1\nports: [{host: 8080, container: 80}, {host: 5353, container: 53, protocol: udp}]\n\
+                health: {type: http, path: /healthz, interval: 10ms, deadline: 200ms}\ndrain_timeout: 5s\nwatch: 20ms\n";
+    w.releaser.apply(Manifest::parse(Path::new("web.yaml"), text).unwrap(), &w.tx).await.unwrap();
+    let v1 = w.releaser.snapshot().await.services["web"].release(1).unwrap().addr.unwrap();
+    let v1_6 = w.engine.ip6_of(v1).unwrap();
+    assert_eq!(relayed_to(&w), Some((1, SocketAddr::from((v1_6, 80)))), "TCP only, to the release's IPv6 address");
+    assert_eq!(w.checks.relay_routes.lock().unwrap().last().unwrap().len(), 1, "UDP is not relayed");
+
+    // A ::1 connection to release 1 is open: the deploy switches, then waits for it.
+    w.checks.relayed.lock().unwrap().insert(("web".into(), 1), 1);
+    let started = std::time::Instant::now();
+    let deploy = tokio::spawn({
+        let w = w.clone();
+        async move { w.releaser.deploy("web", "web:2", &w.tx).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v2 = w.firewall.target(8080).unwrap();
+    assert_eq!(w.engine.image_at(v2).as_deref(), Some("web:2"), "switched");
+    assert_eq!(relayed_to(&w), Some((2, SocketAddr::from((w.engine.ip6_of(v2).unwrap(), 80)))), "::1 moved in the switch");
+    assert!(!deploy.is_finished(), "the relayed connection to release 1 holds its drain");
+    assert!(w.engine.running().contains(&"cutover-web-1".to_string()), "release 1 still runs");
+
+    w.checks.relayed.lock().unwrap().clear();
+    let o = deploy.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4), "drained once the connection closed, not at the timeout");
+    assert_eq!(o.to, 2);
+    assert_eq!(w.engine.running(), vec!["cutover-web-2"]);
+
+    w.releaser.remove("web").await.unwrap();
+    assert_eq!(w.checks.relay_routes.lock().unwrap().last(), Some(&crate::relay::Routes::new()), "removed: no longer relayed");
 }

@@ -248,6 +248,17 @@ pub fn dnat_ipv4(addr_reg: u32, proto_reg: u32) -> RawExpr {
     dnat(Family::Ipv4, addr_reg, proto_reg)
 }
 
+/// `immediate reg 0 return`: the verdict `return` (in a base chain: its policy).
+pub fn verdict_return() -> RawExpr {
+    RawExpr::new(
+        c"immediate",
+        vec![
+            attr(sys::NFTNL_EXPR_IMM_DREG, libc::NFT_REG_VERDICT as u32),
+            attr(sys::NFTNL_EXPR_IMM_VERDICT, libc::NFT_RETURN as u32),
+        ],
+    )
+}
+
 /// `masq`
 pub fn masquerade() -> RawExpr {
     RawExpr::new(c"masq", Vec::new())
@@ -367,6 +378,13 @@ pub fn rule_exprs(rule: &Rule, map_id: u32) -> Result<Vec<RawExpr>, NatError> {
             out.push(ct_set(libc::NFT_CT_MARK, NFT_REG_3));
             out.push(dnat(*family, NFT_REG_1, layout.value_port));
         }
+        Rule::LeaveLoopback6 => {
+            out.extend(nfproto(Family::Ipv6));
+            // ip6 daddr ::1
+            out.push(payload_load(libc::NFT_PAYLOAD_NETWORK_HEADER, 24, 16, NFT_REG_1));
+            out.push(cmp_eq(NFT_REG_1, &std::net::Ipv6Addr::LOCALHOST.octets()));
+            out.push(verdict_return());
+        }
         Rule::RestoreMark { mark } => {
             // ct direction original: replies keep whatever mark they have.
             out.push(ct_load(libc::NFT_CT_DIRECTION, false, NFT_REG_1));
@@ -471,6 +489,20 @@ mod tests {
         // REG_1 and REG32_00 name the same bytes.
         assert_eq!(u32_attr(&e[13], sys::NFTNL_EXPR_NAT_REG_ADDR_MIN), NFT_REG_1);
         assert_eq!(u32_attr(&e[13], sys::NFTNL_EXPR_NAT_REG_PROTO_MIN), NFT_REG32_01);
+    }
+
+    #[test]
+    fn loopback6_returns_before_any_nat() {
+        let e = rule_exprs(&Rule::LeaveLoopback6, 0).unwrap();
+        let names: Vec<_> = e.iter().map(RawExpr::name).collect();
+        assert_eq!(names, ["meta", "cmp", "payload", "cmp", "immediate"]);
+        assert_eq!(bytes_attr(&e[1], sys::NFTNL_EXPR_CMP_DATA), [libc::NFPROTO_IPV6 as u8]);
+        // ip6 daddr: 16 bytes at offset 24 of the network header.
+        assert_eq!(u32_attr(&e[2], sys::NFTNL_EXPR_PAYLOAD_OFFSET), 24);
+        assert_eq!(u32_attr(&e[2], sys::NFTNL_EXPR_PAYLOAD_LEN), 16);
+        assert_eq!(bytes_attr(&e[3], sys::NFTNL_EXPR_CMP_DATA), std::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_IMM_DREG), libc::NFT_REG_VERDICT as u32);
+        assert_eq!(u32_attr(&e[4], sys::NFTNL_EXPR_IMM_VERDICT), libc::NFT_RETURN as u32);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::sync::Mutex;
 
 use super::docker_user;
 use super::{Firewall, NatError};
-use crate::plan::{Element, ElementOp, Family, Hook, Rule, Ruleset, Traffic, COUNT_CHAINS};
+use crate::plan::{ChainKind, Element, ElementOp, Family, Hook, Rule, Ruleset, Traffic, COUNT_CHAINS};
 
 /// iptables refuses chain names longer than this (`XT_EXTENSION_MAXNAMELEN - 1`).
 pub const MAX_CHAIN_NAME: usize = 28;
@@ -335,6 +335,11 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
     elements.sort_by_key(|e| (e.key.daddr.is_none(), e.key));
     for hook in [Hook::Prerouting, Hook::Output] {
         let chain = chain_name(t, hook)?;
+        let leave_loopback6 = family == Family::Ipv6
+            && rs.chains.iter().any(|c| c.hook == hook && c.kind == ChainKind::Nat && c.rules.contains(&Rule::LeaveLoopback6));
+        if leave_loopback6 {
+            s.push_str(&format!("-A {chain} -d ::1/128 -j RETURN\n"));
+        }
         for e in &elements {
             let daddr = e.key.daddr.map(|d| format!("-d {d} ")).unwrap_or_default();
             s.push_str(&format!("-A {chain} {daddr}{} -j MARK --set-xmark {mark:#x}/{mark:#x}\n", proto(e)));
@@ -353,7 +358,11 @@ pub fn restore_script(rs: &Ruleset, family: Family, present: &[Hook]) -> Result<
                     Rule::MasqueradeHairpin { mark, ifname, subnet, prefix } => s.push_str(&format!(
                         "-A {post} -s {subnet}/{prefix} -o {ifname} -m mark --mark {mark:#x}/{mark:#x} -j MASQUERADE\n"
                     )),
-                    Rule::MasqueradeHairpin6 { .. } | Rule::DnatLocal { .. } | Rule::CountService { .. } | Rule::RestoreMark { .. } => {}
+                    Rule::MasqueradeHairpin6 { .. }
+                    | Rule::DnatLocal { .. }
+                    | Rule::CountService { .. }
+                    | Rule::RestoreMark { .. }
+                    | Rule::LeaveLoopback6 => {}
                 }
             }
         }
@@ -589,6 +598,16 @@ COMMIT
         assert!(!s.contains("127.0.0.0/8"), "no loopback masquerade in IPv6: {s}");
         assert!(s.contains("-A cutover-post -i docker0 -o docker0 -m mark --mark 0x20000000/0x20000000 -j MASQUERADE\n"), "the IPv6 hairpin: {s}");
         assert!(!s.contains("-I "), "jumps already present are not added again: {s}");
+    }
+
+    #[test]
+    fn ipv6_output_leaves_loopback6_to_the_relay_first() {
+        let s6 = restore_script(&ruleset(), Family::Ipv6, &[Hook::Prerouting, Hook::Output, Hook::Postrouting]).unwrap();
+        let first_out = s6.lines().find(|l| l.starts_with("-A cutover-out ")).unwrap();
+        assert_eq!(first_out, "-A cutover-out -d ::1/128 -j RETURN", "{s6}");
+        assert!(!s6.contains("-A cutover-pre -d ::1"), "::1 never arrives from outside: {s6}");
+        let s4 = restore_script(&ruleset(), Family::Ipv4, &[Hook::Prerouting, Hook::Output, Hook::Postrouting]).unwrap();
+        assert!(!s4.contains("::1"), "{s4}");
     }
 
     #[test]

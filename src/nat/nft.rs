@@ -262,9 +262,10 @@ mod tests {
             .collect();
         let rs = plan::ruleset(&Desired { table: "t".into(), mark: 1, targets, bridges: vec![] });
         let tx = sync_transaction(&rs).unwrap();
-        // 3 table messages, 4 maps, 6 element chunks of 512, 6 chains, 4 + 4 + 1 + 1 rules,
-        // and a counting rule per service port in each of the two counting chains.
-        assert_eq!(tx.len(), 3 + 4 + 6 + 6 + 10 + 2 * 3000);
+        // 3 table messages, 4 maps, 6 element chunks of 512, 6 chains, 4 + (1 + 4) + 1 + 1
+        // rules (output leaves ::1 to the relay first), and a counting rule per service port
+        // in each of the two counting chains.
+        assert_eq!(tx.len(), 3 + 4 + 6 + 6 + 11 + 2 * 3000);
     }
 
     #[test]

@@ -135,9 +135,21 @@ impl crate::dad::Ipv6Paths for NoChecks {
     }
 }
 
+impl crate::relay::Relay for NoChecks {
+    fn route(&self, routes: crate::relay::Routes) {
+        assert!(routes.is_empty(), "handoff mode must not relay ::1: {routes:?}");
+    }
+    fn open_to(&self, _service: &str, _release: u32) -> usize {
+        0
+    }
+    fn listening(&self) -> BTreeSet<u16> {
+        BTreeSet::new()
+    }
+}
+
 fn no_effects() -> Effects {
     let none = Arc::new(NoChecks);
-    Effects { probe: none.clone(), connections: none.clone(), host: none.clone(), ipv6: none }
+    Effects { probe: none.clone(), connections: none.clone(), host: none.clone(), ipv6: none.clone(), relay: none }
 }
 
 struct World {
