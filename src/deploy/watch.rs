@@ -245,7 +245,11 @@ impl Releaser {
                 }
             }
             (Loss::Disconnected { .. }, _) => return,
-            (Loss::Unhealthy { .. }, _) => {}
+            // Failed checks count only against a release the engine says runs: a dead one
+            // is its events' to report, and while the engine does not answer (it is
+            // restarting) nothing is known; the next failed check asks again.
+            (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running => {}
+            (Loss::Unhealthy { .. }, _) => return,
             // `kill` with a signal the release survives, or a late event of a restarted one.
             (_, Ok(Some(info))) if info.running => return,
             (Loss::Died { exit_code }, Ok(Some(info))) => *exit_code = info.exit_code,

@@ -150,3 +150,16 @@ async fn a_disconnected_active_release_is_rolled_back_and_kept_connected() {
     assert!(w.engine.log.lock().unwrap().contains(&format!("connect {id} bridge")));
     assert_eq!(w.engine.running(), vec!["cutover-web-1"]);
 }
+
+#[tokio::test]
+async fn failed_checks_of_a_release_the_engine_says_is_not_running_are_left_to_its_events() {
+    let w = world();
+    w.releaser.apply(watched("web:1", "on_failure: none\n"), &w.tx).await.unwrap();
+    w.engine.stop("id-cutover-web-1".into(), Duration::ZERO).await.unwrap();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    for s in 0..4 {
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+    }
+    assert_eq!(down(&w).await, None, "a dead release is reported by its die event, with its exit code");
+}
