@@ -245,10 +245,27 @@ impl Releaser {
                 }
             }
             (Loss::Disconnected { .. }, _) => return,
-            // Failed checks count only against a release the engine says runs: a dead one
-            // is its events' to report, and while the engine does not answer (it is
-            // restarting) nothing is known; the next failed check asks again.
-            (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running => {}
+            // Failed checks count only against a release the engine says runs at the
+            // address they probed: a dead one is its events' to report; one the engine
+            // restarted elsewhere (it came back) needs the rules to follow it; and while the
+            // engine does not answer nothing is known. Counted afresh in the last two cases.
+            (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running && (info.addr.is_none() || info.addr == rel.addr) => {}
+            (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running => {
+                tracing::info!(service = %service, release = rel.number, "the active release has a new address; updating the rules");
+                if let Some(t) = Watch::lock(watch).probes.get_mut(&service) {
+                    t.failures = 0;
+                }
+                if let Err(e) = self.refresh().await {
+                    tracing::warn!(error = %e, "refresh after the active release moved");
+                }
+                return;
+            }
+            (Loss::Unhealthy { .. }, Err(_)) => {
+                if let Some(t) = Watch::lock(watch).probes.get_mut(&service) {
+                    t.failures = 0;
+                }
+                return;
+            }
             (Loss::Unhealthy { .. }, _) => return,
             // `kill` with a signal the release survives, or a late event of a restarted one.
             (_, Ok(Some(info))) if info.running => return,

@@ -163,3 +163,20 @@ async fn failed_checks_of_a_release_the_engine_says_is_not_running_are_left_to_i
     }
     assert_eq!(down(&w).await, None, "a dead release is reported by its die event, with its exit code");
 }
+
+#[tokio::test]
+async fn failed_checks_of_a_release_the_engine_moved_update_the_rules_instead() {
+    let w = world();
+    w.releaser.apply(watched("web:1", "on_failure: none\n"), &w.tx).await.unwrap();
+    let before = w.firewall.target(8080).unwrap();
+    // The engine restarted it (it came back) with another address, unseen by the events.
+    w.engine.start("id-cutover-web-1".into()).await.unwrap();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    for s in 0..3 {
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+    }
+    assert_eq!(down(&w).await, None);
+    assert_ne!(w.firewall.target(8080), Some(before));
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+}
