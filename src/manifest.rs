@@ -394,6 +394,10 @@ pub struct HealthSpec {
     pub timeout: Duration,
     #[serde(default = "defaults::deadline", with = "duration_text")]
     pub deadline: Duration,
+    /// Consecutive failed checks of the active release before it counts as lost (the
+    /// watch of the active release; the gate of a new release uses `deadline`).
+    #[serde(default = "defaults::failures")]
+    pub failures: u32,
 }
 
 impl Default for HealthSpec {
@@ -405,6 +409,7 @@ impl Default for HealthSpec {
             interval: defaults::interval(),
             timeout: defaults::timeout(),
             deadline: defaults::deadline(),
+            failures: defaults::failures(),
         }
     }
 }
@@ -463,6 +468,9 @@ mod defaults {
     pub fn deadline() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn failures() -> u32 {
+        3
+    }
 }
 
 /// The largest env file read.
@@ -492,6 +500,8 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
 
 /// The most releases a manifest may keep for rollback.
 pub const MAX_KEEP: u32 = 50;
+/// The most consecutive failed checks `health.failures` may ask for.
+pub const MAX_HEALTH_FAILURES: u32 = 100;
 
 /// The longest any duration of a manifest may be. Far beyond any sensible health
 /// deadline, drain or stop, and small enough that no clock arithmetic on it (an
@@ -654,6 +664,12 @@ impl Manifest {
                 self.stop_signal
             )));
         }
+        if !(1..=MAX_HEALTH_FAILURES).contains(&self.health.failures) {
+            return Err(err("failures", 0, "health.failures", format!(
+                "{} is not a number of checks; use 1 to {MAX_HEALTH_FAILURES}",
+                self.health.failures
+            )));
+        }
         if self.keep > MAX_KEEP {
             return Err(err("keep", 0, "keep", format!("{} is too many; keep at most {MAX_KEEP}", self.keep)));
         }
@@ -748,6 +764,11 @@ impl Manifest {
                 changed.push(format!("{name}: {field} {} is beyond the bound; using {}", format_duration(*d), format_duration(MAX_DURATION)));
                 *d = MAX_DURATION;
             }
+        }
+        if !(1..=MAX_HEALTH_FAILURES).contains(&self.health.failures) {
+            let bounded = self.health.failures.clamp(1, MAX_HEALTH_FAILURES);
+            changed.push(format!("{name}: health.failures {} is beyond the bounds; using {bounded}", self.health.failures));
+            self.health.failures = bounded;
         }
         if self.keep > MAX_KEEP {
             changed.push(format!("{name}: keep {} is beyond the bound; using {MAX_KEEP}", self.keep));
@@ -1121,6 +1142,19 @@ network: bridge           # optional Docker network
         }
         // The bound itself is fine.
         parse(&FULL.replace("deadline: 60s", "deadline: 24h")).unwrap();
+    }
+
+    #[test]
+    fn health_failures_default_to_3_and_are_bounded_with_the_field_named() {
+        assert_eq!(parse(FULL).unwrap().health.failures, 3);
+        assert_eq!(parse(&FULL.replace("deadline: 60s", "deadline: 60s\n  failures: 5")).unwrap().health.failures, 5);
+        for bad in ["0", "101"] {
+            let msg = message(&FULL.replace("deadline: 60s", &format!("deadline: 60s\n  failures: {bad}")));
+            assert!(msg.starts_with("web.yaml:13: health.failures: "), "{msg}");
+            assert!(msg.contains("1 to 100"), "{msg}");
+        }
+        let msg = message(&FULL.replace("deadline: 60s", "deadline: 60s\n  failures: -1"));
+        assert!(msg.contains("failures"), "{msg}");
     }
 
     #[test]

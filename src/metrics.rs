@@ -14,6 +14,10 @@
 //! - `cutover_switch_seconds{service}` histogram: the kernel transaction of a switch;
 //! - `cutover_health_wait_seconds{service}`, `cutover_drain_seconds{service}` histograms;
 //! - `cutover_active_release{service}` gauge: the active release number (0: none);
+//! - `cutover_active_down{service}` gauge: 1 while the active release is lost and no
+//!   release serves (`status` shows DOWN), read from the state at scrape time;
+//! - `cutover_active_lost_total{service,reason}` counter: active releases lost while no
+//!   operation ran (`died`, `oom`, `killed`, `removed`, `disconnected`, `unhealthy`);
 //! - `cutover_open_connections{service,release}` gauge: the last connection count of the
 //!   release that drained last (one series per service, so stopped releases do not pile up);
 //! - `cutover_packets_total{service}`, `cutover_bytes_total{service}` counters: packets
@@ -100,6 +104,8 @@ struct Registry {
     drain: BTreeMap<String, Histogram>,
     /// service -> (release, open connections) of its last drain.
     draining: BTreeMap<String, (u32, u64)>,
+    /// (service, reason) -> active releases lost.
+    lost: BTreeMap<(String, &'static str), u64>,
 }
 
 /// What the daemon's metrics record. Shared by the state machine (writer) and the
@@ -163,6 +169,12 @@ impl Metrics {
         }
     }
 
+    /// The active release of `service` was lost while no operation ran, for `reason`
+    /// (one of [`LOSS_REASONS`]).
+    pub fn active_lost(&self, service: &str, reason: &'static str) {
+        *self.registry().lost.entry((service.to_string(), reason)).or_default() += 1;
+    }
+
     /// The exposition text of every series, with `scrape` for what is read at scrape time.
     pub fn render(&self, scrape: &Scrape) -> String {
         let r = self.registry();
@@ -182,11 +194,19 @@ impl Metrics {
         for (service, (release, open)) in &r.draining {
             sample(&mut out, "cutover_open_connections", &[("service", service), ("release", &release.to_string())], *open as f64);
         }
+        header(&mut out, "cutover_active_lost_total", "counter", "Active releases lost while no operation ran, by service and reason.");
+        for ((service, reason), n) in &r.lost {
+            sample(&mut out, "cutover_active_lost_total", &[("service", service), ("reason", reason)], *n as f64);
+        }
         drop(r);
 
         header(&mut out, "cutover_active_release", "gauge", "The active release number of a service (0: none).");
         for (service, active) in &scrape.active {
             sample(&mut out, "cutover_active_release", &[("service", service)], f64::from(active.unwrap_or(0)));
+        }
+        header(&mut out, "cutover_active_down", "gauge", "1 while a service's active release is lost and no release serves it, else 0.");
+        for (service, down) in &scrape.down {
+            sample(&mut out, "cutover_active_down", &[("service", service)], if *down { 1.0 } else { 0.0 });
         }
 
         header(&mut out, "cutover_packets_total", "counter", "Packets of a service's forwarded connections, both directions, counted by the kernel.");
@@ -208,13 +228,22 @@ pub struct Scrape {
     pub active: BTreeMap<String, Option<u32>>,
     /// service -> its traffic (NAT-mode services only).
     pub traffic: BTreeMap<String, Traffic>,
+    /// service -> its active release is down (`status` shows DOWN).
+    pub down: BTreeMap<String, bool>,
 }
 
 impl Scrape {
     pub fn of_state(state: &State) -> Scrape {
-        Scrape { active: state.services.iter().map(|(name, svc)| (name.clone(), svc.active)).collect(), traffic: BTreeMap::new() }
+        Scrape {
+            active: state.services.iter().map(|(name, svc)| (name.clone(), svc.active)).collect(),
+            traffic: BTreeMap::new(),
+            down: state.services.iter().map(|(name, svc)| (name.clone(), svc.down.is_some())).collect(),
+        }
     }
 }
+
+/// The `reason` label values of `cutover_active_lost_total`.
+pub const LOSS_REASONS: &[&str] = &["died", "oom", "killed", "removed", "disconnected", "unhealthy"];
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -445,6 +474,21 @@ mod tests {
         assert!(text.contains("cutover_releases_total{service=\"api\",kind=\"deploy\",outcome=\"refused\"} 1\n"), "{text}");
         assert!(text.contains("cutover_active_release{service=\"web\"} 3\n"), "{text}");
         assert!(text.contains("cutover_active_release{service=\"api\"} 0\n"), "{text}");
+    }
+
+    #[test]
+    fn lost_active_releases_count_by_reason_and_down_is_a_gauge() {
+        let m = Metrics::new();
+        m.active_lost("web", "unhealthy");
+        m.active_lost("web", "unhealthy");
+        m.active_lost("web", "disconnected");
+        let scrape = Scrape { down: BTreeMap::from([("web".into(), true), ("api".into(), false)]), ..Scrape::default() };
+        let text = m.render(&scrape);
+        assert_exposition(&text);
+        assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"unhealthy\"} 2\n"), "{text}");
+        assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"disconnected\"} 1\n"), "{text}");
+        assert!(text.contains("cutover_active_down{service=\"web\"} 1\n"), "{text}");
+        assert!(text.contains("cutover_active_down{service=\"api\"} 0\n"), "{text}");
     }
 
     #[test]

@@ -73,6 +73,13 @@ impl FakeEngine {
         let c = self.containers.lock().unwrap();
         c.values().find(|c| c.info.running && c.info.pid == Some(pid as u32)).map(|c| c.spec.image.clone())
     }
+    /// `docker network disconnect`: the container runs on without an address.
+    pub fn disconnect(&self, id: &str) {
+        if let Some(c) = self.containers.lock().unwrap().get_mut(id) {
+            c.info.addr = None;
+            c.info.addr6 = None;
+        }
+    }
     fn note(&self, s: String) {
         self.log.lock().unwrap().push(s);
     }
@@ -173,6 +180,18 @@ impl Engine for FakeEngine {
     }
     fn events(&self, _instance: String) -> futures_util::stream::BoxStream<'_, Result<(String, String), DockerError>> {
         Box::pin(futures_util::stream::empty())
+    }
+    /// Joins the network with a fresh address (`connect ID NETWORK`).
+    fn connect_network(&self, id: String, network: String, _aliases: Vec<String>) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move {
+            let ip = self.fresh_ip();
+            if let Some(c) = self.containers.lock().unwrap().get_mut(&id) {
+                c.info.addr = Some(ip);
+                c.info.addr6 = self.ip6_of(ip);
+            }
+            self.note(format!("connect {id} {network}"));
+            Ok(())
+        })
     }
     fn image_command(&self, _image: String) -> BoxFuture<'_, Result<ImageCommand, DockerError>> {
         Box::pin(async { Ok(ImageCommand { entrypoint: vec!["/srv".into()], cmd: vec!["--port".into(), "80".into()] }) })

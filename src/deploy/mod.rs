@@ -11,6 +11,7 @@
 //! - `finish`: keep, prune and record a switched release, or undo a refused one;
 //! - `dataplane`: desired state, programming the firewall, traffic, host settings, ports;
 //! - `recover`: reconcile after a restart, refresh after the engine came back;
+//! - `watch`: the engine's events and the active releases while no operation runs;
 //! - `handoff_mode`: the same steps for services whose listeners are handed over.
 //!
 //! Owns the order of the steps and what is recorded before each (see `state::Phase`):
@@ -782,6 +783,7 @@ mod health_wait;
 mod recover;
 mod start;
 mod switch_back;
+mod watch;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -99,6 +99,9 @@ impl Firewall for FakeFirewall {
 struct FakeChecks {
     engine: Arc<FakeEngine>,
     probes: std::sync::atomic::AtomicUsize,
+    /// The next this many probes time out, whatever they probe (a release too slow to
+    /// answer under load).
+    slow: std::sync::atomic::AtomicUsize,
     /// Every IPv6 UDP flow keeps carrying datagrams (never idle).
     busy_v6: AtomicBool,
     /// Flows deleted from conntrack, in order.
@@ -135,6 +138,9 @@ impl crate::health::Probe for FakeChecks {
     fn probe(&self, health: HealthSpec, addr: SocketAddr) -> BoxFuture<'_, Result<(), HealthError>> {
         Box::pin(async move {
             let SocketAddr::V4(v4) = addr else { return Err(refused(addr)) };
+            if self.slow.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                return Err(HealthError::Timeout { addr, path: health.path, timeout: health.timeout });
+            }
             match self.engine.image_at(*v4.ip()) {
                 Some(img) if img.contains("broken") => Err(HealthError::Status { addr, path: health.path, status: 503 }),
                 // Healthy for the gate, failing right after the switch.
@@ -760,3 +766,5 @@ async fn loopback6_clients_move_in_the_switch_and_their_connections_hold_the_old
     w.releaser.remove("web").await.unwrap();
     assert_eq!(w.checks.relay_routes.lock().unwrap().last(), Some(&crate::relay::Routes::new()), "removed: no longer relayed");
 }
+
+mod watch;

@@ -7,6 +7,7 @@
 
 pub mod container;
 pub mod image;
+pub mod networks;
 pub mod registry;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use futures_util::StreamExt;
 
 use crate::manifest::Protocol;
 use crate::plan::Bridge;
+pub use networks::NetworkEvent;
 
 pub const LABEL_SERVICE: &str = "cutover.service";
 pub const LABEL_RELEASE: &str = "cutover.release";
@@ -213,6 +215,21 @@ pub trait Engine: Send + Sync + 'static {
     fn image_has_healthcheck(&self, image: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
         let _ = image;
         Box::pin(async { Ok(None) })
+    }
+    /// Containers joining and leaving networks (any container's: the caller picks its
+    /// own by id). The default never yields: an engine without network events.
+    fn network_events(&self) -> BoxStream<'_, Result<NetworkEvent, DockerError>> {
+        Box::pin(futures_util::stream::pending())
+    }
+    /// Is container `id` on network `network` (name or id)? `None`: no such container.
+    /// The default reads whether `inspect` finds an address on it.
+    fn connected(&self, id: String, network: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
+        Box::pin(async move { Ok(self.inspect(id, network).await?.map(|i| i.addr.is_some() || i.addr6.is_some())) })
+    }
+    /// Connect container `id` to `network` again, with its DNS `aliases`.
+    fn connect_network(&self, id: String, network: String, aliases: Vec<String>) -> BoxFuture<'_, Result<(), DockerError>> {
+        let _ = (id, network, aliases);
+        Box::pin(async { Err(DockerError::Unsupported("connect a container to a network")) })
     }
     /// The ENTRYPOINT and CMD of a local image (handoff mode runs them under a wrapper).
     /// The default says the engine cannot, so engines that never run handoff-mode
@@ -623,6 +640,18 @@ impl DockerEngine {
 }
 
 impl Engine for DockerEngine {
+    fn network_events(&self) -> BoxStream<'_, Result<NetworkEvent, DockerError>> {
+        self.network_events_inner()
+    }
+
+    fn connected(&self, id: String, network: String) -> BoxFuture<'_, Result<Option<bool>, DockerError>> {
+        Box::pin(async move { self.connected_inner(&id, &network).await })
+    }
+
+    fn connect_network(&self, id: String, network: String, aliases: Vec<String>) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(async move { self.connect_network_inner(&id, &network, aliases).await })
+    }
+
     fn remove_volumes(&self, service: String, instance: String) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
         Box::pin(async move { self.remove_volumes_inner(&service, &instance).await })
     }

@@ -11,6 +11,9 @@
 //!   abstract address).
 //! - `START_DELAY_MS`: sleep before binding (a slow starting release).
 //! - `HEALTH=fail`: `/healthz` answers 503 forever.
+//! - `HEALTH=switch`: `GET /health?set=fail` makes `/healthz` answer 503 from then on
+//!   (while `/` keeps answering), `GET /health?set=ok` makes it answer 200 again (a release
+//!   that stops passing its health check while it runs).
 //! - `CRASH_AFTER_MS`: exit(1) that long after becoming ready.
 //! - `UDP_LISTEN`: comma-separated UDP addresses; each datagram is answered with
 //!   `<RELEASE> <payload>`.
@@ -307,6 +310,8 @@ fn serve() -> io::Result<()> {
     let shared = Arc::new(Shared {
         release: config.release.clone(),
         health_fail: config.health_fail,
+        health_switch: env::var("HEALTH").is_ok_and(|v| v.trim().eq_ignore_ascii_case("switch")),
+        health_failing: AtomicBool::new(false),
         inspect: env::var("INSPECT").is_ok_and(|v| v.trim() == "1"),
         conns: Mutex::new(Conns::default()),
         drained: Condvar::new(),
@@ -456,6 +461,9 @@ struct Conns {
 struct Shared {
     release: String,
     health_fail: bool,
+    /// `HEALTH=switch`: the `/health?set=` route, and whether it set `/healthz` failing.
+    health_switch: bool,
+    health_failing: AtomicBool,
     inspect: bool,
     conns: Mutex<Conns>,
     drained: Condvar,
@@ -641,7 +649,14 @@ fn respond(req: &Request, shared: &Shared) -> (u16, String) {
     let (path, query) = req.target.split_once('?').unwrap_or((req.target.as_str(), ""));
     match path {
         "/" => (200, format!("{}\n", shared.release)),
-        "/healthz" if shared.health_fail => (503, "unhealthy\n".to_string()),
+        "/healthz" if shared.health_fail || shared.health_failing.load(Ordering::SeqCst) => (503, "unhealthy\n".to_string()),
+        "/health" if shared.health_switch => match query_param(query, "set") {
+            Some(v) => {
+                shared.health_failing.store(v == "fail", Ordering::SeqCst);
+                (200, format!("health {}\n", if v == "fail" { "failing" } else { "ok" }))
+            }
+            None => (400, "set=fail or set=ok\n".to_string()),
+        },
         "/healthz" => (200, "ok".to_string()),
         "/slow" => {
             let ms = query_param(query, "ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(1000);

@@ -1,0 +1,182 @@
+//! The watch of the active release over fakes: a slow check under load is no loss, a
+//! run of failed checks is, a disconnected release is handled, and what `status` and the
+//! metrics say at each step.
+
+use std::sync::Mutex as StdMutex;
+use std::time::Instant;
+
+use super::*;
+use crate::deploy::watch::Watch;
+use crate::docker::NetworkEvent;
+use crate::metrics::{Metrics, Scrape};
+
+fn watched(image: &str, extra: &str) -> Manifest {
+    let text = format!(
+        "name: web\nimage: {image}\nports: [{{host: 8080, container: 80}}]\nkeep: 3\n\
+         health: {{type: http, path: /healthz, interval: 10ms, deadline: 200ms}}\ndrain_timeout: 50ms\nwatch: 20ms\n{extra}"
+    );
+    Manifest::parse(Path::new("web.yaml"), &text).unwrap()
+}
+
+/// The world's releaser, recording into metrics the test reads.
+fn with_metrics(w: World) -> (World, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let World { engine, firewall, checks, releaser, tx, _dir } = w;
+    let releaser = releaser.with_metrics(metrics.clone());
+    (World { engine, firewall, checks, releaser, tx, _dir }, metrics)
+}
+
+async fn rendered(w: &World, metrics: &Metrics) -> String {
+    metrics.render(&Scrape::of_state(&w.releaser.snapshot().await))
+}
+
+async fn down(w: &World) -> Option<String> {
+    w.releaser.snapshot().await.services["web"].down.clone()
+}
+
+fn serving(w: &World) -> Option<String> {
+    w.engine.image_at(w.firewall.target(8080)?)
+}
+
+#[tokio::test]
+async fn slow_checks_under_load_do_nothing_until_failures_in_a_row_then_it_rolls_back() {
+    let (w, metrics) = with_metrics(world());
+    w.releaser.apply(watched("web:1", "on_failure: rollback\n"), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+
+    // One slow answer, then another after a pass: never three in a row.
+    w.checks.slow.store(1, Ordering::SeqCst);
+    w.releaser.probe_round(&watch, at(0)).await;
+    w.releaser.probe_round(&watch, at(1000)).await;
+    w.checks.slow.store(2, Ordering::SeqCst);
+    w.releaser.probe_round(&watch, at(2000)).await;
+    // `interval: 10ms` is watched every second at the most: no check is due yet.
+    w.releaser.probe_round(&watch, at(2500)).await;
+    assert_eq!(w.checks.slow.load(Ordering::SeqCst), 1, "a check ran before its second was up");
+    w.releaser.probe_round(&watch, at(3000)).await;
+    w.releaser.probe_round(&watch, at(4000)).await;
+    assert_eq!(serving(&w).as_deref(), Some("web:2"));
+    assert_eq!(active(&w).await, Some(2));
+    assert_eq!(down(&w).await, None);
+    assert_eq!(w.releaser.snapshot().await.services["web"].history.len(), 2, "no operation ran");
+    assert!(!rendered(&w, &metrics).await.contains("cutover_active_lost_total{"));
+
+    // Three in a row (`health.failures` defaults to 3): rolled back to the kept release.
+    w.checks.slow.store(3, Ordering::SeqCst);
+    for s in 5..=7 {
+        w.releaser.probe_round(&watch, at(s * 1000)).await;
+    }
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+    assert_eq!(active(&w).await, Some(1));
+    assert_eq!(down(&w).await, None, "served again by release 1");
+    let text = rendered(&w, &metrics).await;
+    assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"unhealthy\"} 1\n"), "{text}");
+    assert!(text.contains("cutover_active_down{service=\"web\"} 0\n"), "{text}");
+    let last = w.releaser.snapshot().await.services["web"].history.last().cloned().unwrap();
+    assert_eq!((last.kind, last.from, last.to, last.outcome.as_str()), (OperationKind::Rollback, Some(2), 1, "switched"));
+}
+
+#[tokio::test]
+async fn on_failure_none_shows_down_until_a_check_passes_again() {
+    let (w, metrics) = with_metrics(world());
+    let mut m = watched("web:1", "on_failure: none\n");
+    m.health.failures = 2;
+    w.releaser.apply(m, &w.tx).await.unwrap();
+    let engine_log = w.engine.log.lock().unwrap().len();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    w.checks.slow.store(4, Ordering::SeqCst);
+    w.releaser.probe_round(&watch, t0).await;
+    assert_eq!(down(&w).await, None, "one failure of two");
+    w.releaser.probe_round(&watch, t0 + Duration::from_secs(1)).await;
+    let why = down(&w).await.expect("down after two failures in a row");
+    assert!(why.contains("release 1 failed 2 health checks in a row") && why.contains("no answer"), "{why}");
+    let text = rendered(&w, &metrics).await;
+    assert!(text.contains("cutover_active_down{service=\"web\"} 1\n"), "{text}");
+    // Still failing: counted once, nothing touched.
+    w.releaser.probe_round(&watch, t0 + Duration::from_secs(2)).await;
+    w.releaser.probe_round(&watch, t0 + Duration::from_secs(3)).await;
+    let text = rendered(&w, &metrics).await;
+    assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"unhealthy\"} 1\n"), "{text}");
+    assert_eq!(w.engine.log.lock().unwrap().len(), engine_log, "on_failure none touched the container");
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+    // It answers again: DOWN clears.
+    w.releaser.probe_round(&watch, t0 + Duration::from_secs(4)).await;
+    assert_eq!(down(&w).await, None);
+    assert!(rendered(&w, &metrics).await.contains("cutover_active_down{service=\"web\"} 0\n"));
+}
+
+#[tokio::test]
+async fn a_disconnected_active_release_is_connected_again_and_the_rules_follow_its_address() {
+    let (w, metrics) = with_metrics(world());
+    w.releaser.apply(watched("web:1", ""), &w.tx).await.unwrap();
+    let before = w.firewall.target(8080).unwrap();
+    let id = "id-cutover-web-1";
+    w.engine.disconnect(id);
+    let watch = StdMutex::new(Watch::default());
+    let event = NetworkEvent { container: id.into(), network: "bridge".into(), network_id: "f00".into(), connected: false };
+    w.releaser.network_event(&event, &watch).await;
+    assert!(w.engine.log.lock().unwrap().contains(&format!("connect {id} bridge")));
+    let after = w.firewall.target(8080).unwrap();
+    assert_ne!(after, before, "the rules still name the address it lost");
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+    assert_eq!(down(&w).await, None);
+    let text = rendered(&w, &metrics).await;
+    assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"disconnected\"} 1\n"), "{text}");
+    // A disconnect of another network, or of a release that is not active: nothing.
+    let other = NetworkEvent { network: "other".into(), network_id: "b42".into(), ..event.clone() };
+    w.engine.disconnect(id);
+    w.releaser.network_event(&other, &watch).await;
+    assert_eq!(down(&w).await, None);
+}
+
+#[tokio::test]
+async fn a_disconnected_active_release_is_rolled_back_and_kept_connected() {
+    let w = world();
+    w.releaser.apply(watched("web:1", "on_failure: rollback\n"), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    let id = "id-cutover-web-2";
+    w.engine.disconnect(id);
+    let watch = StdMutex::new(Watch::default());
+    let event = NetworkEvent { container: id.into(), network: "bridge".into(), network_id: String::new(), connected: false };
+    w.releaser.network_event(&event, &watch).await;
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+    assert_eq!(active(&w).await, Some(1));
+    assert_eq!(down(&w).await, None);
+    // Release 2 is kept, on its network again, for a later rollback.
+    assert!(w.engine.log.lock().unwrap().contains(&format!("connect {id} bridge")));
+    assert_eq!(w.engine.running(), vec!["cutover-web-1"]);
+}
+
+#[tokio::test]
+async fn failed_checks_of_a_release_the_engine_says_is_not_running_are_left_to_its_events() {
+    let w = world();
+    w.releaser.apply(watched("web:1", "on_failure: none\n"), &w.tx).await.unwrap();
+    w.engine.stop("id-cutover-web-1".into(), Duration::ZERO).await.unwrap();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    for s in 0..4 {
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+    }
+    assert_eq!(down(&w).await, None, "a dead release is reported by its die event, with its exit code");
+}
+
+#[tokio::test]
+async fn failed_checks_of_a_release_the_engine_moved_update_the_rules_instead() {
+    let w = world();
+    w.releaser.apply(watched("web:1", "on_failure: none\n"), &w.tx).await.unwrap();
+    let before = w.firewall.target(8080).unwrap();
+    // The engine restarted it (it came back) with another address, unseen by the events.
+    w.engine.start("id-cutover-web-1".into()).await.unwrap();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    for s in 0..3 {
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+    }
+    assert_eq!(down(&w).await, None);
+    assert_ne!(w.firewall.target(8080), Some(before));
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+}
