@@ -152,7 +152,7 @@ impl Releaser {
     /// IPv6 address and the bridge's may be in duplicate address detection for a second
     /// or two, during which IPv6 clients are not answered. Wait for that path (within the
     /// release's health deadline, at most 10 s), and say when it is back; an address that
-    /// failed detection will never carry traffic: logged as an error and shown as down.
+    /// failed detection will never carry IPv6 traffic: logged as an error.
     async fn ipv6_back(&self, service: &str, release: u32, info: &ContainerInfo, deadline: Duration) {
         const LONGEST: Duration = Duration::from_secs(10);
         let started = Instant::now();
@@ -174,14 +174,9 @@ impl Releaser {
                     waited_for = Some(what);
                 }
                 Err(why) => {
+                    // IPv4 still serves (the health watch says so), so this is no DOWN: an
+                    // error for the operator, who has to free the address (see troubleshooting.md).
                     tracing::error!(service, release, "release {release} cannot be reached over IPv6: {why}");
-                    let (s, reason) = (service.to_string(), format!("release {release} cannot be reached over IPv6: {why}"));
-                    self.remember("that the active release is down", move |st| {
-                        if let Some(svc) = st.services.get_mut(&s) {
-                            svc.down = Some(reason);
-                        }
-                    })
-                    .await;
                     return;
                 }
             }
