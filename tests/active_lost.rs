@@ -181,3 +181,34 @@ fn an_active_release_that_fails_its_health_check_is_rolled_back_or_reported() {
     let log = daemon.log();
     assert_eq!(log.matches("passes its health check again; no longer down").count(), 1, "{log}");
 }
+
+/// `docker rm -f` of the active release while the daemon was not running (so no event
+/// says it): after the restart the health watch finds it gone and rolls back.
+#[test]
+fn an_active_release_removed_while_the_daemon_was_down_is_found_and_rolled_back() {
+    let ids = Ids::new("an_active_release_removed_while_down");
+    let TwoReleases { net, v1, v2, client } = two_releases(&ids);
+    let metrics_addr = format!("127.0.0.1:{}", ids.port());
+    let mut daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
+    let port = ids.port();
+    let yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("on_failure", "rollback").set("drain_timeout", "2s");
+    apply(&daemon, yaml);
+    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
+    let url = client.url(port);
+    answered_by(&client, &url, "v2");
+
+    daemon.kill9();
+    run(&mut cmd(DOCKER, ["rm", "-f", &format!("cutover-{}-2", ids.service)]));
+    daemon.restart();
+    answered_by(&client, &url, "v1");
+    all_new_connections_answer(client.at(), &url, "v1");
+    wait_for("status to show release 1 active and not down", Duration::from_secs(30), || {
+        let s = status(&daemon, &ids.service);
+        (s["active"] == 1 && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
+    });
+    let text = metrics(&metrics_addr);
+    let lost = format!("cutover_active_lost_total{{service=\"{}\",reason=\"removed\"}}", ids.service);
+    assert_eq!(sample(&text, &lost), Some(1.0), "{text}");
+    let log = daemon.log();
+    assert!(log.contains("release 2 was removed") && log.contains("rolled back to release 1"), "{log}");
+}

@@ -245,10 +245,10 @@ impl Releaser {
                 }
             }
             (Loss::Disconnected { .. }, _) => return,
-            // Failed checks count only against a release the engine says runs at the
-            // address they probed: a dead one is its events' to report; one the engine
-            // restarted elsewhere (it came back) needs the rules to follow it; and while the
-            // engine does not answer nothing is known. Counted afresh in the last two cases.
+            // Failed checks count against a release the engine says runs at the address
+            // they probed, or that is gone or dead (then as that); one the engine restarted
+            // elsewhere (it came back) needs the rules to follow it; and while the engine
+            // does not answer nothing is known. Counted afresh in the last two cases.
             (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running && (info.addr.is_none() || info.addr == rel.addr) => {}
             (Loss::Unhealthy { .. }, Ok(Some(info))) if info.running => {
                 tracing::info!(service = %service, release = rel.number, "the active release has a new address; updating the rules");
@@ -260,6 +260,10 @@ impl Releaser {
                 }
                 return;
             }
+            // Gone or dead with no event to say so (it happened while the daemon was not
+            // running): the failed checks found it.
+            (Loss::Unhealthy { .. }, Ok(None)) => loss = Loss::Removed,
+            (Loss::Unhealthy { .. }, Ok(Some(info))) if !info.running => loss = Loss::Died { exit_code: info.exit_code },
             (Loss::Unhealthy { .. }, Err(_)) => {
                 if let Some(t) = Watch::lock(watch).probes.get_mut(&service) {
                     t.failures = 0;
@@ -415,8 +419,11 @@ impl Releaser {
                     Err(_) => Verdict::Fail(format!("no answer within {}", crate::manifest::format_duration(wait))),
                 }
             }
+            // A container gone or stopped is usually reported by its events first; these
+            // catch what happened while the daemon was not running (no event then).
             HealthKind::Docker => match self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await {
-                Ok(Some(info)) if !info.running => Verdict::Unknown, // the container events report it
+                Ok(None) => Verdict::Fail("its container is gone".into()),
+                Ok(Some(info)) if !info.running => Verdict::Fail("its container is not running".into()),
                 Ok(Some(info)) => match info.health.as_deref() {
                     Some("healthy") => Verdict::Pass,
                     Some("unhealthy") => Verdict::Fail("Docker reports it unhealthy".into()),
@@ -428,6 +435,8 @@ impl Releaser {
             // engine event.
             HealthKind::None => match self.engine.inspect(rel.container_id.clone(), rel.manifest.network.clone()).await {
                 Ok(Some(info)) if info.running && info.addr.is_some() => Verdict::Pass,
+                Ok(None) => Verdict::Fail("its container is gone".into()),
+                Ok(Some(info)) if !info.running => Verdict::Fail("its container is not running".into()),
                 _ => Verdict::Unknown,
             },
         }
