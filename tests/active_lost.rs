@@ -18,6 +18,15 @@ fn status(daemon: &Daemon, service: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(&daemon.cli_ok(&["status", service, "--json"]).stdout).unwrap()[0].clone()
 }
 
+/// Until `status` shows release `n` active and the service not down.
+#[track_caller]
+fn serving_again(daemon: &Daemon, service: &str, n: u64) {
+    wait_for(&format!("status to show release {n} active and not down"), Duration::from_secs(30), || {
+        let s = status(daemon, service);
+        (s["active"] == n && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
+    });
+}
+
 #[track_caller]
 fn answered_by(client: &ClientHost, url: &str, release: &str) {
     wait_for(&format!("{url} to be answered by {release}"), Duration::from_secs(40), || {
@@ -59,10 +68,7 @@ fn a_killed_active_release_is_rolled_back_and_none_only_reports() {
     answered_by(&client, &url, "v2");
     run(&mut cmd(DOCKER, ["kill", &format!("cutover-{}-2", ids.service)]));
     answered_by(&client, &url, "v1");
-    wait_for("status to show release 1 active", Duration::from_secs(30), || {
-        let s = status(&daemon, &ids.service);
-        (s["active"] == 1 && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
-    });
+    serving_again(&daemon, &ids.service, 1);
 
     // `none`: only reported, in status (and the log).
     let none = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("on_failure", "none").set("drain_timeout", "2s");
@@ -107,10 +113,7 @@ fn a_disconnected_active_release_is_rolled_back() {
     run(&mut cmd(DOCKER, ["network", "disconnect", &net.name, &format!("cutover-{}-2", ids.service)]));
     answered_by(&client, &url, "v1");
     all_new_connections_answer(client.at(), &url, "v1");
-    wait_for("status to show release 1 active and not down", Duration::from_secs(30), || {
-        let s = status(&daemon, &ids.service);
-        (s["active"] == 1 && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
-    });
+    serving_again(&daemon, &ids.service, 1);
     let text = metrics(&metrics_addr);
     let lost = format!("cutover_active_lost_total{{service=\"{}\",reason=\"disconnected\"}}", ids.service);
     assert_eq!(sample(&text, &lost), Some(1.0), "{text}");
@@ -148,10 +151,7 @@ fn an_active_release_that_fails_its_health_check_is_rolled_back_or_reported() {
     let report = load.wait();
     report.assert_no_failures();
     assert!(report.count("v1") > 0 && report.count("v2") > 0, "{:?}", report.bodies);
-    wait_for("status to show release 1 active and not down", Duration::from_secs(30), || {
-        let s = status(&daemon, &service);
-        (s["active"] == 1 && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
-    });
+    serving_again(&daemon, &service, 1);
     let text = metrics(&metrics_addr);
     assert_eq!(sample(&text, &lost), Some(1.0), "{text}");
     let log = daemon.log();
@@ -202,10 +202,7 @@ fn an_active_release_removed_while_the_daemon_was_down_is_found_and_rolled_back(
     daemon.restart();
     answered_by(&client, &url, "v1");
     all_new_connections_answer(client.at(), &url, "v1");
-    wait_for("status to show release 1 active and not down", Duration::from_secs(30), || {
-        let s = status(&daemon, &ids.service);
-        (s["active"] == 1 && s.get("down").is_none_or(serde_json::Value::is_null)).then_some(()).ok_or_else(|| s.to_string())
-    });
+    serving_again(&daemon, &ids.service, 1);
     let text = metrics(&metrics_addr);
     let lost = format!("cutover_active_lost_total{{service=\"{}\",reason=\"removed\"}}", ids.service);
     assert_eq!(sample(&text, &lost), Some(1.0), "{text}");

@@ -61,6 +61,16 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A daemon whose state directory is a [`SmallDisk`], pausing 3 s at `step` of every
+/// release (the disk is returned second, so it is unmounted before the daemon's files go).
+fn on_small_disk(ids: &Ids, step: &str) -> (Daemon, SmallDisk) {
+    let mut disk = None;
+    let daemon = Daemon::start_prepared(ids, &[CUTOVER], &["--pause-at", step, "--pause-for", "3s"], |dir| {
+        disk = Some(SmallDisk::mount(dir));
+    });
+    (daemon, disk.expect("mounted"))
+}
+
 fn status(daemon: &Daemon, service: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(&daemon.cli_ok(&["status", service, "--json"]).stdout).unwrap()[0].clone()
 }
@@ -89,11 +99,7 @@ fn answered_by(client: &ClientHost, url: &str, release: &str) {
 fn a_full_state_disk_before_the_switch_undoes_the_release_and_changes_nothing() {
     let ids = Ids::new("a_full_state_disk_before_the_switch");
     let TwoReleases { net, v1, v2, client } = two_releases(&ids);
-    let mut disk = None;
-    let daemon = Daemon::start_prepared(&ids, &[CUTOVER], &["--pause-at", "starting", "--pause-for", "3s"], |dir| {
-        disk = Some(SmallDisk::mount(dir));
-    });
-    let disk = disk.unwrap();
+    let (daemon, disk) = on_small_disk(&ids, "starting");
     let port = ids.port();
     apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s"));
     let url = client.url(port);
@@ -139,11 +145,7 @@ fn a_full_state_disk_before_the_switch_undoes_the_release_and_changes_nothing() 
 fn a_full_state_disk_after_the_switch_keeps_kernel_and_state_in_agreement_across_a_crash() {
     let ids = Ids::new("a_full_state_disk_after_the_switch");
     let TwoReleases { net, v1, v2, client } = two_releases(&ids);
-    let mut disk = None;
-    let mut daemon = Daemon::start_prepared(&ids, &[CUTOVER], &["--pause-at", "switching", "--pause-for", "3s"], |dir| {
-        disk = Some(SmallDisk::mount(dir));
-    });
-    let disk = disk.unwrap();
+    let (mut daemon, disk) = on_small_disk(&ids, "switching");
     let port = ids.port();
     apply(&daemon, ServiceYaml::http(&ids.service, &v1, port, &net.name).set("drain_timeout", "2s"));
     let url = client.url(port);
