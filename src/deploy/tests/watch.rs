@@ -151,17 +151,22 @@ async fn a_disconnected_active_release_is_rolled_back_and_kept_connected() {
     assert_eq!(w.engine.running(), vec!["cutover-web-1"]);
 }
 
+/// A release that stopped with no event to say so (the daemon was not running then) is
+/// found by its failed checks, and lost as a dead one, not as an unhealthy one.
 #[tokio::test]
-async fn failed_checks_of_a_release_the_engine_says_is_not_running_are_left_to_its_events() {
+async fn failed_checks_of_a_release_the_engine_says_is_not_running_count_it_dead() {
     let w = world();
     w.releaser.apply(watched("web:1", "on_failure: none\n"), &w.tx).await.unwrap();
     w.engine.stop("id-cutover-web-1".into(), Duration::ZERO).await.unwrap();
     let watch = StdMutex::new(Watch::default());
     let t0 = Instant::now();
-    for s in 0..4 {
+    for s in 0..2 {
         w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
     }
-    assert_eq!(down(&w).await, None, "a dead release is reported by its die event, with its exit code");
+    assert_eq!(down(&w).await, None, "two failed checks are not yet a loss");
+    w.releaser.probe_round(&watch, t0 + Duration::from_secs(2)).await;
+    let d = down(&w).await.unwrap_or_default();
+    assert!(d.starts_with("release 1 died"), "{d}");
 }
 
 #[tokio::test]
