@@ -318,15 +318,16 @@ impl Releaser {
                     Err(e) => Err(e.into()),
                 }
             }
+            // A release that runs but fails its checks is not restarted: under overload (a
+            // full accept queue, slow answers) a restart would turn slow clients into
+            // failed ones. It is reported; `on_failure: rollback` switches to the kept one.
             (OnFailure::Restart, Loss::Unhealthy { .. }) => {
-                let restarted = async {
-                    self.engine.stop(id.clone(), rel.manifest.stop_timeout).await?;
-                    self.engine.start(id).await
-                };
-                match restarted.await {
-                    Ok(()) => self.refresh().await.map(|()| format!("restarted release {}", rel.number)),
-                    Err(e) => Err(e.into()),
-                }
+                tracing::info!(
+                    service,
+                    "on_failure is restart, which restarts releases that died, not one that runs and fails its checks; \
+                     it stays down until its checks pass (on_failure: rollback switches to the kept release instead)"
+                );
+                return;
             }
             (OnFailure::Restart, loss) if *loss != Loss::Removed => match self.engine.start(id).await {
                 Ok(()) => self.refresh().await.map(|()| format!("restarted release {}", rel.number)),

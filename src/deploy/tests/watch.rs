@@ -109,6 +109,27 @@ async fn on_failure_none_shows_down_until_a_check_passes_again() {
     assert!(rendered(&w, &metrics).await.contains("cutover_active_down{service=\"web\"} 0\n"));
 }
 
+/// `restart` (the default) restarts releases that died, never one that runs and fails its
+/// checks (an overloaded release would lose the clients it only slows): it is reported.
+#[tokio::test]
+async fn on_failure_restart_does_not_restart_a_running_release_that_fails_its_checks() {
+    let w = world();
+    let mut m = watched("web:1", "");
+    m.health.failures = 2;
+    w.releaser.apply(m, &w.tx).await.unwrap();
+    let engine_log = w.engine.log.lock().unwrap().len();
+    let watch = StdMutex::new(Watch::default());
+    let t0 = Instant::now();
+    w.checks.slow.store(4, Ordering::SeqCst);
+    for s in 0..4 {
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+    }
+    let why = down(&w).await.expect("reported");
+    assert!(why.contains("failed 2 health checks in a row"), "{why}");
+    assert_eq!(w.engine.log.lock().unwrap().len(), engine_log, "the container was not touched");
+    assert_eq!(serving(&w).as_deref(), Some("web:1"));
+}
+
 #[tokio::test]
 async fn a_disconnected_active_release_is_connected_again_and_the_rules_follow_its_address() {
     let (w, metrics) = with_metrics(world());
