@@ -34,6 +34,15 @@ impl Drop for ComposeProject {
     fn drop(&mut self) {
         let mut c = cmd(COMPOSE, ["-p", &self.name, "-f", &self.file, "down", "-v", "--remove-orphans"]);
         let _ = output(&mut c);
+        // `down` reads the file, which a test may have left invalid on purpose: the
+        // project's containers go by their label too, before the test's images do.
+        let filter = format!("label=com.docker.compose.project={}", self.name);
+        if let Ok(ids) = output(&mut cmd(DOCKER, ["ps", "-aq", "--filter", &filter])) {
+            let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+            if !ids.is_empty() {
+                let _ = output(cmd(DOCKER, ["rm", "-f", "-v"]).args(&ids));
+            }
+        }
         let _ = output(&mut cmd(DOCKER, ["network", "rm", &format!("{}_default", self.name)]));
         let _ = output(&mut cmd(DOCKER, ["volume", "rm", "-f", &format!("{}_data", self.name)]));
     }
@@ -81,8 +90,10 @@ fn a_compose_project_as_it_is_gets_zero_downtime_releases() {
     let project = format!("p{}", ids.tag.replace(['-', '.'], "").to_lowercase());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("compose.yaml");
-    let guard = ComposeProject { name: project.clone(), file: file.display().to_string() };
     let daemon = Daemon::start(&ids);
+    // After the daemon: dropped first, so compose's containers are gone before the
+    // daemon's cleanup removes the test's images (an image in use is only untagged).
+    let guard = ComposeProject { name: project.clone(), file: file.display().to_string() };
     let port = ids.port();
     let api_port = ids.port();
     let api = format!("a{}", &ids.service[..ids.service.len().min(30)]);
@@ -179,8 +190,10 @@ fn cutover_first_creates_the_network_compose_then_takes_as_its_own_and_refusals_
     let project = format!("q{}", ids.tag.replace(['-', '.'], "").to_lowercase());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("compose.yaml");
-    let guard = ComposeProject { name: project.clone(), file: file.display().to_string() };
     let daemon = Daemon::start(&ids);
+    // After the daemon: dropped first, so compose's containers are gone before the
+    // daemon's cleanup removes the test's images (an image in use is only untagged).
+    let guard = ComposeProject { name: project.clone(), file: file.display().to_string() };
     let port = ids.port();
     let text = format!(
         "services:\n  web:\n    image: {v1}\n    ports: [\"{port}:80\"]\n    restart: always\n    x-cutover: {{name: {}, watch: 1s}}\n  cache:\n    image: {cache_image}\n",
