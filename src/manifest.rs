@@ -289,16 +289,20 @@ impl Manifest {
         serde_json::to_string(&m)
     }
 
-    /// A manifest read back from a container's label, with its `env` values taken from
-    /// that container's environment (`values`); a name missing there stays empty.
-    pub fn from_label(label: &str, values: &EnvValues) -> Result<Manifest, serde_json::Error> {
-        let mut m: Manifest = serde_json::from_str(label)?;
-        for (k, v) in m.env.iter_mut() {
+    /// A manifest read back from a container's label; its `env` values are empty until
+    /// [`Manifest::fill_env`] gives them.
+    pub fn from_label(label: &str) -> Result<Manifest, serde_json::Error> {
+        serde_json::from_str(label)
+    }
+
+    /// Take the `env` values from a container's environment (`values`); a name missing
+    /// there stays empty.
+    pub fn fill_env(&mut self, values: &EnvValues) {
+        for (k, v) in self.env.iter_mut() {
             if let Some(value) = values.0.get(k) {
                 v.clone_from(value);
             }
         }
-        Ok(m)
     }
 }
 

@@ -127,6 +127,15 @@ pub struct State {
     pub removed_containers: Vec<String>,
 }
 
+impl State {
+    /// [`ServiceState::forget_gone_releases`] of every service: done at each write.
+    pub fn forget_gone_releases(&mut self) {
+        for svc in self.services.values_mut() {
+            svc.forget_gone_releases();
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseStatus {

@@ -53,24 +53,28 @@ impl Releaser {
                 adopted.unaccounted.push(format!("{} (no {LABEL_MANIFEST} label: made by an older cutover)", c.name));
                 continue;
             };
-            let names: Vec<String> = serde_json::from_str::<Manifest>(label).map(|m| m.env.into_keys().collect()).unwrap_or_default();
-            let values = if !names.is_empty() {
-                self.engine.env_values(c.id.clone(), names).await?
-            } else {
-                crate::manifest::EnvValues::default()
+            let mut m = match Manifest::from_label(label) {
+                Ok(m) => m,
+                Err(e) => {
+                    adopted.unaccounted.push(format!("{} (its {LABEL_MANIFEST} label cannot be read: {e})", c.name));
+                    continue;
+                }
             };
-            match Manifest::from_label(label, &values) {
-                Ok(m) if m.name == service && Mode::of(&m) == Mode::Nat => {
-                    // Listed without a network: read again on the release's own, for its address.
-                    let info = self.engine.inspect(c.id.clone(), m.network.clone()).await?.unwrap_or(c);
-                    by_service.entry(service).or_default().push(Found { number, manifest: m, info });
-                }
-                Ok(m) if Mode::of(&m) == Mode::Handoff => {
-                    adopted.unaccounted.push(format!("{} (a handoff-mode release; those are not adopted)", c.name));
-                }
-                Ok(_) => adopted.unaccounted.push(format!("{} (its manifest names another service)", c.name)),
-                Err(e) => adopted.unaccounted.push(format!("{} (its {LABEL_MANIFEST} label cannot be read: {e})", c.name)),
+            if Mode::of(&m) == Mode::Handoff {
+                adopted.unaccounted.push(format!("{} (a handoff-mode release; those are not adopted)", c.name));
+                continue;
             }
+            if m.name != service {
+                adopted.unaccounted.push(format!("{} (its manifest names another service)", c.name));
+                continue;
+            }
+            if !m.env.is_empty() {
+                m.fill_env(&self.engine.env_values(c.id.clone(), m.env.keys().cloned().collect()).await?);
+            }
+            // Listed without its network: inspected on the release's own, for its address
+            // and restart policy.
+            let info = self.engine.inspect(c.id.clone(), m.network.clone()).await?.unwrap_or(c);
+            by_service.entry(service).or_default().push(Found { number, manifest: m, info });
         }
         if by_service.is_empty() {
             return Ok(adopted);
@@ -153,9 +157,7 @@ impl Releaser {
                 }
             }
         }
-        let _ = self
-            .remember("the removed containers", move |st| st.removed_containers.retain(|id| !gone.contains(id)))
-            .await;
+        self.remember("the removed containers", move |st| st.removed_containers.retain(|id| !gone.contains(id))).await;
         errors
     }
 }
@@ -201,6 +203,8 @@ mod tests {
         assert!(!label.contains("s3cret"), "{label}");
         assert!(label.contains("DB_PASSWORD"), "{label}");
         let values = crate::manifest::EnvValues(BTreeMap::from([("DB_PASSWORD".to_string(), "s3cret".to_string())]));
-        assert_eq!(Manifest::from_label(&label, &values).expect("reads back"), m);
+        let mut back = Manifest::from_label(&label).expect("reads back");
+        back.fill_env(&values);
+        assert_eq!(back, m);
     }
 }

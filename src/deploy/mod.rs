@@ -329,21 +329,16 @@ impl Releaser {
     /// after the effect it records, when the daemon goes on either way (an undo, the steps
     /// after the switch). A state file left behind is safe to restart from, since each
     /// step was recorded before its effect: the restart finishes or undoes the same way.
-    /// The next write that succeeds catches the file up. Returns the write error.
-    async fn remember(&self, what: &str, f: impl FnOnce(&mut State)) -> Option<StateError> {
+    /// The next write that succeeds catches the file up; the error is logged and shown at
+    /// the end of the release (`warn_if_unsaved`).
+    async fn remember(&self, what: &str, f: impl FnOnce(&mut State)) {
         let mut state = self.state.lock().await;
         f(&mut state);
-        for svc in state.services.values_mut() {
-            svc.forget_gone_releases();
-        }
+        state.forget_gone_releases();
         let saved = self.store.save(&state);
         self.note_saved(saved.as_ref().err());
-        match saved {
-            Ok(()) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record {what}; going on with it in memory (the file catches up at the next write)");
-                Some(e)
-            }
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "cannot record {what}; going on with it in memory (the file catches up at the next write)");
         }
     }
 
@@ -370,9 +365,7 @@ impl Releaser {
         let mut state = self.state.lock().await;
         let mut next = state.clone();
         let out = f(&mut next);
-        for svc in next.services.values_mut() {
-            svc.forget_gone_releases();
-        }
+        next.forget_gone_releases();
         self.store.save(&next)?;
         self.note_saved(None);
         *state = next;

@@ -180,7 +180,8 @@ pub trait Engine: Send + Sync + 'static {
     fn published(&self) -> BoxFuture<'_, Result<Vec<Published>, DockerError>>;
     /// The bridge interface and subnet of a bridge network (`None` for other drivers).
     fn bridge(&self, network: String) -> BoxFuture<'_, Result<Option<Bridge>, DockerError>>;
-    /// Containers carrying `cutover.instance=<instance>`.
+    /// Containers carrying `cutover.instance=<instance>`, as the engine lists them: id,
+    /// name, running and labels (addresses, pid and restart policy need an `inspect`).
     fn list_instance(&self, instance: String) -> BoxFuture<'_, Result<Vec<ContainerInfo>, DockerError>>;
     /// Let the engine restart the container from now on (after a crash, an engine
     /// restart or a reboot): `unless-stopped`.
@@ -770,15 +771,28 @@ impl Engine for DockerEngine {
                 .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
                 .await
                 .map_err(|source| DockerError::Api { action: "list", target: "containers".into(), source })?;
-            let mut out = Vec::new();
-            for c in list {
-                if let Some(id) = c.id {
-                    if let Some(info) = self.inspect_inner(&id, "").await? {
-                        out.push(info);
-                    }
-                }
-            }
-            Ok(out)
+            // From the listing alone, one request at daemon start however many releases
+            // are kept: what it lacks (addresses, pid, restart policy) is inspected for the
+            // few containers a caller needs it of.
+            Ok(list
+                .into_iter()
+                .filter_map(|c| {
+                    let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
+                    Some(ContainerInfo {
+                        id: c.id?,
+                        name: c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string()).unwrap_or_default(),
+                        running,
+                        pid: None,
+                        addr: None,
+                        addr6: None,
+                        exit_code: None,
+                        restarts: 0,
+                        health: None,
+                        labels: c.labels.unwrap_or_default().into_iter().collect(),
+                        kept_running: false,
+                    })
+                })
+                .collect())
         })
     }
 
