@@ -27,6 +27,18 @@ fn serving_again(daemon: &Daemon, service: &str, n: u64) {
     });
 }
 
+/// Service `ids.service` on `port`, `on_failure: rollback`, applied with `v1` and
+/// deployed to `v2`, which answers (release 1 kept): its URL from `client`.
+#[track_caller]
+fn v2_over_kept_v1(daemon: &Daemon, ids: &Ids, network: &str, (v1, v2): (&str, &str), client: &ClientHost, port: u16) -> String {
+    let yaml = ServiceYaml::http(&ids.service, v1, port, network).set("on_failure", "rollback").set("drain_timeout", "2s");
+    apply(daemon, yaml);
+    daemon.cli_ok(&["deploy", &ids.service, "--image", v2]);
+    let url = client.url(port);
+    answered_by(client, &url, "v2");
+    url
+}
+
 #[track_caller]
 fn answered_by(client: &ClientHost, url: &str, release: &str) {
     wait_for(&format!("{url} to be answered by {release}"), Duration::from_secs(40), || {
@@ -61,11 +73,7 @@ fn a_killed_active_release_is_rolled_back_and_none_only_reports() {
     let TwoReleases { net, v1, v2, client } = two_releases(&ids);
     let daemon = Daemon::start(&ids);
     let port = ids.port();
-    let yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("on_failure", "rollback").set("drain_timeout", "2s");
-    apply(&daemon, yaml);
-    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    let url = client.url(port);
-    answered_by(&client, &url, "v2");
+    let url = v2_over_kept_v1(&daemon, &ids, &net.name, (&v1, &v2), &client, port);
     run(&mut cmd(DOCKER, ["kill", &format!("cutover-{}-2", ids.service)]));
     answered_by(&client, &url, "v1");
     serving_again(&daemon, &ids.service, 1);
@@ -103,11 +111,7 @@ fn a_disconnected_active_release_is_rolled_back() {
     let metrics_addr = format!("127.0.0.1:{}", ids.port());
     let daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
     let port = ids.port();
-    let yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("on_failure", "rollback").set("drain_timeout", "2s");
-    apply(&daemon, yaml);
-    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    let url = client.url(port);
-    answered_by(&client, &url, "v2");
+    let url = v2_over_kept_v1(&daemon, &ids, &net.name, (&v1, &v2), &client, port);
 
     // Still running, but nothing can reach it.
     run(&mut cmd(DOCKER, ["network", "disconnect", &net.name, &format!("cutover-{}-2", ids.service)]));
@@ -191,11 +195,7 @@ fn an_active_release_removed_while_the_daemon_was_down_is_found_and_rolled_back(
     let metrics_addr = format!("127.0.0.1:{}", ids.port());
     let mut daemon = Daemon::start_with(&ids, &["--metrics", &metrics_addr]);
     let port = ids.port();
-    let yaml = ServiceYaml::http(&ids.service, &v1, port, &net.name).set("on_failure", "rollback").set("drain_timeout", "2s");
-    apply(&daemon, yaml);
-    daemon.cli_ok(&["deploy", &ids.service, "--image", &v2]);
-    let url = client.url(port);
-    answered_by(&client, &url, "v2");
+    let url = v2_over_kept_v1(&daemon, &ids, &net.name, (&v1, &v2), &client, port);
 
     daemon.kill9();
     run(&mut cmd(DOCKER, ["rm", "-f", &format!("cutover-{}-2", ids.service)]));

@@ -465,6 +465,24 @@ async fn remove_takes_rules_containers_and_the_forward_accept() {
     assert!(!w.firewall.accept.load(Ordering::SeqCst));
 }
 
+/// A state directory as a daemon leaves it when killed during the deploy from release 1
+/// to 2 at `phase`, over `engine` and `firewall` (v1 still running, as mid-release).
+async fn killed_during_deploy_at(phase: Phase, engine: &Arc<FakeEngine>, firewall: &Arc<FakeFirewall>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
+    w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
+    w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
+    let mut state = w.releaser.snapshot().await;
+    let svc = state.services.get_mut("web").unwrap();
+    svc.operation = Some(Operation { kind: OperationKind::Deploy, from: Some(1), to: 2, phase, started_at: 0 });
+    svc.active = Some(if phase >= Phase::Switched { 2 } else { 1 });
+    svc.release_mut(1).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Draining } else { ReleaseStatus::Active };
+    svc.release_mut(2).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Active } else { ReleaseStatus::Starting };
+    StateStore::open(dir.path()).unwrap().save(&state).unwrap();
+    engine.containers.lock().unwrap().get_mut("id-cutover-web-1").unwrap().info.running = true;
+    dir
+}
+
 /// A daemon killed at each step, restarted: exactly one release serves and the
 /// history says which.
 #[tokio::test]
@@ -473,25 +491,9 @@ async fn restart_undoes_before_the_switch_and_finishes_after_it() {
     for (phase, expect_active) in
         [(Phase::Starting, 1), (Phase::Healthy, 1), (Phase::Switching, 2), (Phase::Switched, 2), (Phase::Draining, 2)]
     {
-        let dir = tempfile::tempdir().unwrap();
         let engine: Arc<FakeEngine> = Arc::default();
         let firewall: Arc<FakeFirewall> = Arc::default();
-        {
-            let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
-            w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
-            w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
-            // Rewrite the saved state as if the daemon died during the deploy at `phase`.
-            let mut state = w.releaser.snapshot().await;
-            let svc = state.services.get_mut("web").unwrap();
-            svc.operation = Some(Operation { kind: OperationKind::Deploy, from: Some(1), to: 2, phase, started_at: 0 });
-            svc.active = Some(if phase >= Phase::Switched { 2 } else { 1 });
-            svc.release_mut(1).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Draining } else { ReleaseStatus::Active };
-            svc.release_mut(2).unwrap().status = if phase >= Phase::Switched { ReleaseStatus::Active } else { ReleaseStatus::Starting };
-            let store = StateStore::open(dir.path()).unwrap();
-            store.save(&state).unwrap();
-            // v1 still running, as it would be mid-release.
-            engine.containers.lock().unwrap().get_mut("id-cutover-web-1").unwrap().info.running = true;
-        }
+        let dir = killed_during_deploy_at(phase, &engine, &firewall).await;
         // The table was lost too (as after a reboot).
         firewall.delete_table("t").unwrap();
         let w = world_in(dir, engine.clone(), firewall.clone());
@@ -508,28 +510,14 @@ async fn restart_undoes_before_the_switch_and_finishes_after_it() {
     }
 }
 
-/// Killed while switching, and the new release did not survive: undone, and the rules
-/// point at the old release before the new one's container is removed.
+/// Killed while switching, and the new release did not survive: undone, the rules point
+/// at the old release, and the new one's container is gone.
 #[tokio::test]
 async fn restart_while_switching_undoes_a_release_that_no_longer_runs() {
-    let dir = tempfile::tempdir().unwrap();
     let engine: Arc<FakeEngine> = Arc::default();
     let firewall: Arc<FakeFirewall> = Arc::default();
-    {
-        let w = world_in(tempfile::tempdir().unwrap(), engine.clone(), firewall.clone());
-        w.releaser.apply(manifest("web:1", 3), &w.tx).await.unwrap();
-        w.releaser.deploy("web", "web:2", &w.tx).await.unwrap();
-        let mut state = w.releaser.snapshot().await;
-        let svc = state.services.get_mut("web").unwrap();
-        svc.operation = Some(Operation { kind: OperationKind::Deploy, from: Some(1), to: 2, phase: Phase::Switching, started_at: 0 });
-        svc.active = Some(1);
-        svc.release_mut(1).unwrap().status = ReleaseStatus::Active;
-        svc.release_mut(2).unwrap().status = ReleaseStatus::Starting;
-        StateStore::open(dir.path()).unwrap().save(&state).unwrap();
-        let mut containers = engine.containers.lock().unwrap();
-        containers.get_mut("id-cutover-web-1").unwrap().info.running = true;
-        containers.get_mut("id-cutover-web-2").unwrap().info.running = false;
-    }
+    let dir = killed_during_deploy_at(Phase::Switching, &engine, &firewall).await;
+    engine.containers.lock().unwrap().get_mut("id-cutover-web-2").unwrap().info.running = false;
     let w = world_in(dir, engine.clone(), firewall.clone());
     w.releaser.reconcile().await.unwrap();
     assert_eq!(active(&w).await, Some(1));

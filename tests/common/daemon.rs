@@ -107,40 +107,10 @@ impl Daemon {
 
     #[track_caller]
     fn spawn(&mut self) {
-        let open = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()))
-        };
-        let (out, err) = (open(), open());
         let (program, first) = self.program.split_first().unwrap_or_else(|| panic!("no daemon program"));
         let mut c = Command::new(program);
-        c.args(first)
-            .args(&self.args)
-            .env("CUTOVER_LOG", std::env::var("CUTOVER_LOG").unwrap_or_else(|_| "info,cutover=debug".into()))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let described = super::cmd::describe(&c);
-        let child = c.spawn().unwrap_or_else(|e| panic!("cannot start `{described}`: {e}"));
-        self.child = Some(child);
-        let socket = self.socket.clone();
-        let log = self.log.clone();
-        let child = &mut self.child;
-        wait_for(&format!("`{described}` to accept connections on {}", socket.display()), START_TIMEOUT, || {
-            if let Some(c) = child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    *child = None;
-                    panic!(
-                        "`{described}` exited ({status}) before its socket accepted connections; its log:\n{}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-            }
-            UnixStream::connect(&socket).map(drop).map_err(|e| e.to_string())
-        });
+        c.args(first).args(&self.args);
+        self.child = Some(spawn_until_listening(c, &self.log, &self.socket));
     }
 
     pub fn socket(&self) -> &Path {
@@ -227,6 +197,36 @@ impl Daemon {
         }
         self.spawn();
     }
+}
+
+/// Starts a daemon command line `c` with its output appended to `log` (CUTOVER_LOG as the
+/// test's environment says, `info,cutover=debug` by default) and waits until `socket`
+/// accepts connections; panics with the log if the daemon exits before that.
+#[track_caller]
+pub fn spawn_until_listening(mut c: Command, log: &Path, socket: &Path) -> Child {
+    let open = || {
+        OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("open {}: {e}", log.display()))
+    };
+    let (out, err) = (open(), open());
+    c.env("CUTOVER_LOG", std::env::var("CUTOVER_LOG").unwrap_or_else(|_| "info,cutover=debug".into()))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    let described = super::cmd::describe(&c);
+    let mut child = Some(c.spawn().unwrap_or_else(|e| panic!("cannot start `{described}`: {e}")));
+    wait_for(&format!("`{described}` to accept connections on {}", socket.display()), START_TIMEOUT, || {
+        if let Some(c) = child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                child = None;
+                panic!(
+                    "`{described}` exited ({status}) before its socket accepted connections; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+        UnixStream::connect(socket).map(drop).map_err(|e| e.to_string())
+    });
+    child.unwrap_or_else(|| panic!("`{described}` exited"))
 }
 
 impl Drop for Daemon {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::cmd::{describe, run_bounded, wait_for};
-use super::daemon::{tail, CliOutput, CLI_TIMEOUT, CUTOVER, START_TIMEOUT};
+use super::daemon::{spawn_until_listening, tail, CliOutput, CLI_TIMEOUT, CUTOVER};
 use super::netns::At;
 
 /// The lab script, from the crate root.
@@ -272,28 +272,21 @@ impl LabDaemon {
     /// Starts `cutover daemon` with table `table` and `extra` flags; waits for its socket.
     #[track_caller]
     pub fn start(lab: &Lab, table: &str, extra: &[&str]) -> LabDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("cutover-{}-", lab.name))
-            .tempdir()
-            .unwrap_or_else(|e| panic!("temp dir for the lab daemon: {e}"));
-        let socket = dir.path().join("cutover.sock");
-        let log = dir.path().join("daemon.log");
-        let mut args: Vec<String> = vec!["daemon".into(), "--socket".into(), socket.display().to_string()];
-        args.extend(["--state-dir".into(), dir.path().join("state").display().to_string()]);
-        args.extend(["--table".into(), table.into(), "--instance".into(), format!("{}-{table}", lab.name)]);
-        args.extend(["--docker".into(), lab.docker_host()]);
+        let instance = format!("{}-{table}", lab.name);
+        let mut flags: Vec<String> = vec!["--instance".into(), instance];
         // CUTOVER_TEST_BACKEND=iptables runs the lab tests with that backend too.
         if !extra.contains(&"--backend") {
             if let Some(backend) = super::test_backend() {
-                args.extend(["--backend".to_string(), backend]);
+                flags.extend(["--backend".to_string(), backend]);
             }
         }
         // The lab engine's daemon.json, unless the test names another.
         if !extra.contains(&"--docker-config") {
-            args.extend(["--docker-config".into(), format!("/run/cutover-lab/{}/daemon.json", lab.name)]);
+            flags.extend(["--docker-config".into(), format!("/run/cutover-lab/{}/daemon.json", lab.name)]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut d = LabDaemon { netns: lab.name.clone(), args, dir, socket, log, child: None };
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut d = LabDaemon::start_no_wait(lab, table, &flags);
         d.spawn();
         d
     }
@@ -316,6 +309,7 @@ impl LabDaemon {
         (o.code, format!("{}{}", o.stdout, o.stderr))
     }
 
+    /// The daemon's command line and scratch directory, not started.
     fn start_no_wait(lab: &Lab, table: &str, extra: &[&str]) -> LabDaemon {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cutover-{}-", lab.name))
@@ -332,33 +326,7 @@ impl LabDaemon {
 
     #[track_caller]
     fn spawn(&mut self) {
-        let open = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()))
-        };
-        let (out, err) = (open(), open());
-        let mut c = self.command();
-        c.env("CUTOVER_LOG", std::env::var("CUTOVER_LOG").unwrap_or_else(|_| "info,cutover=debug".into()))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let described = describe(&c);
-        self.child = Some(c.spawn().unwrap_or_else(|e| panic!("cannot start `{described}`: {e}")));
-        let socket = self.socket.clone();
-        let log = self.log.clone();
-        let child = &mut self.child;
-        wait_for(&format!("`{described}` to accept connections"), START_TIMEOUT, || {
-            if let Some(c) = child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    *child = None;
-                    panic!("`{described}` exited ({status}); its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-                }
-            }
-            UnixStream::connect(&socket).map(drop).map_err(|e| e.to_string())
-        });
+        self.child = Some(spawn_until_listening(self.command(), &self.log, &self.socket));
     }
 
     /// A scratch directory living as long as the daemon.

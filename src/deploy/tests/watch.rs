@@ -79,55 +79,39 @@ async fn slow_checks_under_load_do_nothing_until_failures_in_a_row_then_it_rolls
     assert_eq!((last.kind, last.from, last.to, last.outcome.as_str()), (OperationKind::Rollback, Some(2), 1, "switched"));
 }
 
+/// `none`, and `restart` (the default) too: `restart` restarts releases that died, never
+/// one that runs and fails its checks (an overloaded release would lose the clients it
+/// only slows). Both report it as DOWN, touch nothing, and clear DOWN when it passes again.
 #[tokio::test]
-async fn on_failure_none_shows_down_until_a_check_passes_again() {
-    let (w, metrics) = with_metrics(world());
-    let mut m = watched("web:1", "on_failure: none\n");
-    m.health.failures = 2;
-    w.releaser.apply(m, &w.tx).await.unwrap();
-    let engine_log = w.engine.log.lock().unwrap().len();
-    let watch = StdMutex::new(Watch::default());
-    let t0 = Instant::now();
-    w.checks.slow.store(4, Ordering::SeqCst);
-    w.releaser.probe_round(&watch, t0).await;
-    assert_eq!(down(&w).await, None, "one failure of two");
-    w.releaser.probe_round(&watch, t0 + Duration::from_secs(1)).await;
-    let why = down(&w).await.expect("down after two failures in a row");
-    assert!(why.contains("release 1 failed 2 health checks in a row") && why.contains("no answer"), "{why}");
-    let text = rendered(&w, &metrics).await;
-    assert!(text.contains("cutover_active_down{service=\"web\"} 1\n"), "{text}");
-    // Still failing: counted once, nothing touched.
-    w.releaser.probe_round(&watch, t0 + Duration::from_secs(2)).await;
-    w.releaser.probe_round(&watch, t0 + Duration::from_secs(3)).await;
-    let text = rendered(&w, &metrics).await;
-    assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"unhealthy\"} 1\n"), "{text}");
-    assert_eq!(w.engine.log.lock().unwrap().len(), engine_log, "on_failure none touched the container");
-    assert_eq!(serving(&w).as_deref(), Some("web:1"));
-    // It answers again: DOWN clears.
-    w.releaser.probe_round(&watch, t0 + Duration::from_secs(4)).await;
-    assert_eq!(down(&w).await, None);
-    assert!(rendered(&w, &metrics).await.contains("cutover_active_down{service=\"web\"} 0\n"));
-}
-
-/// `restart` (the default) restarts releases that died, never one that runs and fails its
-/// checks (an overloaded release would lose the clients it only slows): it is reported.
-#[tokio::test]
-async fn on_failure_restart_does_not_restart_a_running_release_that_fails_its_checks() {
-    let w = world();
-    let mut m = watched("web:1", "");
-    m.health.failures = 2;
-    w.releaser.apply(m, &w.tx).await.unwrap();
-    let engine_log = w.engine.log.lock().unwrap().len();
-    let watch = StdMutex::new(Watch::default());
-    let t0 = Instant::now();
-    w.checks.slow.store(4, Ordering::SeqCst);
-    for s in 0..4 {
-        w.releaser.probe_round(&watch, t0 + Duration::from_secs(s)).await;
+async fn a_running_release_failing_its_checks_is_shown_down_until_it_passes_again_under_none_and_restart() {
+    for policy in ["on_failure: none\n", ""] {
+        let (w, metrics) = with_metrics(world());
+        let mut m = watched("web:1", policy);
+        m.health.failures = 2;
+        w.releaser.apply(m, &w.tx).await.unwrap();
+        let engine_log = w.engine.log.lock().unwrap().len();
+        let watch = StdMutex::new(Watch::default());
+        let t0 = Instant::now();
+        w.checks.slow.store(4, Ordering::SeqCst);
+        w.releaser.probe_round(&watch, t0).await;
+        assert_eq!(down(&w).await, None, "{policy}: one failure of two");
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(1)).await;
+        let why = down(&w).await.expect("down after two failures in a row");
+        assert!(why.contains("release 1 failed 2 health checks in a row") && why.contains("no answer"), "{policy}: {why}");
+        let text = rendered(&w, &metrics).await;
+        assert!(text.contains("cutover_active_down{service=\"web\"} 1\n"), "{policy}: {text}");
+        // Still failing: counted once, nothing touched.
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(2)).await;
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(3)).await;
+        let text = rendered(&w, &metrics).await;
+        assert!(text.contains("cutover_active_lost_total{service=\"web\",reason=\"unhealthy\"} 1\n"), "{policy}: {text}");
+        assert_eq!(w.engine.log.lock().unwrap().len(), engine_log, "{policy}: the container was touched");
+        assert_eq!(serving(&w).as_deref(), Some("web:1"));
+        // It answers again: DOWN clears.
+        w.releaser.probe_round(&watch, t0 + Duration::from_secs(4)).await;
+        assert_eq!(down(&w).await, None, "{policy}");
+        assert!(rendered(&w, &metrics).await.contains("cutover_active_down{service=\"web\"} 0\n"), "{policy}");
     }
-    let why = down(&w).await.expect("reported");
-    assert!(why.contains("failed 2 health checks in a row"), "{why}");
-    assert_eq!(w.engine.log.lock().unwrap().len(), engine_log, "the container was not touched");
-    assert_eq!(serving(&w).as_deref(), Some("web:1"));
 }
 
 #[tokio::test]
