@@ -169,19 +169,7 @@ mod tests {
     fn found(number: u32, running: bool, kept_running: bool) -> Found {
         let manifest = Manifest::parse(std::path::Path::new("t.yaml"), "name: web\nimage: x:1\nports: [{host: 8080, container: 80}]\n")
             .expect("a valid manifest");
-        let info = ContainerInfo {
-            id: format!("id{number}"),
-            name: format!("cutover-web-{number}"),
-            running,
-            pid: None,
-            addr: None,
-            addr6: None,
-            exit_code: None,
-            restarts: 0,
-            health: None,
-            labels: BTreeMap::new(),
-            kept_running,
-        };
+        let info = ContainerInfo { kept_running, ..ContainerInfo::listed(format!("id{number}"), format!("cutover-web-{number}"), running, BTreeMap::new()) };
         Found { number, manifest, info }
     }
 

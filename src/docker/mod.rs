@@ -146,6 +146,25 @@ pub struct ContainerInfo {
     pub kept_running: bool,
 }
 
+impl ContainerInfo {
+    /// What a container listing says of one: the rest needs an inspect.
+    pub fn listed(id: String, name: String, running: bool, labels: BTreeMap<String, String>) -> ContainerInfo {
+        ContainerInfo {
+            id,
+            name,
+            running,
+            pid: None,
+            addr: None,
+            addr6: None,
+            exit_code: None,
+            restarts: 0,
+            health: None,
+            labels,
+            kept_running: false,
+        }
+    }
+}
+
 /// What an image runs when nothing overrides it: its ENTRYPOINT and CMD.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageCommand {
@@ -778,19 +797,8 @@ impl Engine for DockerEngine {
                 .into_iter()
                 .filter_map(|c| {
                     let running = c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING);
-                    Some(ContainerInfo {
-                        id: c.id?,
-                        name: c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string()).unwrap_or_default(),
-                        running,
-                        pid: None,
-                        addr: None,
-                        addr6: None,
-                        exit_code: None,
-                        restarts: 0,
-                        health: None,
-                        labels: c.labels.unwrap_or_default().into_iter().collect(),
-                        kept_running: false,
-                    })
+                    let name = c.names.as_ref().and_then(|n| n.first()).map(|n| n.trim_start_matches('/').to_string());
+                    Some(ContainerInfo::listed(c.id?, name.unwrap_or_default(), running, c.labels.unwrap_or_default().into_iter().collect()))
                 })
                 .collect())
         })

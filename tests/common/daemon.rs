@@ -143,10 +143,7 @@ impl Daemon {
     /// Runs `cutover <args>` against this daemon (CUTOVER_SOCKET set); 5 minutes at most.
     #[track_caller]
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut c = Command::new(CUTOVER);
-        c.args(args).env("CUTOVER_SOCKET", &self.socket).env_remove("CUTOVER_LOG");
-        let o = run_bounded(&mut c, CLI_TIMEOUT);
-        CliOutput { code: o.code.unwrap_or(-1), stdout: o.stdout, stderr: o.stderr }
+        cli_on(&self.socket, args)
     }
 
     /// `cli` that must exit 0; otherwise panics with its output and the daemon's log.
@@ -197,6 +194,15 @@ impl Daemon {
         }
         self.spawn();
     }
+}
+
+/// Runs `cutover <args>` against the daemon listening on `socket`; 5 minutes at most.
+#[track_caller]
+pub fn cli_on(socket: &Path, args: &[&str]) -> CliOutput {
+    let mut c = Command::new(CUTOVER);
+    c.args(args).env("CUTOVER_SOCKET", socket).env_remove("CUTOVER_LOG");
+    let o = run_bounded(&mut c, CLI_TIMEOUT);
+    CliOutput { code: o.code.unwrap_or(-1), stdout: o.stdout, stderr: o.stderr }
 }
 
 /// Starts a daemon command line `c` with its output appended to `log` (CUTOVER_LOG as the

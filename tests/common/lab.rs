@@ -7,14 +7,12 @@
 //! and its engine's cgroups, so `down` removes all of it; the only thing outside is the
 //! route_localnet markers of its bridges, which [`Lab`] removes too.
 
-use std::fs::OpenOptions;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use super::cmd::{describe, run_bounded, wait_for};
-use super::daemon::{spawn_until_listening, tail, CliOutput, CLI_TIMEOUT, CUTOVER};
+use super::cmd::run_bounded;
+use super::daemon::{spawn_until_listening, tail, CliOutput, CUTOVER};
 use super::netns::At;
 
 /// The lab script, from the crate root.
@@ -356,10 +354,7 @@ impl LabDaemon {
     /// `cutover <args>` against this daemon.
     #[track_caller]
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let mut c = Command::new(CUTOVER);
-        c.args(args).env("CUTOVER_SOCKET", &self.socket).env_remove("CUTOVER_LOG");
-        let o = run_bounded(&mut c, CLI_TIMEOUT);
-        CliOutput { code: o.code.unwrap_or(-1), stdout: o.stdout, stderr: o.stderr }
+        super::daemon::cli_on(&self.socket, args)
     }
 
     /// `cli` that must exit `code`.
