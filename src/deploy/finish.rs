@@ -16,14 +16,14 @@ impl Releaser {
             tracing::warn!(service, error = %e, "cannot set the new release's restart policy");
         }
         let s = service.to_string();
-        let mut pruned = Vec::new();
-        let ids = &mut pruned;
-        self.remember(&format!("the end of release {to} of `{service}`"), move |st| {
-                let Some(svc) = st.services.get_mut(&s) else { return };
+        let pruned = self
+            .remember(&format!("the end of release {to} of `{service}`"), move |st| {
+                let Some(svc) = st.services.get_mut(&s) else { return Vec::new() };
                 if let Some(r) = from.and_then(|f| svc.release_mut(f)) {
                     r.status = ReleaseStatus::Stopped;
                     r.stopped_at = Some(now());
                 }
+                let mut ids = Vec::new();
                 for n in svc.beyond_keep(from) {
                     if let Some(r) = svc.release_mut(n) {
                         r.status = ReleaseStatus::Removed;
@@ -43,6 +43,7 @@ impl Releaser {
                     switch_us,
                     drain_ms,
                 });
+                ids
             })
             .await;
         for id in pruned {

@@ -5,7 +5,7 @@ use super::*;
 
 /// How often the IPv6 path of an otherwise healthy release is read again: duplicate
 /// address detection ends at a moment the health interval knows nothing about.
-const IPV6_POLL: Duration = Duration::from_millis(50);
+pub(super) const IPV6_POLL: Duration = Duration::from_millis(50);
 
 impl Releaser {
     /// Until the new release is healthy (Err: why it is not, by the deadline or for good).

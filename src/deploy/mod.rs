@@ -331,15 +331,16 @@ impl Releaser {
     /// step was recorded before its effect: the restart finishes or undoes the same way.
     /// The next write that succeeds catches the file up; the error is logged and shown at
     /// the end of the release (`warn_if_unsaved`).
-    async fn remember(&self, what: &str, f: impl FnOnce(&mut State)) {
+    async fn remember<T>(&self, what: &str, f: impl FnOnce(&mut State) -> T) -> T {
         let mut state = self.state.lock().await;
-        f(&mut state);
+        let out = f(&mut state);
         state.forget_gone_releases();
         let saved = self.store.save(&state);
         self.note_saved(saved.as_ref().err());
         if let Err(e) = saved {
             tracing::error!(error = %e, "cannot record {what}; going on with it in memory (the file catches up at the next write)");
         }
+        out
     }
 
     fn note_saved(&self, error: Option<&StateError>) {

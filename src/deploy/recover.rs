@@ -180,7 +180,7 @@ impl Releaser {
                     return;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(super::health_wait::IPV6_POLL).await;
         }
     }
 
