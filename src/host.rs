@@ -277,18 +277,13 @@ impl UdpTimeouts {
     }
 }
 
-/// How long each UDP flow to host port `orig_dst_port` answered by `reply_src_addr`
-/// has been idle, from a conntrack dump.
+/// The UDP flows to host port `orig_dst_port` answered by `reply_src_addr` (those of
+/// [`flows_of`]), each with how long it has been idle, from a conntrack dump.
 ///
 /// conntrack keeps no last-seen time, only the seconds left before the entry expires;
 /// every packet resets that to the full timeout, so `full - left` is the time since the
 /// flow's last packet, to within the 1 s resolution of `left`. `full` is the stream
 /// timeout for ASSURED entries.
-pub fn udp_idle_times(entries: &[Entry], orig_dst_port: u16, reply_src_addr: IpAddr, timeouts: UdpTimeouts) -> Vec<Duration> {
-    udp_flows_with_idle(entries, orig_dst_port, reply_src_addr, timeouts).map(|(_, idle)| idle).collect()
-}
-
-/// The UDP flows of [`flows_of`] with how long each has been idle (see [`udp_idle_times`]).
 pub fn udp_flows_with_idle<'a>(
     entries: &'a [Entry],
     orig_dst_port: u16,
@@ -307,6 +302,10 @@ pub fn udp_flows_with_idle<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn idle_times(entries: &[Entry], port: u16, addr: IpAddr, timeouts: UdpTimeouts) -> Vec<Duration> {
+        udp_flows_with_idle(entries, port, addr, timeouts).map(|(_, idle)| idle).collect()
+    }
 
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 23456 1 0000000000000000 100 0 0 10 0
@@ -396,9 +395,9 @@ mod tests {
             entry(54, "172.17.0.2", 0, false),
             entry(53, "172.17.0.3", 0, false),
         ];
-        assert_eq!(udp_idle_times(&entries, 53, old, t), vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
+        assert_eq!(idle_times(&entries, 53, old, t), vec![Duration::from_secs(2), Duration::from_secs(19), Duration::ZERO]);
         // A flow refreshed a moment ago shows 119 of 120 s left: idle 0, not 1 s.
-        assert_eq!(udp_idle_times(&[entry(53, "172.17.0.2", 119, true)], 53, old, t), vec![Duration::ZERO]);
+        assert_eq!(idle_times(&[entry(53, "172.17.0.2", 119, true)], 53, old, t), vec![Duration::ZERO]);
     }
 
     #[test]
@@ -493,13 +492,12 @@ pub trait HostNet: Send + Sync + 'static {
     /// Delete the conntrack entries of `protocol` flows to host `port` that were NAT'd
     /// to `addr` (either family), so their next packets are NAT'd afresh.
     fn forget_flows(&self, protocol: Protocol, port: u16, addr: IpAddr) -> Result<(), HostError>;
-    /// UDP flows to host `port` answered by `addr` (either family) that carried a packet
-    /// within `idle`: they keep an old release draining.
-    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
-    /// Delete the conntrack entries of those UDP flows that have been quiet for `idle`
-    /// or longer: their next datagram (a reused source port too) reaches the active
-    /// release, and they no longer hold the drain. Returns how many were deleted.
-    fn forget_quiet_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError>;
+    /// One drain poll of the UDP flows to host `port` answered by `addr` (either family),
+    /// from one read of conntrack: those that carried a packet within `idle` are counted
+    /// (they keep an old release draining); the entries of those quiet for `idle` or
+    /// longer are deleted, so their next datagram (a reused source port too) reaches the
+    /// active release. Err: the flows could not be read.
+    fn drain_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<UdpDrain, HostError>;
     /// Daemon `table` needs `route_localnet` on `ifname`: turn it on (again, if someone
     /// switched it off) and record the claim; `recorded` is the value from before cutover
     /// when the caller's state has one (see [`crate::localnet`]). Returns the value the
@@ -510,6 +508,15 @@ pub trait HostNet: Send + Sync + 'static {
     fn release_route_localnet(&self, ifname: &str, table: &str) -> Result<(), HostError>;
     /// Watch process `pid` until it exits.
     fn watch_exit(&self, pid: u32) -> Result<ExitWatch, HostError>;
+}
+
+/// What one drain poll found of an old release's UDP flows to one port.
+#[derive(Debug)]
+pub struct UdpDrain {
+    /// Flows that carried a packet within `udp_idle`: they hold the drain.
+    pub busy: usize,
+    /// How many quiet flows were deleted, or why deleting them failed.
+    pub deleted: Result<usize, HostError>,
 }
 
 /// How long one conntrack dump answers for: a drain poll asks about every UDP port of
@@ -552,22 +559,23 @@ impl HostNet for RealHost {
         }
         Ok(())
     }
-    fn busy_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError> {
+    fn drain_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<UdpDrain, HostError> {
         let timeouts = UdpTimeouts::of_host()?;
         let flows = self.recent_flows()?;
-        Ok(udp_idle_times(&flows, port, addr, timeouts).into_iter().filter(|t| *t < idle).count())
-    }
-    fn forget_quiet_udp_flows(&self, port: u16, addr: IpAddr, idle: Duration) -> Result<usize, HostError> {
-        let timeouts = UdpTimeouts::of_host()?;
-        let flows = self.recent_flows()?;
-        let mut deleted = 0;
-        for (e, _) in udp_flows_with_idle(&flows, port, addr, timeouts).filter(|(_, t)| *t >= idle) {
-            // Gone meanwhile (expired, or refreshed into a new entry) is what we wanted.
-            if crate::conntrack::delete(&e.orig)? {
-                deleted += 1;
+        let mut busy = 0;
+        let mut quiet = Vec::new();
+        for (e, t) in udp_flows_with_idle(&flows, port, addr, timeouts) {
+            if t < idle {
+                busy += 1;
+            } else {
+                quiet.push(e);
             }
         }
-        Ok(deleted)
+        let deleted = quiet.into_iter().try_fold(0, |n, e| {
+            // Gone meanwhile (expired, or refreshed into a new entry) is what we wanted.
+            crate::conntrack::delete(&e.orig).map(|gone| n + usize::from(gone))
+        });
+        Ok(UdpDrain { busy, deleted: deleted.map_err(HostError::from) })
     }
     fn claim_route_localnet(&self, ifname: &str, table: &str, recorded: Option<bool>) -> Result<bool, HostError> {
         crate::localnet::Localnet::default().claim_recorded(ifname, table, recorded)

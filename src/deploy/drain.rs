@@ -61,15 +61,20 @@ impl Releaser {
             for (port, addr) in udp_ports.iter().flat_map(|p| udp_addrs.iter().flatten().map(move |a| (*p, *a))) {
                 // A flow quiet for `udp_idle` is finished: its entry goes now, so its next
                 // datagram (or a client reusing its source port) reaches the new release.
-                match self.effects.host.forget_quiet_udp_flows(port, addr, old.manifest.udp_idle) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(service, port, flows = n, "quiet UDP flows moved to the new release"),
-                    Err(e) => tracing::warn!(service, error = %e, "cannot delete the old release's quiet UDP flows"),
-                }
-                let busy = self.effects.host.busy_udp_flows(port, addr, old.manifest.udp_idle).unwrap_or_else(|e| {
-                    tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
-                    usize::MAX
-                });
+                let busy = match self.effects.host.drain_udp_flows(port, addr, old.manifest.udp_idle) {
+                    Ok(crate::host::UdpDrain { busy, deleted }) => {
+                        match deleted {
+                            Ok(0) => {}
+                            Ok(n) => tracing::debug!(service, port, flows = n, "quiet UDP flows moved to the new release"),
+                            Err(e) => tracing::warn!(service, error = %e, "cannot delete the old release's quiet UDP flows"),
+                        }
+                        busy
+                    }
+                    Err(e) => {
+                        tracing::warn!(service, error = %e, "cannot read the old release's UDP flows; waiting out the drain timeout");
+                        usize::MAX
+                    }
+                };
                 udp_busy = udp_busy.saturating_add(busy);
             }
             let open = tcp_open.saturating_add(udp_busy);

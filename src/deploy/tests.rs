@@ -168,11 +168,8 @@ impl crate::host::HostNet for FakeChecks {
         self.forgotten.lock().unwrap().push((protocol, port, addr));
         Ok(())
     }
-    fn busy_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
-        Ok(usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)))
-    }
-    fn forget_quiet_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
-        Ok(0)
+    fn drain_udp_flows(&self, _port: u16, addr: IpAddr, _idle: Duration) -> Result<crate::host::UdpDrain, HostError> {
+        Ok(crate::host::UdpDrain { busy: usize::from(addr.is_ipv6() && self.busy_v6.load(Ordering::SeqCst)), deleted: Ok(0) })
     }
     fn claim_route_localnet(&self, _ifname: &str, _table: &str, _recorded: Option<bool>) -> Result<bool, HostError> {
         Ok(false)

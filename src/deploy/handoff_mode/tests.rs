@@ -112,11 +112,8 @@ impl crate::host::HostNet for NoChecks {
     fn forget_flows(&self, _protocol: crate::manifest::Protocol, _port: u16, _addr: IpAddr) -> Result<(), HostError> {
         Ok(())
     }
-    fn busy_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
-        Ok(0)
-    }
-    fn forget_quiet_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<usize, HostError> {
-        Ok(0)
+    fn drain_udp_flows(&self, _port: u16, _addr: IpAddr, _idle: Duration) -> Result<crate::host::UdpDrain, HostError> {
+        Ok(crate::host::UdpDrain { busy: 0, deleted: Ok(0) })
     }
     fn claim_route_localnet(&self, _ifname: &str, _table: &str, _recorded: Option<bool>) -> Result<bool, HostError> {
         panic!("handoff mode must not touch route_localnet")
