@@ -480,26 +480,49 @@ mod defaults {
 /// The largest env file read.
 pub const MAX_ENV_FILE: u64 = 1 << 20;
 
-/// Read a regular file of at most `max` bytes as UTF-8; anything else (a FIFO, a device,
+/// Why a bounded read refused a file (see [`read_bounded`], [`read_text`]).
+enum Refused {
+    NotAFile(&'static str),
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// The bytes of a regular file of at most `max` bytes; anything else (a FIFO, a device,
 /// a directory, a larger file) is refused without blocking.
-pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+fn read_file_bounded(path: &Path, max: u64) -> Result<Vec<u8>, Refused> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     // O_NONBLOCK: opening a FIFO with no writer must not hang; regular files ignore it.
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
-    let meta = f.metadata()?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(Refused::Io)?;
+    let meta = f.metadata().map_err(Refused::Io)?;
     if let Some(kind) = not_a_file(&meta.file_type()) {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{kind}, not a regular file")));
+        return Err(Refused::NotAFile(kind));
     }
     if meta.len() > max {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("larger than {max} bytes")));
+        return Err(Refused::TooLarge);
     }
-    let mut text = String::new();
-    f.take(max + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > max {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("larger than {max} bytes")));
+    let mut bytes = Vec::new();
+    f.take(max + 1).read_to_end(&mut bytes).map_err(Refused::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(Refused::TooLarge);
     }
-    Ok(text)
+    Ok(bytes)
+}
+
+/// Read a regular file of at most `max` bytes as UTF-8; anything else (a FIFO, a device,
+/// a directory, a larger file) is refused without blocking.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let bytes = read_file_bounded(path, max).map_err(|r| match r {
+        Refused::NotAFile(kind) => Error::new(ErrorKind::InvalidInput, format!("{kind}, not a regular file")),
+        Refused::TooLarge => Error::new(ErrorKind::InvalidInput, format!("larger than {max} bytes")),
+        Refused::Io(e) => e,
+    })?;
+    String::from_utf8(bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
 }
 
 /// The most releases a manifest may keep for rollback.
@@ -519,19 +542,12 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// [`MAX_MANIFEST_BYTES`]. Anything else is refused at once: a FIFO is opened without
 /// waiting for a writer, a device (`/dev/zero`) is never read from.
 pub fn read_text(path: &Path) -> Result<String, ManifestError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let rerr = |source| ManifestError::Read { path: path.to_path_buf(), source };
-    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).map_err(rerr)?;
-    if let Some(kind) = not_a_file(&file.metadata().map_err(rerr)?.file_type()) {
-        return Err(ManifestError::NotAFile { path: path.to_path_buf(), kind });
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(rerr)?;
-    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(ManifestError::TooLarge { path: path.to_path_buf() });
-    }
+    let bytes = read_file_bounded(path, MAX_MANIFEST_BYTES).map_err(|r| match r {
+        Refused::NotAFile(kind) => ManifestError::NotAFile { path: path.to_path_buf(), kind },
+        Refused::TooLarge => ManifestError::TooLarge { path: path.to_path_buf() },
+        Refused::Io(e) => rerr(e),
+    })?;
     String::from_utf8(bytes).map_err(|e| rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
