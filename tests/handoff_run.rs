@@ -359,7 +359,11 @@ fn gunicorn_whose_new_app_fails_after_ready_is_refused_in_the_watch_under_load()
     println!("reload: exit {code} after {took:?}:\n{out}");
     let log = sup.log();
     assert_eq!(code, 1, "the reload must be refused: {out}\n{log}");
-    assert!(out.contains("exit code 3"), "the reason names the exit status: {out}");
+    // Gunicorn 20.1 halts with 3 (worker failed to boot), or with 1 when that HaltServer
+    // is raised again inside its own halt (a SIGCHLD during its stop; the nested traceback
+    // is in its output): either way the reason names the status it exited with.
+    let nested_halt = out.contains("exit code 1") && out.contains("in halt") && out.contains("HaltServer");
+    assert!(out.contains("exit code 3") || nested_halt, "the reason names the exit status: {out}");
     assert!(out.contains("during the watch"), "{out}");
     assert!(out.contains("ImportError") || out.contains("Worker failed to boot"), "the tail of its output: {out}");
     assert!(out.contains("generation 1") && out.contains("still serves"), "{out}");
