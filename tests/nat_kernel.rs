@@ -385,6 +385,15 @@ fn docker_user_rules(comment: &str) -> usize {
     sh(&["iptables", "-w", "-S", "DOCKER-USER"]).lines().filter(|l| l.contains(comment)).count()
 }
 
+/// Where our copies in FORWARD are, by line of `iptables -S FORWARD`, and where Docker's
+/// jump to DOCKER-USER is.
+fn forward_rules(comment: &str) -> (Vec<usize>, Option<usize>) {
+    let listing = sh(&["iptables", "-w", "-S", "FORWARD"]);
+    let ours = listing.lines().enumerate().filter(|(_, l)| l.contains(comment)).map(|(i, _)| i).collect();
+    let jump = listing.lines().position(|l| l.trim() == "-A FORWARD -j DOCKER-USER");
+    (ours, jump)
+}
+
 fn docker_user_exists() -> bool {
     Command::new("iptables").args(["-w", "-n", "-L", "DOCKER-USER"]).output().map(|o| o.status.success()).unwrap_or(false)
 }
@@ -450,8 +459,15 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
         fw.ensure_forward_accept(&table, MARK).unwrap();
         fw.ensure_forward_accept(&table, MARK).unwrap();
         assert_eq!(docker_user_rules(&comment), 1, "ensure_forward_accept is idempotent");
-        let first = sh(&["iptables", "-w", "-S", "DOCKER-USER"]).lines().nth(1).unwrap_or_default().to_string();
-        assert!(first.contains(&comment), "the accept is at the top: {first}");
+        let (ours, jump) = forward_rules(&comment);
+        assert_eq!(ours.len(), 1, "one copy at the end of FORWARD");
+        assert!(jump.is_some_and(|j| j < ours[0]), "the copy comes after Docker's jump to DOCKER-USER: {ours:?} {jump:?}");
+        // At the top: above every rule that is not another cutover daemon's (tests running
+        // beside this one insert theirs at the top too).
+        let listing = sh(&["iptables", "-w", "-S", "DOCKER-USER"]);
+        let first_other = listing.lines().skip(1).position(|l| !l.contains("--comment cutover:"));
+        let ours = listing.lines().skip(1).position(|l| l.contains(&comment));
+        assert!(ours.is_some() && ours < first_other, "the accept is at the top:\n{listing}");
 
         // Real behaviour worth knowing: the mark is set in a nat chain, so only the first
         // packet of a connection carries it. On a Docker bridge Docker's own
@@ -556,6 +572,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
         fw.remove_forward_accept(&table, MARK).unwrap();
         fw.remove_forward_accept(&table, MARK).unwrap();
         assert_eq!(docker_user_rules(&comment), 0);
+        assert_eq!(forward_rules(&comment).0, Vec::<usize>::new(), "the FORWARD copy is removed too");
         assert!(who_from(Some(&client.ns), front).is_err(), "without the accept Docker drops it again");
     }
 }

@@ -326,9 +326,11 @@ fn remove_everything(table: &str, instance: &str, images: &[String]) {
     }
     let _ = Command::new("nft").args(["delete", "table", "inet", table]).output();
     let comment = format!("cutover:{table}");
-    let _ = Command::new("iptables")
-        .args(["-w", "-D", "DOCKER-USER", "-m", "mark", "--mark", "0x20000000/0x20000000", "-m", "comment", "--comment", &comment, "-j", "ACCEPT"])
-        .output();
+    for chain in ["DOCKER-USER", "FORWARD"] {
+        let _ = Command::new("iptables")
+            .args(["-w", "-D", chain, "-m", "mark", "--mark", "0x20000000/0x20000000", "-m", "comment", "--comment", &comment, "-j", "ACCEPT"])
+            .output();
+    }
     for image in images {
         let _ = Command::new(DOCKER).args(["rmi", "-f", image]).output();
     }
@@ -445,8 +447,10 @@ fn demo_runs_to_the_end_with_no_failed_request_and_cleans_up() {
         let inspect = Command::new(DOCKER).args(["image", "inspect", image]).output().unwrap();
         assert!(!inspect.status.success(), "image {image} left");
     }
-    let rules = Command::new("iptables").args(["-w", "-S", "DOCKER-USER"]).output().unwrap();
-    assert!(!text(&rules.stdout).contains(&format!("cutover:{table}")), "{}", text(&rules.stdout));
+    for chain in ["DOCKER-USER", "FORWARD"] {
+        let rules = Command::new("iptables").args(["-w", "-S", chain]).output().unwrap();
+        assert!(!text(&rules.stdout).contains(&format!("cutover:{table}")), "{chain}: {}", text(&rules.stdout));
+    }
     let net = Command::new(DOCKER).args(["network", "inspect", &lab]).output().unwrap();
     assert!(!net.status.success(), "network {lab} left");
 }

@@ -16,6 +16,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
+use common::cmd::cmd;
+use common::docker::create_bridge_network;
 
 /// Container ports of the demo release.
 const HTTP: u16 = 80;
@@ -137,4 +139,128 @@ fn retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release() 
     // The test proves something only if the first packets really were lost.
     assert!(syns >= CONNECTIONS as u64, "only {syns} first SYNs were dropped");
     assert!(datagrams >= FLOWS as u64, "only {datagrams} first datagrams were dropped");
+}
+
+/// Docker (20.10 here) re-arranges FORWARD whenever a network is created: it deletes its
+/// jump to DOCKER-USER and inserts it again at the top, two separate iptables commands.
+/// A connection's first packet that arrives in between never sees DOCKER-USER, so the
+/// accept there cannot let it through. New flows from another host, while networks come
+/// and go on the host (a compose project starting), must still all be answered.
+#[test]
+fn new_flows_reach_the_release_while_the_engine_creates_networks() {
+    let ids = Ids::new("new_flows_reach_the_release_while_the_engine_creates_networks");
+    let net = nat_network(&ids);
+    let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", &format!("0.0.0.0:{UDP}"))]);
+    let client = ClientHost::new(&ids);
+    let daemon = Daemon::start(&ids);
+    let port = ids.port();
+    let uport = ids.port();
+    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).udp_port(uport, UDP).write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let tcp_to = SocketAddr::from((client.host_addr(), port));
+    let udp_to = SocketAddr::from((client.host_addr(), uport));
+    assert_eq!(get_ok(client.at(), &format!("http://{tcp_to}/")).trim(), "v1");
+    let syn_retrans_before = syn_retransmissions(client.name());
+
+    // The churn: a network of the test's created and removed, again and again.
+    const CYCLES: usize = 12;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (udp, tcp) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (name, bridge) = (format!("{}-churn", net.name), format!("{}c", net.bridge));
+            for _ in 0..CYCLES {
+                let churn = DockerNetwork { name: name.clone(), bridge: bridge.clone() };
+                create_bridge_network(&ids, &churn.name, &churn.bridge);
+                drop(churn);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let netns = format!("/run/netns/{}", client.name());
+        // UDP: a new flow (a new source port) every 2 ms, its one datagram answered or lost.
+        let udp = s.spawn({
+            let (netns, done) = (netns.clone(), done.clone());
+            move || {
+                cutover::netns::in_netns_path(netns, move || {
+                    let mut answers = Vec::new();
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        answers.push(one_datagram(udp_to, answers.len()));
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    answers
+                })
+                .expect("enter the client namespace")
+            }
+        });
+        // TCP: a new connection at a time, each one HTTP request.
+        let done = done.clone();
+        let tcp = s.spawn(move || {
+            cutover::netns::in_netns_path(netns, move || {
+                let mut results = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    results.push(one_request(tcp_to));
+                }
+                results
+            })
+            .expect("enter the client namespace")
+        });
+        (udp.join().unwrap(), tcp.join().unwrap())
+    });
+    let syn_retrans = syn_retransmissions(client.name()) - syn_retrans_before;
+
+    let udp_failed: Vec<&String> = udp.iter().filter_map(|a| a.as_ref().err()).collect();
+    let tcp_failed: Vec<&String> = tcp.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(udp.len() > 100 && tcp.len() > 20, "too few flows to tell: {} UDP, {} TCP", udp.len(), tcp.len());
+    assert!(
+        udp_failed.is_empty() && tcp_failed.is_empty() && syn_retrans == 0,
+        "while Docker created {CYCLES} networks: {} of {} UDP flows lost their datagram, {} of {} TCP connections \
+         failed, {syn_retrans} SYNs had to be retransmitted (a first SYN dropped):\n{}",
+        udp_failed.len(),
+        udp.len(),
+        tcp_failed.len(),
+        tcp.len(),
+        udp_failed.iter().chain(&tcp_failed).take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// One UDP flow of one datagram: the release's name, or why not.
+fn one_datagram(to: SocketAddr, n: usize) -> Result<String, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
+    s.connect(to).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).map_err(|e| format!("timeout: {e}"))?;
+    let payload = format!("flow{n}");
+    s.send(payload.as_bytes()).map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 512];
+    let len = s.recv(&mut buf).map_err(|e| format!("flow {n} from port {:?}: no answer ({e})", s.local_addr().ok()))?;
+    let text = String::from_utf8_lossy(&buf[..len]).to_string();
+    match text.split_once(' ') {
+        Some((release, p)) if p == payload => Ok(release.to_string()),
+        _ => Err(format!("flow {n}: unexpected answer {text:?}")),
+    }
+}
+
+/// One TCP connection with one HTTP/1.0 request: the body, or why not.
+fn one_request(to: SocketAddr) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| format!("timeout: {e}"))?;
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => Ok(body.trim().to_string()),
+        _ => Err(format!("unexpected response {text:?}")),
+    }
+}
+
+/// The kernel's count of SYN retransmissions (`TcpExt: TCPSynRetrans`) in a namespace.
+fn syn_retransmissions(netns: &str) -> u64 {
+    let text = run(&mut cmd("ip", ["netns", "exec", netns, "cat", "/proc/net/netstat"]));
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().expect("TcpExt names"), lines.next().expect("TcpExt values"));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("TCPSynRetrans in /proc/net/netstat")
 }

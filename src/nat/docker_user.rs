@@ -1,16 +1,28 @@
-//! The one iptables rule cutover owns: an ACCEPT at the top of Docker's DOCKER-USER chain
+//! The iptables rules cutover owns: an ACCEPT at the top of Docker's DOCKER-USER chain
 //! for packets carrying cutover's mark, in IPv4 and, where the engine filters IPv6 too
-//! (Docker 27 and later by default), in ip6tables' DOCKER-USER.
+//! (Docker 27 and later by default), in ip6tables' DOCKER-USER; and the same ACCEPT at
+//! the end of FORWARD, for the moments DOCKER-USER is not reached.
 //!
 //! Why: Docker sets the FORWARD policy to DROP and accepts only published ports, and a
 //! drop in any base chain is final, so an accept in cutover's own nftables table cannot
 //! let DNAT'd traffic from other hosts reach an unpublished container port. DOCKER-USER
 //! runs first from FORWARD and is the place Docker reserves for users.
 //!
-//! The rule is found again by its exact text (mark and a `cutover:<table>` comment);
-//! no other rule of DOCKER-USER is ever read or changed. Goes through the `iptables`
-//! binary (iptables-nft on Debian) because that is what Docker itself uses, so both agree
-//! on the chain's format.
+//! Why FORWARD too: Docker 20.10 moves its jump to DOCKER-USER back to the top of FORWARD
+//! whenever a network is created (and on a firewalld reload) by deleting it and
+//! inserting it again, two iptables commands. A connection's first packet that arrives
+//! between them never sees DOCKER-USER: a SYN would be retransmitted a second later, a
+//! UDP datagram lost. Nothing in that FORWARD layout drops traffic from outside Docker's
+//! bridges to one of them before the chain's end, so an ACCEPT appended there catches
+//! exactly those packets; at any other moment the one in DOCKER-USER accepts them first.
+//! Docker 26 does the same; Docker 28 leaves its jump in place when networks are created
+//! (tests/engines.rs measures new flows while networks come and go on each engine), and
+//! its layout sends packets through its DOCKER-FORWARD chain, which drops unpublished
+//! ports, before the end of FORWARD: there the appended rule is never reached.
+//!
+//! The rules are found again by their exact text (mark and a `cutover:<table>` comment);
+//! no other rule is ever read or changed. Goes through the `iptables` binary (iptables-nft
+//! on Debian) because that is what Docker itself uses, so both agree on the chains' format.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -20,6 +32,17 @@ use super::NatError;
 
 /// Docker's chain for user rules, evaluated first from FORWARD.
 pub const DOCKER_USER: &str = "DOCKER-USER";
+/// The filter table's forward chain, where the fallback ACCEPT goes last.
+pub const FORWARD: &str = "FORWARD";
+
+/// Where each copy of the rule goes: first in DOCKER-USER, last in FORWARD.
+const PLACES: [(&str, Place); 2] = [(DOCKER_USER, Place::First), (FORWARD, Place::Last)];
+
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    First,
+    Last,
+}
 /// Where Debian's iptables package puts the binary.
 pub const DEFAULT_IPTABLES: &str = "/usr/sbin/iptables";
 
@@ -156,9 +179,9 @@ pub fn chain_exists(iptables: &Path) -> Result<bool, NatError> {
     }
 }
 
-/// Is our rule in DOCKER-USER? (`-C`: exit 1 means absent.)
-fn rule_present(iptables: &Path, spec: &[String]) -> Result<bool, NatError> {
-    let mut args = vec!["-C".to_string(), DOCKER_USER.to_string()];
+/// Is our rule in `chain`? (`-C`: exit 1 means absent.)
+fn rule_present(iptables: &Path, chain: &str, spec: &[String]) -> Result<bool, NatError> {
+    let mut args = vec!["-C".to_string(), chain.to_string()];
     args.extend_from_slice(spec);
     let (command, out) = run(iptables, &args)?;
     match out.status.code() {
@@ -178,9 +201,9 @@ fn families(iptables: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Insert the ACCEPT at the top of DOCKER-USER, IPv4 and IPv6, unless it is there; a
-/// family without a DOCKER-USER chain is skipped (nothing drops forwarded traffic on
-/// Docker's behalf there).
+/// Insert the ACCEPT at the top of DOCKER-USER and append it to FORWARD, IPv4 and IPv6,
+/// each unless it is there; a family without a DOCKER-USER chain is skipped (nothing
+/// drops forwarded traffic on Docker's behalf there).
 pub fn ensure_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     check_mark(mark)?;
     for bin in families(iptables) {
@@ -194,20 +217,26 @@ fn ensure_in(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
         return Ok(());
     }
     let spec = rule_spec(table, mark);
-    if rule_present(iptables, &spec)? {
-        return Ok(());
-    }
-    let mut args = vec!["-I".to_string(), DOCKER_USER.to_string(), "1".to_string()];
-    args.extend(spec);
-    let (command, out) = run(iptables, &args)?;
-    if !out.status.success() {
-        return Err(failed(command, &out));
+    for (chain, place) in PLACES {
+        if rule_present(iptables, chain, &spec)? {
+            continue;
+        }
+        let mut args = match place {
+            Place::First => vec!["-I".to_string(), chain.to_string(), "1".to_string()],
+            Place::Last => vec!["-A".to_string(), chain.to_string()],
+        };
+        args.extend_from_slice(&spec);
+        let (command, out) = run(iptables, &args)?;
+        if !out.status.success() {
+            return Err(failed(command, &out));
+        }
     }
     Ok(())
 }
 
-/// Delete every copy of the ACCEPT, IPv4 and IPv6 (a crash between check and insert
-/// elsewhere could have left two); Ok when absent or when there is no DOCKER-USER chain.
+/// Delete every copy of the ACCEPT from DOCKER-USER and FORWARD, IPv4 and IPv6 (a crash
+/// between check and insert elsewhere could have left two); Ok when absent or when there
+/// is no DOCKER-USER chain.
 pub fn remove_forward_accept(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
     check_mark(mark)?;
     for bin in families(iptables) {
@@ -221,20 +250,27 @@ fn remove_in(iptables: &Path, table: &str, mark: u32) -> Result<(), NatError> {
         return Ok(());
     }
     let spec = rule_spec(table, mark);
+    for (chain, _) in PLACES {
+        delete_all(iptables, chain, &spec)?;
+    }
+    Ok(())
+}
+
+fn delete_all(iptables: &Path, chain: &str, spec: &[String]) -> Result<(), NatError> {
     // Bounded: if -D kept succeeding without the rule going away, stop rather than spin.
     for _ in 0..64 {
-        if !rule_present(iptables, &spec)? {
+        if !rule_present(iptables, chain, spec)? {
             return Ok(());
         }
-        let mut args = vec!["-D".to_string(), DOCKER_USER.to_string()];
-        args.extend_from_slice(&spec);
+        let mut args = vec!["-D".to_string(), chain.to_string()];
+        args.extend_from_slice(spec);
         let (command, out) = run(iptables, &args)?;
         if !out.status.success() {
             return Err(failed(command, &out));
         }
     }
     Err(NatError::Iptables {
-        command: format!("{} -D {DOCKER_USER} {}", iptables.display(), spec.join(" ")),
+        command: format!("{} -D {chain} {}", iptables.display(), spec.join(" ")),
         stderr: "the rule is still present after 64 deletions".into(),
     })
 }

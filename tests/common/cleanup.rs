@@ -187,38 +187,41 @@ pub fn rule_comment(line: &str) -> Option<String> {
     t.get(i + 1).cloned()
 }
 
-/// Deletes the DOCKER-USER rules whose comment satisfies `pick`, in iptables (both
-/// families) and then, for anything left (rules written natively), by nft handle.
+/// Deletes the DOCKER-USER and FORWARD rules whose comment satisfies `pick` (the daemon
+/// puts its ACCEPT in both), in iptables (both families) and then, for anything left
+/// (rules written natively), by nft handle.
 pub fn delete_docker_user_rules(pick: &dyn Fn(&str) -> bool) -> Result<(), String> {
     let mut errs = Vec::new();
-    for tool in ["iptables", "ip6tables"] {
-        // A missing chain (no Docker, or no IPv6 rules) means nothing to delete.
-        let Ok(listing) = try_run(&mut cmd(tool, ["-w", "-S", "DOCKER-USER"])) else { continue };
-        for line in listing.lines() {
-            if !line.starts_with("-A DOCKER-USER ") || !rule_comment(line).is_some_and(|c| pick(&c)) {
-                continue;
-            }
-            let mut args = split_rule(line);
-            args[0] = "-D".into();
-            if let Err(e) = remove(cmd(tool, ["-w"]).args(&args)) {
-                errs.push(e);
+    for chain in ["DOCKER-USER", "FORWARD"] {
+        for tool in ["iptables", "ip6tables"] {
+            // A missing chain (no Docker, or no IPv6 rules) means nothing to delete.
+            let Ok(listing) = try_run(&mut cmd(tool, ["-w", "-S", chain])) else { continue };
+            for line in listing.lines() {
+                if !line.starts_with(&format!("-A {chain} ")) || !rule_comment(line).is_some_and(|c| pick(&c)) {
+                    continue;
+                }
+                let mut args = split_rule(line);
+                args[0] = "-D".into();
+                if let Err(e) = remove(cmd(tool, ["-w"]).args(&args)) {
+                    errs.push(e);
+                }
             }
         }
-    }
-    for family in ["ip", "ip6"] {
-        let Ok(listing) = try_run(&mut cmd("nft", ["-a", "list", "chain", family, "filter", "DOCKER-USER"])) else {
-            continue;
-        };
-        for line in listing.lines() {
-            let Some(comment) = nft_comment(line) else { continue };
-            if !pick(&comment) {
-                continue;
-            }
-            let Some(handle) = line.rsplit("# handle ").next().filter(|h| h.trim().parse::<u64>().is_ok()) else {
+        for family in ["ip", "ip6"] {
+            let Ok(listing) = try_run(&mut cmd("nft", ["-a", "list", "chain", family, "filter", chain])) else {
                 continue;
             };
-            if let Err(e) = remove(&mut cmd("nft", ["delete", "rule", family, "filter", "DOCKER-USER", "handle", handle.trim()])) {
-                errs.push(e);
+            for line in listing.lines() {
+                let Some(comment) = nft_comment(line) else { continue };
+                if !pick(&comment) {
+                    continue;
+                }
+                let Some(handle) = line.rsplit("# handle ").next().filter(|h| h.trim().parse::<u64>().is_ok()) else {
+                    continue;
+                };
+                if let Err(e) = remove(&mut cmd("nft", ["delete", "rule", family, "filter", chain, "handle", handle.trim()])) {
+                    errs.push(e);
+                }
             }
         }
     }
