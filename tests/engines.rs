@@ -99,6 +99,31 @@ fn under_load(lab: &Lab, what: &str, step: impl FnOnce()) {
     assert_eq!(lost(&a6), 0, "{} {what}: UDP over IPv6 lost datagrams:\n{}", lab.engine, summary(&a6, Instant::now()));
 }
 
+/// A new UDP flow (a new source port) every 3 ms, both families, from the other host while
+/// the engine creates and removes a network eight times: every datagram answered.
+fn new_flows_while_networks_come_and_go(lab: &Lab) {
+    let to4 = SocketAddr::from((HOST_ADDR4.parse::<std::net::Ipv4Addr>().unwrap(), UDP_PORT));
+    let to6 = SocketAddr::from((HOST_ADDR6.parse::<std::net::Ipv6Addr>().unwrap(), UDP_PORT));
+    let udp4 = UdpClient::start(&lab.client_netns(), to4, Duration::from_millis(3), true);
+    let udp6 = UdpClient::start(&lab.client_netns(), to6, Duration::from_millis(3), true);
+    for _ in 0..8 {
+        lab.docker(&["network", "create", "--driver", "bridge", "cvchurn"]);
+        lab.docker(&["network", "rm", "cvchurn"]);
+    }
+    let (a4, a6) = (udp4.finish(), udp6.finish());
+    eprintln!("{}: new flows while networks were created: udp4 {} answers, udp6 {}", lab.engine, a4.len(), a6.len());
+    for (family, answers) in [("IPv4", &a4), ("IPv6", &a6)] {
+        assert!(answers.len() > 50, "{}: too few {family} flows to tell: {}", lab.engine, answers.len());
+        assert_eq!(
+            lost(answers),
+            0,
+            "{}: new UDP flows over {family} lost datagrams while networks were created:\n{}",
+            lab.engine,
+            summary(answers, Instant::now())
+        );
+    }
+}
+
 fn acceptance(engine: &str) {
     if !engines_under_test().iter().any(|e| e == engine) {
         eprintln!("{engine}: not in CUTOVER_ENGINES (set CUTOVER_ENGINES=all to run it)");
@@ -160,6 +185,11 @@ fn acceptance(engine: &str) {
     });
     assert_eq!(get_ok(client.clone(), &url6(PORT)), "v1");
     eprintln!("{engine}: deploy and rollback under load done after {:?}", t0.elapsed());
+
+    // 2b. New flows while the engine creates networks (a compose project starting): Docker
+    //     20.10 takes its FORWARD jump to DOCKER-USER out and back in each time.
+    new_flows_while_networks_come_and_go(&lab);
+    eprintln!("{engine}: new flows during network creation done after {:?}", t0.elapsed());
 
     // 3. A refused release leaves cutover's rules unchanged and v1 serving.
     let before = our_rules(&lab);
