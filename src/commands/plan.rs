@@ -50,10 +50,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         text.push_str(&n);
         text.push('\n');
     }
-    text.push_str(&format!(
-        "# plus, while any service exists: iptables -I DOCKER-USER -m mark --mark {:#x}/{:#x} -m comment --comment cutover:{} -j ACCEPT\n",
-        args.mark, args.mark, args.table
-    ));
+    let rule = format!("-m mark --mark {:#x}/{:#x} -m comment --comment cutover:{} -j ACCEPT", args.mark, args.mark, args.table);
+    text.push_str(&format!("# plus, while any service exists: iptables -I DOCKER-USER {rule}\n#                          and: iptables -A FORWARD {rule}\n"));
     print!("{text}");
     Ok(())
 }
