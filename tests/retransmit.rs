@@ -83,19 +83,35 @@ fn udp_flow_answered(to: SocketAddr, n: usize) -> Result<String, String> {
     Err(format!("flow {n}: no answer to three datagrams"))
 }
 
+/// Release v1 of the test's service, serving HTTP and UDP on host ports `tcp` and `udp`,
+/// with a client on another host. The daemon goes before the client, the client before
+/// the network: fields drop in order, and a destructuring binds `net, client, daemon`
+/// (bindings drop in reverse).
+struct Served {
+    daemon: Daemon,
+    client: ClientHost,
+    net: DockerNetwork,
+    tcp: u16,
+    udp: u16,
+}
+
+fn served_v1(ids: &Ids) -> Served {
+    let net = nat_network(ids);
+    let v1 = demo_image(ids, "v1", &[("UDP_LISTEN", &format!("0.0.0.0:{UDP}"))]);
+    let client = ClientHost::new(ids);
+    let daemon = Daemon::start(ids);
+    let (tcp, udp) = (ids.port(), ids.port());
+    let file = ServiceYaml::http(&ids.service, &v1, tcp, &net.name).udp_port(udp, UDP).write(daemon.dir());
+    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    assert_eq!(get_ok(client.at(), &format!("http://{}:{tcp}/", client.host_addr())).trim(), "v1");
+    Served { daemon, client, net, tcp, udp }
+}
+
 #[test]
 fn retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release() {
     let ids = Ids::new("retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release");
-    let net = nat_network(&ids);
-    let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", &format!("0.0.0.0:{UDP}"))]);
-    let client = ClientHost::new(&ids);
-    let daemon = Daemon::start(&ids);
-    let port = ids.port();
-    let uport = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).udp_port(uport, UDP).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
+    let Served { net: _net, client, daemon, tcp: port, udp: uport } = served_v1(&ids);
     let url = format!("http://{}:{port}/", client.host_addr());
-    assert_eq!(get_ok(client.at(), &url).trim(), "v1");
 
     let containers = running_containers_of(&ids);
     assert_eq!(containers.len(), 1, "{containers:?}");
@@ -149,17 +165,9 @@ fn retransmitted_syns_and_early_datagrams_from_another_host_reach_the_release() 
 #[test]
 fn new_flows_reach_the_release_while_the_engine_creates_networks() {
     let ids = Ids::new("new_flows_reach_the_release_while_the_engine_creates_networks");
-    let net = nat_network(&ids);
-    let v1 = demo_image(&ids, "v1", &[("UDP_LISTEN", &format!("0.0.0.0:{UDP}"))]);
-    let client = ClientHost::new(&ids);
-    let daemon = Daemon::start(&ids);
-    let port = ids.port();
-    let uport = ids.port();
-    let file = ServiceYaml::http(&ids.service, &v1, port, &net.name).udp_port(uport, UDP).write(daemon.dir());
-    daemon.cli_ok(&["apply", file.to_str().unwrap()]);
-    let tcp_to = SocketAddr::from((client.host_addr(), port));
-    let udp_to = SocketAddr::from((client.host_addr(), uport));
-    assert_eq!(get_ok(client.at(), &format!("http://{tcp_to}/")).trim(), "v1");
+    let Served { net, client, daemon: _daemon, tcp, udp } = served_v1(&ids);
+    let tcp_to = SocketAddr::from((client.host_addr(), tcp));
+    let udp_to = SocketAddr::from((client.host_addr(), udp));
     let syn_retrans_before = syn_retransmissions(client.name());
 
     // The churn: a network of the test's created and removed, again and again.
