@@ -465,7 +465,7 @@ fn cutover_moves_new_connections_and_keeps_established_ones() {
         // At the top: above every rule that is not another cutover daemon's (tests running
         // beside this one insert theirs at the top too).
         let listing = sh(&["iptables", "-w", "-S", "DOCKER-USER"]);
-        let first_other = listing.lines().skip(1).position(|l| !l.contains("--comment cutover:"));
+        let first_other = listing.lines().skip(1).position(|l| !l.contains("--comment \"cutover:"));
         let ours = listing.lines().skip(1).position(|l| l.contains(&comment));
         assert!(ours.is_some() && ours < first_other, "the accept is at the top:\n{listing}");
 
