@@ -164,6 +164,8 @@ fn acceptance(engine: &str) {
     let to6 = SocketAddr::from((HOST_ADDR6.parse::<std::net::Ipv6Addr>().unwrap(), UDP_PORT));
     assert_eq!(ask_from_port(&lab.client_netns(), 40001, to4).as_deref(), Some("v1"), "{engine}: UDP over IPv4");
     assert_eq!(ask_from_port(&lab.client_netns(), 40002, to6).as_deref(), Some("v1"), "{engine}: UDP over IPv6");
+    let loopback6_udp = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, UDP_PORT));
+    assert_eq!(ask_from_port(&lab.name, 40003, loopback6_udp).as_deref(), Some("v1"), "{engine}: host client on ::1, UDP (the daemon's relay)");
     // The engine's IPv6 filtering is met with an ip6tables accept where it has one.
     if lab.iptables_s("ip6tables", "DOCKER-USER").contains("-N DOCKER-USER") {
         assert!(
@@ -180,6 +182,7 @@ fn acceptance(engine: &str) {
     });
     assert_eq!(get_ok(client.clone(), &url4(PORT)), "v2");
     assert_eq!(get_ok(lab.at(), &url_loopback6(PORT)), "v2", "{engine}: ::1 moved in the switch");
+    assert_eq!(ask_from_port(&lab.name, 40004, loopback6_udp).as_deref(), Some("v2"), "{engine}: UDP over ::1 moved in the switch");
     under_load(&lab, "rollback to v1", || {
         daemon.cli_ok(&["rollback", "web"]);
     });

@@ -283,6 +283,22 @@ fn duplicate_address_detection_states_are_read_from_the_kernel() {
     assert!(why.contains(&format!("{dup} failed duplicate address detection")), "{why}");
 }
 
+/// `cutover deploy SERVICE --image IMAGE` in a thread: its output and how long it took.
+fn deploy_in_background(daemon: &Daemon, service: &str, image: &str) -> std::thread::JoinHandle<(std::process::Output, Duration)> {
+    let socket = daemon.socket().to_path_buf();
+    let (service, image) = (service.to_string(), image.to_string());
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let out = std::process::Command::new(CUTOVER)
+            .args(["deploy", &service, "--image", &image])
+            .env("CUTOVER_SOCKET", socket)
+            .env_remove("CUTOVER_LOG")
+            .output()
+            .expect("run cutover deploy");
+        (out, started.elapsed())
+    })
+}
+
 /// One `GET /` on an open keep-alive connection; the body.
 fn get_on(conn: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<String> {
     use std::io::{BufRead, Read, Write};
@@ -347,20 +363,7 @@ fn loopback6_clients_are_relayed_and_move_in_the_switch() {
 
     let load = Wrk::new(&url).duration(Duration::from_secs(8)).connections(4).threads(1).start();
     std::thread::sleep(Duration::from_secs(1));
-    let deploy = std::thread::spawn({
-        let socket = daemon.socket().to_path_buf();
-        let (service, image) = (ids.service.clone(), v2.clone());
-        move || {
-            let started = Instant::now();
-            let out = std::process::Command::new(CUTOVER)
-                .args(["deploy", &service, "--image", &image])
-                .env("CUTOVER_SOCKET", socket)
-                .env_remove("CUTOVER_LOG")
-                .output()
-                .expect("run cutover deploy");
-            (out, started.elapsed())
-        }
-    });
+    let deploy = deploy_in_background(&daemon, &ids.service, &v2);
     let switched = wait_for("the switch (new ::1 connections answered by v2)", Duration::from_secs(30), || {
         match curl_within(At::Host, &url, Duration::from_secs(2)) {
             Ok((200, body)) if body.trim() == "v2" => Ok(Instant::now()),
@@ -398,6 +401,122 @@ fn loopback6_clients_are_relayed_and_move_in_the_switch() {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
             other => Err(format!("{other:?}")),
         }
+    });
+    drop(daemon);
+    drop(net);
+}
+
+/// One datagram on `socket` (connected to `[::1]:PORT`): the answering release, or None.
+fn ask_on(socket: &std::net::UdpSocket, n: u64) -> Option<String> {
+    let payload = format!("q{n}");
+    socket.send(payload.as_bytes()).ok()?;
+    let mut buf = [0u8; 512];
+    let started = Instant::now();
+    // A late answer to an earlier datagram may arrive first: skip it.
+    while started.elapsed() < Duration::from_secs(1) {
+        let len = socket.recv(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..len]).to_string();
+        if let Some((release, p)) = text.split_once(' ') {
+            if p == payload {
+                return Some(release.to_string());
+            }
+        }
+    }
+    None
+}
+
+fn loopback6_udp(port: u16) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind [::1]:0");
+    s.connect((Ipv6Addr::LOCALHOST, port)).expect("connect [::1]");
+    s.set_read_timeout(Some(Duration::from_millis(500))).expect("read timeout");
+    s
+}
+
+/// UDP over `::1` (a resolver on the host asking `[::1]:53`): relayed like TCP. A flow
+/// keeps its release while it is busy and holds the old release's drain; a flow quiet for
+/// `udp_idle` reaches the new release during the drain; new flows go to the new release
+/// at once; none loses a datagram; after `remove` nothing answers on `[::1]:PORT`.
+#[test]
+fn loopback6_udp_flows_are_relayed_and_move_in_the_switch() {
+    let ids = Ids::new("loopback6_udp_flows_are_relayed_and_move_in_the_switch");
+    require_root();
+    require_docker();
+    let net = V6Network::new(&ids, ula(&ids, 1));
+    let env = [("LISTEN", "[::]:80"), ("UDP_LISTEN", "[::]:53")];
+    let v1 = demo_image(&ids, "v1", &env);
+    let v2 = demo_image(&ids, "v2", &env);
+    let daemon = Daemon::start(&ids);
+    let (port, uport) = (ids.port(), ids.port());
+    let drain_timeout = Duration::from_secs(20);
+    let service = |image: &str| {
+        ServiceYaml::http(&ids.service, image, port, &net.name).udp_port(uport, 53).set("drain_timeout", "20s").set("udp_idle", "1s")
+    };
+    apply(&daemon, service(&v1));
+    assert_eq!(ask_on(&loopback6_udp(uport), 0).as_deref(), Some("v1"), "a ::1 datagram reaches v1 through the relay");
+    let quiet = loopback6_udp(uport);
+    assert_eq!(ask_on(&quiet, 0).as_deref(), Some("v1"));
+
+    // A busy flow (one socket, a datagram every 100 ms) and new flows (a new socket each,
+    // every 50 ms), both on ::1, across the deploy.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = std::thread::spawn({
+        let stop = stop_busy.clone();
+        move || {
+            let s = loopback6_udp(uport);
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                answers.push(ask_on(&s, answers.len() as u64));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            answers
+        }
+    });
+    let fresh = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                answers.push(ask_on(&loopback6_udp(uport), 0));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answers
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let deploy = deploy_in_background(&daemon, &ids.service, &v2);
+    wait_for("the switch (new ::1 flows answered by v2)", Duration::from_secs(30), || {
+        match ask_on(&loopback6_udp(uport), 0).as_deref() {
+            Some("v2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // Within the drain: the quiet flow (quiet since before the deploy) moved, the busy one
+    // still holds v1.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ask_on(&quiet, 1).as_deref(), Some("v2"), "the quiet ::1 flow reaches v2 during the drain");
+    assert!(!deploy.is_finished(), "the busy ::1 flow holds v1's drain");
+    assert!(container_running(&format!("cutover-{}-1", ids.service)), "v1 runs while a ::1 flow to it is busy");
+
+    stop_busy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let busy = busy.join().unwrap();
+    let (out, took) = deploy.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let fresh = fresh.join().unwrap();
+    assert!(out.status.success(), "deploy: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(took < drain_timeout, "the drain ended when the busy ::1 flow went quiet, not at the timeout ({took:?})");
+    let lost = |a: &[Option<String>]| a.iter().filter(|r| r.is_none()).count();
+    assert_eq!(lost(&busy), 0, "the busy ::1 flow lost datagrams: {busy:?}");
+    assert!(busy.iter().all(|r| r.as_deref() == Some("v1")), "the busy ::1 flow stayed on v1: {busy:?}");
+    assert_eq!(lost(&fresh), 0, "new ::1 flows lost datagrams: {fresh:?}");
+    assert!(fresh.iter().any(|r| r.as_deref() == Some("v1")) && fresh.iter().any(|r| r.as_deref() == Some("v2")), "{fresh:?}");
+    assert_eq!(ask_on(&loopback6_udp(uport), 0).as_deref(), Some("v2"));
+    assert_eq!(ask_on(&quiet, 2).as_deref(), Some("v2"));
+
+    daemon.cli_ok(&["remove", &ids.service]);
+    wait_for("[::1] no longer answering UDP", Duration::from_secs(5), || match ask_on(&loopback6_udp(uport), 0) {
+        None => Ok(()),
+        Some(r) => Err(format!("answered by {r}")),
     });
     drop(daemon);
     drop(net);

@@ -76,6 +76,7 @@ impl Releaser {
                         }
                     }
                 }
+                self.effects.relay.forget_udp(service, old.number);
             }
             self.emit(progress, service, old.number, "stop", format!("stopping release {} ({})", old.number, old.manifest.stop_signal));
             let stopping = Instant::now();

@@ -221,7 +221,7 @@ impl Releaser {
         // The daemon's own `::1` relay listeners serve the services above, no conflict.
         let relayed = self.effects.relay.listening();
         let ours = |protocol: Protocol, port: u16, addr: Option<IpAddr>| {
-            protocol == Protocol::Tcp && addr == Some(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)) && relayed.contains(&port)
+            addr == Some(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)) && relayed.contains(&(protocol, port))
         };
         for p in &manifest.ports {
             if listening.iter().any(|(protocol, port, addr)| !ours(*protocol, *port, *addr) && clash(p, *protocol, *port, *addr)) {

@@ -77,6 +77,10 @@ impl Releaser {
                 };
                 udp_busy = udp_busy.saturating_add(busy);
             }
+            if !udp_ports.is_empty() {
+                // The `::1` relay's flows to it: the same rule, in the daemon's own table.
+                udp_busy = udp_busy.saturating_add(self.effects.relay.drain_udp(service, old.number, old.manifest.udp_idle));
+            }
             let open = tcp_open.saturating_add(udp_busy);
             self.observe(|m| m.draining(service, old.number, (open != usize::MAX).then_some(open))); // metrics hook
             let elapsed = started.elapsed();

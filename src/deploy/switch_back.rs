@@ -31,6 +31,7 @@ impl Releaser {
                 }
             }
         }
+        self.effects.relay.forget_udp(service, to);
         self.emit(progress, service, old.number, "reverted", format!(
             "release {to} failed after the switch ({reason}); traffic is back on release {}", old.number
         ));

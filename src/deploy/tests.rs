@@ -116,6 +116,10 @@ struct FakeChecks {
     relay_routes: Mutex<Vec<crate::relay::Routes>>,
     /// Relayed connections open per (service, release).
     relayed: Mutex<BTreeMap<(String, u32), usize>>,
+    /// Relayed busy UDP flows per (service, release).
+    relayed_udp: Mutex<BTreeMap<(String, u32), usize>>,
+    /// The releases whose relayed UDP flows were ended.
+    forgotten_udp: Mutex<Vec<(String, u32)>>,
 }
 
 impl crate::relay::Relay for FakeChecks {
@@ -125,7 +129,13 @@ impl crate::relay::Relay for FakeChecks {
     fn open_to(&self, service: &str, release: u32) -> usize {
         self.relayed.lock().unwrap().get(&(service.to_string(), release)).copied().unwrap_or(0)
     }
-    fn listening(&self) -> BTreeSet<u16> {
+    fn drain_udp(&self, service: &str, release: u32, _idle: std::time::Duration) -> usize {
+        self.relayed_udp.lock().unwrap().get(&(service.to_string(), release)).copied().unwrap_or(0)
+    }
+    fn forget_udp(&self, service: &str, release: u32) {
+        self.forgotten_udp.lock().unwrap().push((service.to_string(), release));
+    }
+    fn listening(&self) -> BTreeSet<(Protocol, u16)> {
         self.relay_routes.lock().unwrap().last().map(|r| r.keys().copied().collect()).unwrap_or_default()
     }
 }
@@ -715,7 +725,7 @@ async fn after_the_engine_restarted_a_release_refresh_waits_for_its_ipv6_path() 
 /// Where the `::1` relay sends new connections to port 8080 now: (release, address).
 fn relayed_to(w: &World) -> Option<(u32, SocketAddr)> {
     let routes = w.checks.relay_routes.lock().unwrap();
-    routes.last()?.get(&8080).map(|r| (r.release, r.to))
+    routes.last()?.get(&(Protocol::Tcp, 8080)).map(|r| (r.release, r.to))
 }
 
 #[tokio::test]
@@ -727,8 +737,9 @@ async fn loopback6_clients_move_in_the_switch_and_their_connections_hold_the_old
     w.releaser.apply(Manifest::parse(Path::new("web.yaml"), text).unwrap(), &w.tx).await.unwrap();
     let v1 = w.releaser.snapshot().await.services["web"].release(1).unwrap().addr.unwrap();
     let v1_6 = w.engine.ip6_of(v1).unwrap();
-    assert_eq!(relayed_to(&w), Some((1, SocketAddr::from((v1_6, 80)))), "TCP only, to the release's IPv6 address");
-    assert_eq!(w.checks.relay_routes.lock().unwrap().last().unwrap().len(), 1, "UDP is not relayed");
+    assert_eq!(relayed_to(&w), Some((1, SocketAddr::from((v1_6, 80)))), "to the release's IPv6 address");
+    let udp = w.checks.relay_routes.lock().unwrap().last().unwrap().get(&(Protocol::Udp, 5353)).cloned();
+    assert_eq!(udp.map(|r| (r.release, r.to)), Some((1, SocketAddr::from((v1_6, 53)))), "UDP too");
 
     // A ::1 connection to release 1 is open: the deploy switches, then waits for it.
     w.checks.relayed.lock().unwrap().insert(("web".into(), 1), 1);
@@ -744,11 +755,19 @@ async fn loopback6_clients_move_in_the_switch_and_their_connections_hold_the_old
     assert!(!deploy.is_finished(), "the relayed connection to release 1 holds its drain");
     assert!(w.engine.running().contains(&"cutover-web-1".to_string()), "release 1 still runs");
 
+    // A busy relayed UDP flow to release 1 holds it too, once the connection is closed.
+    w.checks.relayed_udp.lock().unwrap().insert(("web".into(), 1), 1);
     w.checks.relayed.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!deploy.is_finished(), "the busy relayed UDP flow to release 1 holds its drain");
+    assert!(w.checks.forgotten_udp.lock().unwrap().is_empty());
+
+    w.checks.relayed_udp.lock().unwrap().clear();
     let o = deploy.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(4), "drained once the connection closed, not at the timeout");
+    assert!(started.elapsed() < Duration::from_secs(4), "drained once the connection closed and the flow went quiet, not at the timeout");
     assert_eq!(o.to, 2);
     assert_eq!(w.engine.running(), vec!["cutover-web-2"]);
+    assert_eq!(*w.checks.forgotten_udp.lock().unwrap(), vec![("web".to_string(), 1)], "release 1's relayed flows end with it");
 
     w.releaser.remove("web").await.unwrap();
     assert_eq!(w.checks.relay_routes.lock().unwrap().last(), Some(&crate::relay::Routes::new()), "removed: no longer relayed");

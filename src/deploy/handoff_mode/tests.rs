@@ -139,7 +139,11 @@ impl crate::relay::Relay for NoChecks {
     fn open_to(&self, _service: &str, _release: u32) -> usize {
         0
     }
-    fn listening(&self) -> BTreeSet<u16> {
+    fn drain_udp(&self, _service: &str, _release: u32, _idle: std::time::Duration) -> usize {
+        0
+    }
+    fn forget_udp(&self, _service: &str, _release: u32) {}
+    fn listening(&self) -> BTreeSet<(crate::manifest::Protocol, u16)> {
         BTreeSet::new()
     }
 }
