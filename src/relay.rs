@@ -11,7 +11,10 @@
 //! - TCP: each accepted connection is copied to and from its release for its whole life.
 //! - UDP: each client address and port is a flow with its own socket to its release; the
 //!   release's answers go back from `[::1]:PORT`. A flow ends when it was quiet for
-//!   [`FLOW_EXPIRY`], when the drain finds it quiet for the service's `udp_idle`
+//!   [`FLOW_EXPIRY`] ([`FLOW_EXPIRY_SHORT`] if it lasted under [`FLOW_STREAM`], as
+//!   conntrack's UDP timeouts go), when the relay is full and it is the longest quiet
+//!   flow (quiet for [`EVICT_IDLE`] at least), when the drain finds it quiet for the
+//!   service's `udp_idle`
 //!   ([`Relay::drain_udp`]: its next datagram starts a flow to the active release, as the
 //!   kernel path's quiet conntrack entries are deleted), or when its release is done
 //!   ([`Relay::forget_udp`]).
@@ -48,8 +51,17 @@ use crate::plan::Target;
 /// this many and the rest.
 pub const MAX_RELAYED: usize = 1024;
 /// A relayed UDP flow with no datagram either way for this long ends (the kernel's default
-/// for an answered UDP flow, `nf_conntrack_udp_timeout_stream`, is 120 s).
+/// for a UDP stream, `nf_conntrack_udp_timeout_stream`, is 120 s).
 pub const FLOW_EXPIRY: Duration = Duration::from_secs(120);
+/// A flow that lasted less than [`FLOW_STREAM`] (a query and its answer) ends after this
+/// long without a datagram (the kernel's `nf_conntrack_udp_timeout` is 30 s).
+pub const FLOW_EXPIRY_SHORT: Duration = Duration::from_secs(30);
+/// A flow active for longer than this is a stream (conntrack's 2 s).
+pub const FLOW_STREAM: Duration = Duration::from_secs(2);
+/// When the relay is full, a new flow takes the place of the longest quiet flow if that
+/// one was quiet for this long at least (as conntrack drops an old entry when its table
+/// is full); otherwise the new flow's datagram is dropped.
+pub const EVICT_IDLE: Duration = Duration::from_secs(1);
 /// How often the UDP listeners look for expired flows (at most).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// The largest datagram relayed (IPv6's payload limit without jumbograms).
@@ -206,6 +218,8 @@ struct Shared {
     flows: Mutex<HashMap<(u16, SocketAddr), Flow>>,
     /// The origin of the flows' last-seen times.
     epoch: Instant,
+    /// [`EVICT_IDLE`], but in tests.
+    evict_idle: Duration,
     connect_timeout: Duration,
     log: LogThrottle,
 }
@@ -216,6 +230,8 @@ struct Flow {
     service: String,
     release: u32,
     upstream: Arc<UdpSocket>,
+    /// Milliseconds since [`Shared::epoch`] of its first datagram.
+    started: u64,
     /// Milliseconds since [`Shared::epoch`] of the last datagram either way.
     last: Arc<AtomicU64>,
     answers: tokio::task::JoinHandle<()>,
@@ -225,6 +241,12 @@ struct Flow {
 impl Flow {
     fn idle(&self, now_ms: u64) -> Duration {
         Duration::from_millis(now_ms.saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+
+    /// Quiet for longer than a flow of its kind may be.
+    fn expired(&self, now_ms: u64) -> bool {
+        let lasted = Duration::from_millis(self.last.load(Ordering::Relaxed).saturating_sub(self.started));
+        self.idle(now_ms) >= if lasted < FLOW_STREAM { FLOW_EXPIRY_SHORT } else { FLOW_EXPIRY }
     }
 }
 
@@ -250,12 +272,25 @@ impl LoopbackRelay {
                 open: Mutex::new(BTreeMap::new()),
                 flows: Mutex::new(HashMap::new()),
                 epoch: Instant::now(),
+                evict_idle: EVICT_IDLE,
                 connect_timeout,
                 log: LogThrottle::new(),
             }),
             listeners: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeSet::new()),
         }
+    }
+}
+
+#[cfg(test)]
+impl LoopbackRelay {
+    /// A relay whose full table evicts flows quiet for `idle` (tests pick a time no stall
+    /// of the test machine reaches, or one they wait out).
+    fn with_evict_idle(mut self, idle: Duration) -> LoopbackRelay {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.evict_idle = idle;
+        }
+        self
     }
 }
 
@@ -403,7 +438,17 @@ impl Shared {
             f.last.store(now, Ordering::Relaxed);
             return Ok(f.upstream.clone());
         }
-        let permit = self.limiter.admit_within_total().map_err(|_| RelayError::FlowOverCap { port, open: self.limiter.open(&()).0 })?;
+        let permit = match self.limiter.admit_within_total() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: the longest quiet flow gives its place, if it is quiet enough.
+                let oldest = flows.iter().map(|(k, f)| (*k, f.idle(now))).max_by_key(|(_, idle)| *idle);
+                if let Some((key, _)) = oldest.filter(|(_, idle)| *idle >= self.evict_idle) {
+                    flows.remove(&key);
+                }
+                self.limiter.admit_within_total().map_err(|_| RelayError::FlowOverCap { port, open: self.limiter.open(&()).0 })?
+            }
+        };
         let upstream = connect_udp(route.to).map(Arc::new).map_err(|source| RelayError::Flow {
             port,
             service: route.service.clone(),
@@ -415,15 +460,15 @@ impl Shared {
         let answers = tokio::spawn(answer_loop(listener.clone(), upstream.clone(), client, last.clone(), self.epoch));
         flows.insert(
             (port, client),
-            Flow { service: route.service.clone(), release: route.release, upstream: upstream.clone(), last, answers, _permit: permit },
+            Flow { service: route.service.clone(), release: route.release, upstream: upstream.clone(), started: now, last, answers, _permit: permit },
         );
         Ok(upstream)
     }
 
-    /// End the flows quiet for [`FLOW_EXPIRY`].
+    /// End the flows quiet for longer than their kind may be ([`Flow::expired`]).
     fn expire_flows(&self) {
         let now = self.now_ms();
-        self.flows.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, f| f.idle(now) < FLOW_EXPIRY);
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, f| !f.expired(now));
     }
 
     /// Log `e` unless a line was logged within the last second (then it is counted).
@@ -497,9 +542,18 @@ async fn accept_loop(shared: Arc<Shared>, port: u16, listener: TcpListener) {
 /// A UDP port's datagrams from `::1` clients: each goes out on its flow's socket.
 async fn udp_loop(shared: Arc<Shared>, port: u16, listener: Arc<UdpSocket>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut swept = Instant::now();
+    let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (n, client) = match listener.recv_from(&mut buf).await {
+        // `recv_from` is cancel-safe: a tick loses no datagram.
+        let received = tokio::select! {
+            received = listener.recv_from(&mut buf) => received,
+            _ = sweep.tick() => {
+                shared.expire_flows();
+                continue;
+            }
+        };
+        let (n, client) = match received {
             Ok(got) => got,
             Err(source) => {
                 shared.warn(&RelayError::Receive { port, source });
@@ -507,10 +561,6 @@ async fn udp_loop(shared: Arc<Shared>, port: u16, listener: Arc<UdpSocket>) {
                 continue;
             }
         };
-        if swept.elapsed() >= EXPIRY_SWEEP {
-            shared.expire_flows();
-            swept = Instant::now();
-        }
         let Some(route) = shared.route_of((Protocol::Udp, port)) else { continue };
         match shared.flow(port, client, &route, &listener) {
             // A datagram the release's host refuses (ICMP) is lost, as through the NAT.
@@ -793,17 +843,17 @@ mod tests {
         let fresh = udp_client(port).await;
         assert_eq!(ask(&fresh, "c").await, "v2 c", "a new flow goes to the new release");
         assert_eq!(ask(&busy, "d").await, "v1 d", "an open flow stays on its release");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(ask(&busy, "e").await, "v1 e");
-        // The drain: `quiet` sent nothing for 300 ms, `busy` just did.
-        assert_eq!(relay.drain_udp("dns", 1, Duration::from_millis(250)), 1, "one busy flow holds release 1");
+        // The drain: `quiet` sent nothing for 1.5 s, `busy` just did.
+        assert_eq!(relay.drain_udp("dns", 1, Duration::from_secs(1)), 1, "one busy flow holds release 1");
         assert_eq!(ask(&quiet, "f").await, "v2 f", "the quiet flow ended: its next datagram reaches the new release");
         assert_eq!(ask(&busy, "g").await, "v1 g");
         assert_eq!(relay.drain_udp("dns", 2, Duration::from_secs(60)), 2, "release 2's flows are its own");
 
         relay.forget_udp("dns", 1);
         assert_eq!(ask(&busy, "h").await, "v2 h", "release 1 is done: its flows go to the active release");
-        assert_eq!(relay.drain_udp("dns", 1, Duration::from_millis(250)), 0);
+        assert_eq!(relay.drain_udp("dns", 1, Duration::from_secs(1)), 0);
 
         relay.route(Routes::new());
         assert!(relay.listening().is_empty());
@@ -814,7 +864,8 @@ mod tests {
     async fn udp_flows_over_the_cap_are_dropped_and_counted_with_connections() {
         let v1 = udp_release("v1").await;
         let port = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
-        let relay = LoopbackRelay::new(1, Duration::from_secs(2));
+        // No flow is ever quiet enough to give its place here.
+        let relay = LoopbackRelay::new(1, Duration::from_secs(2)).with_evict_idle(Duration::from_secs(3600));
         relay.route(udp_route(port, 1, v1));
         let first = udp_client(port).await;
         assert_eq!(ask(&first, "a").await, "v1 a");
@@ -825,5 +876,23 @@ mod tests {
         assert!(r.is_err(), "over the cap: no flow, no answer ({r:?})");
         relay.forget_udp("dns", 1);
         assert_eq!(ask(&second, "c").await, "v1 c", "the place came back");
+    }
+
+    #[tokio::test]
+    async fn a_full_relay_gives_the_longest_quiet_flow_s_place_to_a_new_one() {
+        let v1 = udp_release("v1").await;
+        let port = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+        let relay = LoopbackRelay::new(2, Duration::from_secs(2)).with_evict_idle(Duration::from_millis(300));
+        relay.route(udp_route(port, 1, v1));
+        let (a, b, c) = (udp_client(port).await, udp_client(port).await, udp_client(port).await);
+        assert_eq!(ask(&a, "a").await, "v1 a");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(ask(&b, "b").await, "v1 b");
+        assert_eq!(ask(&c, "c").await, "v1 c", "full: `a`, the longest quiet, gave its place");
+        assert_eq!(relay.drain_udp("dns", 1, Duration::from_secs(3600)), 2, "two flows");
+        let flows = relay.shared.flows.lock().unwrap();
+        let clients: BTreeSet<SocketAddr> = flows.keys().map(|(_, client)| *client).collect();
+        let want: BTreeSet<SocketAddr> = [b.local_addr().unwrap(), c.local_addr().unwrap()].into();
+        assert_eq!(clients, want, "`b` and `c` are the flows");
     }
 }
