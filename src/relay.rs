@@ -325,7 +325,6 @@ impl Relay for LoopbackRelay {
         let missing: Vec<(Protocol, u16)> = ports.into_iter().filter(|p| !listeners.contains_key(p)).collect();
         for key in missing {
             let (protocol, port) = key;
-            let _entered = runtime.enter();
             let started = match protocol {
                 Protocol::Tcp => listen(port).map(|l| runtime.spawn(accept_loop(self.shared.clone(), port, l))),
                 Protocol::Udp => listen_udp(port).map(|s| runtime.spawn(udp_loop(self.shared.clone(), port, Arc::new(s)))),
@@ -370,7 +369,8 @@ impl Relay for LoopbackRelay {
     }
 
     fn forget_udp(&self, service: &str, release: u32) {
-        self.shared.flows.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, f| f.service != service || f.release != release);
+        // Every flow is quiet for at least no time.
+        self.drain_udp(service, release, Duration::ZERO);
     }
 
     fn listening(&self) -> BTreeSet<(Protocol, u16)> {
@@ -397,6 +397,11 @@ fn listen(port: u16) -> Result<TcpListener, RelayError> {
     socket.set_reuseaddr(true).map_err(fail)?;
     socket.bind(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))).map_err(fail)?;
     socket.listen(1024).map_err(fail)
+}
+
+/// Milliseconds since `epoch`: the flows' clock.
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A UDP socket on `[::1]:port` (close-on-exec, nonblocking). No address reuse: a second
@@ -426,7 +431,7 @@ impl Shared {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        ms_since(self.epoch)
     }
 
     /// The upstream socket of `client`'s flow on `port`, a new flow to `route` if it has
@@ -580,7 +585,7 @@ async fn answer_loop(listener: Arc<UdpSocket>, upstream: Arc<UdpSocket>, client:
     loop {
         match upstream.recv(&mut buf).await {
             Ok(n) => {
-                last.store(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+                last.store(ms_since(epoch), Ordering::Relaxed);
                 if let Err(e) = listener.send_to(&buf[..n], client).await {
                     tracing::debug!(%client, error = %e, "relayed answer not sent");
                 }
@@ -700,6 +705,10 @@ mod tests {
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn free_udp_port() -> u16 {
+        std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port()
     }
 
     async fn read_n(s: &mut TcpStream, n: usize) -> String {
@@ -831,7 +840,7 @@ mod tests {
     #[tokio::test]
     async fn udp_flows_keep_their_release_until_quiet_and_end_with_it() {
         let (v1, v2) = (udp_release("v1").await, udp_release("v2").await);
-        let port = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+        let port = free_udp_port();
         let relay = LoopbackRelay::default();
         relay.route(udp_route(port, 1, v1));
         assert_eq!(relay.listening(), BTreeSet::from([(Protocol::Udp, port)]));
@@ -863,7 +872,7 @@ mod tests {
     #[tokio::test]
     async fn udp_flows_over_the_cap_are_dropped_and_counted_with_connections() {
         let v1 = udp_release("v1").await;
-        let port = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+        let port = free_udp_port();
         // No flow is ever quiet enough to give its place here.
         let relay = LoopbackRelay::new(1, Duration::from_secs(2)).with_evict_idle(Duration::from_secs(3600));
         relay.route(udp_route(port, 1, v1));
@@ -881,7 +890,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_relay_gives_the_longest_quiet_flow_s_place_to_a_new_one() {
         let v1 = udp_release("v1").await;
-        let port = std::net::UdpSocket::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+        let port = free_udp_port();
         let relay = LoopbackRelay::new(2, Duration::from_secs(2)).with_evict_idle(Duration::from_millis(300));
         relay.route(udp_route(port, 1, v1));
         let (a, b, c) = (udp_client(port).await, udp_client(port).await, udp_client(port).await);
