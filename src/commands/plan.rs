@@ -50,7 +50,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         text.push_str(&n);
         text.push('\n');
     }
-    let rule = format!("-m mark --mark {:#x}/{:#x} -m comment --comment cutover:{} -j ACCEPT", args.mark, args.mark, args.table);
+    let rule = crate::nat::docker_user::rule_spec(&args.table, args.mark).join(" ");
     text.push_str(&format!("# plus, while any service exists: iptables -I DOCKER-USER {rule}\n#                          and: iptables -A FORWARD {rule}\n"));
     print!("{text}");
     Ok(())
