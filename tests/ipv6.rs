@@ -406,23 +406,9 @@ fn loopback6_clients_are_relayed_and_move_in_the_switch() {
     drop(net);
 }
 
-/// One datagram on `socket` (connected to `[::1]:PORT`): the answering release, or None.
+/// Datagram `n` on `socket` (connected to `[::1]:PORT`): the answering release, or None.
 fn ask_on(socket: &std::net::UdpSocket, n: u64) -> Option<String> {
-    let payload = format!("q{n}");
-    socket.send(payload.as_bytes()).ok()?;
-    let mut buf = [0u8; 512];
-    let started = Instant::now();
-    // A late answer to an earlier datagram may arrive first: skip it.
-    while started.elapsed() < Duration::from_secs(1) {
-        let len = socket.recv(&mut buf).ok()?;
-        let text = String::from_utf8_lossy(&buf[..len]).to_string();
-        if let Some((release, p)) = text.split_once(' ') {
-            if p == payload {
-                return Some(release.to_string());
-            }
-        }
-    }
-    None
+    common::udp::ask_on(socket, &format!("q{n}"), Duration::from_secs(1))
 }
 
 fn loopback6_udp(port: u16) -> std::net::UdpSocket {

@@ -70,7 +70,6 @@ fn socket(to: SocketAddr) -> UdpSocket {
 fn run_client(to: SocketAddr, every: Duration, fresh_socket: bool, stop: &AtomicBool) -> Vec<Answer> {
     let mut answers = Vec::new();
     let mut long_lived = (!fresh_socket).then(|| socket(to));
-    let mut buf = [0u8; 512];
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
@@ -84,29 +83,31 @@ fn run_client(to: SocketAddr, every: Duration, fresh_socket: bool, stop: &Atomic
             }
         };
         let sent = Instant::now();
-        let mut release = None;
-        if s.send(payload.as_bytes()).is_ok() {
-            // A late answer to an earlier datagram may arrive first: skip it.
-            while sent.elapsed() < Duration::from_millis(300) {
-                match s.recv(&mut buf) {
-                    Ok(len) => {
-                        let text = String::from_utf8_lossy(&buf[..len]).to_string();
-                        if let Some((rel, p)) = text.split_once(' ') {
-                            if p == payload {
-                                release = Some(rel.to_string());
-                                break;
-                            }
-                        }
-                    }
-                    // Timeout, or ICMP port unreachable from a stopped release.
-                    Err(_) => break,
-                }
-            }
-        }
+        let release = ask_on(s, &payload, Duration::from_millis(300));
         answers.push(Answer { sent, release });
         thread::sleep(every.saturating_sub(sent.elapsed()));
     }
     answers
+}
+
+/// Send `payload` on `socket` (connected) and wait up to `within` for its answer: the
+/// release that answered, `None` if none did (or the socket's read timeout ran out, or an
+/// ICMP port unreachable came from a stopped release). A late answer to an earlier
+/// datagram may arrive first: it is skipped.
+pub fn ask_on(socket: &UdpSocket, payload: &str, within: Duration) -> Option<String> {
+    let sent = Instant::now();
+    socket.send(payload.as_bytes()).ok()?;
+    let mut buf = [0u8; 512];
+    while sent.elapsed() < within {
+        let len = socket.recv(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..len]);
+        if let Some((release, p)) = text.split_once(' ') {
+            if p == payload {
+                return Some(release.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// One datagram from local port `from_port` (so a later call is the same flow, with the
