@@ -470,10 +470,10 @@ impl Shared {
         Ok(upstream)
     }
 
-    /// End the flows quiet for longer than their kind may be ([`Flow::expired`]).
-    fn expire_flows(&self) {
+    /// End the flows of `port` quiet for longer than their kind may be ([`Flow::expired`]).
+    fn expire_flows(&self, port: u16) {
         let now = self.now_ms();
-        self.flows.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, f| !f.expired(now));
+        self.flows.lock().unwrap_or_else(PoisonError::into_inner).retain(|(p, _), f| *p != port || !f.expired(now));
     }
 
     /// Log `e` unless a line was logged within the last second (then it is counted).
@@ -553,8 +553,9 @@ async fn udp_loop(shared: Arc<Shared>, port: u16, listener: Arc<UdpSocket>) {
         // `recv_from` is cancel-safe: a tick loses no datagram.
         let received = tokio::select! {
             received = listener.recv_from(&mut buf) => received,
+            // Each port's loop sweeps its own flows, not every port's.
             _ = sweep.tick() => {
-                shared.expire_flows();
+                shared.expire_flows(port);
                 continue;
             }
         };
