@@ -170,94 +170,31 @@ fn new_flows_reach_the_release_while_the_engine_creates_networks() {
     let udp_to = SocketAddr::from((client.host_addr(), udp));
     let syn_retrans_before = syn_retransmissions(client.name());
 
-    // The churn: a network of the test's created and removed, again and again.
+    // New flows from the other host (a new UDP source port and a new TCP connection every
+    // 2 ms each) while a network of the test's is created and removed, again and again.
     const CYCLES: usize = 12;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (udp, tcp) = std::thread::scope(|s| {
-        s.spawn(|| {
-            let (name, bridge) = (format!("{}-churn", net.name), format!("{}c", net.bridge));
-            for _ in 0..CYCLES {
-                let churn = DockerNetwork { name: name.clone(), bridge: bridge.clone() };
-                create_bridge_network(&ids, &churn.name, &churn.bridge);
-                drop(churn);
-            }
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
-        let netns = format!("/run/netns/{}", client.name());
-        // UDP: a new flow (a new source port) every 2 ms, its one datagram answered or lost.
-        let udp = s.spawn({
-            let (netns, done) = (netns.clone(), done.clone());
-            move || {
-                cutover::netns::in_netns_path(netns, move || {
-                    let mut answers = Vec::new();
-                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                        answers.push(one_datagram(udp_to, answers.len()));
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    answers
-                })
-                .expect("enter the client namespace")
-            }
-        });
-        // TCP: a new connection at a time, each one HTTP request.
-        let done = done.clone();
-        let tcp = s.spawn(move || {
-            cutover::netns::in_netns_path(netns, move || {
-                let mut results = Vec::new();
-                while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                    results.push(one_request(tcp_to));
-                }
-                results
-            })
-            .expect("enter the client namespace")
-        });
-        (udp.join().unwrap(), tcp.join().unwrap())
-    });
+    let flows = NewFlows::start_every(client.name(), udp_to, tcp_to, Duration::from_millis(2));
+    let (name, bridge) = (format!("{}-churn", net.name), format!("{}c", net.bridge));
+    for _ in 0..CYCLES {
+        let churn = DockerNetwork { name: name.clone(), bridge: bridge.clone() };
+        create_bridge_network(&ids, &churn.name, &churn.bridge);
+        drop(churn);
+    }
+    let seen = flows.finish();
     let syn_retrans = syn_retransmissions(client.name()) - syn_retrans_before;
 
-    let udp_failed: Vec<&String> = udp.iter().filter_map(|a| a.as_ref().err()).collect();
-    let tcp_failed: Vec<&String> = tcp.iter().filter_map(|a| a.as_ref().err()).collect();
+    let (udp, tcp) = (&seen.queries, &seen.connects);
+    let udp_failed = udp.iter().filter(|a| a.release.as_deref() != Some("v1")).count();
+    let tcp_failed = tcp.iter().filter(|c| c.release.as_deref() != Some("v1")).count();
     assert!(udp.len() > 100 && tcp.len() > 20, "too few flows to tell: {} UDP, {} TCP", udp.len(), tcp.len());
     assert!(
-        udp_failed.is_empty() && tcp_failed.is_empty() && syn_retrans == 0,
-        "while Docker created {CYCLES} networks: {} of {} UDP flows lost their datagram, {} of {} TCP connections \
-         failed, {syn_retrans} SYNs had to be retransmitted (a first SYN dropped):\n{}",
-        udp_failed.len(),
+        udp_failed == 0 && tcp_failed == 0 && syn_retrans == 0,
+        "while Docker created {CYCLES} networks: {udp_failed} of {} UDP flows lost their datagram, {tcp_failed} of {} TCP \
+         connections failed, {syn_retrans} SYNs had to be retransmitted (a first SYN dropped):\n{}",
         udp.len(),
-        tcp_failed.len(),
         tcp.len(),
-        udp_failed.iter().chain(&tcp_failed).take(10).map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
+        seen.context()
     );
-}
-
-/// One UDP flow of one datagram: the release's name, or why not.
-fn one_datagram(to: SocketAddr, n: usize) -> Result<String, String> {
-    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("bind: {e}"))?;
-    s.connect(to).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).map_err(|e| format!("timeout: {e}"))?;
-    let payload = format!("flow{n}");
-    s.send(payload.as_bytes()).map_err(|e| format!("send: {e}"))?;
-    let mut buf = [0u8; 512];
-    let len = s.recv(&mut buf).map_err(|e| format!("flow {n} from port {:?}: no answer ({e})", s.local_addr().ok()))?;
-    let text = String::from_utf8_lossy(&buf[..len]).to_string();
-    match text.split_once(' ') {
-        Some((release, p)) if p == payload => Ok(release.to_string()),
-        _ => Err(format!("flow {n}: unexpected answer {text:?}")),
-    }
-}
-
-/// One TCP connection with one HTTP/1.0 request: the body, or why not.
-fn one_request(to: SocketAddr) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| format!("timeout: {e}"))?;
-    c.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("write: {e}"))?;
-    let mut text = String::new();
-    c.read_to_string(&mut text).map_err(|e| format!("read: {e}"))?;
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => Ok(body.trim().to_string()),
-        _ => Err(format!("unexpected response {text:?}")),
-    }
 }
 
 /// The kernel's count of SYN retransmissions (`TcpExt: TCPSynRetrans`) in a namespace.

@@ -25,7 +25,8 @@ pub struct Connect {
 /// Longer than any connect on a working path here, shorter than a SYN retransmission.
 pub const STALL: Duration = Duration::from_millis(500);
 
-/// Fresh-socket UDP queries and fresh TCP connections, every 50 ms each, until finished.
+/// Fresh-socket UDP queries and fresh TCP connections, every 50 ms each (or as often as
+/// [`NewFlows::start_every`] says), until finished.
 pub struct NewFlows {
     t0: Instant,
     udp: Option<UdpClient>,
@@ -41,17 +42,22 @@ pub struct NewFlowsSeen {
 }
 
 impl NewFlows {
-    /// Queries to `udp` and connections to `tcp` from namespace `netns`.
+    /// Queries to `udp` and connections to `tcp` from namespace `netns`, every 50 ms.
     pub fn start(netns: &str, udp: SocketAddr, tcp: SocketAddr) -> NewFlows {
+        NewFlows::start_every(netns, udp, tcp, Duration::from_millis(50))
+    }
+
+    /// [`NewFlows::start`], a new query and a new connection every `every` each.
+    pub fn start_every(netns: &str, udp: SocketAddr, tcp: SocketAddr, every: Duration) -> NewFlows {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let path = format!("/run/netns/{netns}");
         let tcp = thread::spawn(move || {
-            cutover::netns::in_netns_path(path, move || run_connects(tcp, &flag))
+            cutover::netns::in_netns_path(path, move || run_connects(tcp, every, &flag))
                 .unwrap_or_else(|e| panic!("enter the client namespace: {e:?}"))
         });
-        NewFlows { t0, udp: Some(UdpClient::start(netns, udp, Duration::from_millis(50), true)), stop, tcp: Some(tcp) }
+        NewFlows { t0, udp: Some(UdpClient::start(netns, udp, every, true)), stop, tcp: Some(tcp) }
     }
 
     pub fn finish(mut self) -> NewFlowsSeen {
@@ -71,13 +77,13 @@ impl Drop for NewFlows {
     }
 }
 
-fn run_connects(to: SocketAddr, stop: &AtomicBool) -> Vec<Connect> {
+fn run_connects(to: SocketAddr, every: Duration, stop: &AtomicBool) -> Vec<Connect> {
     let mut seen = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
         let release = get(to);
         seen.push(Connect { sent, took: sent.elapsed(), release });
-        thread::sleep(Duration::from_millis(50).saturating_sub(sent.elapsed()));
+        thread::sleep(every.saturating_sub(sent.elapsed()));
     }
     seen
 }
